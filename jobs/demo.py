@@ -1,0 +1,59 @@
+"""Demo data: real photographs that ship inside scikit-image, written as a Parquet dataset."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+# (file in skimage/data, caption used as the row's prompt)
+DEMO_IMAGES = (
+    ("astronaut.png", "an astronaut portrait, oil painting"),
+    ("chelsea.png", "a tabby cat, watercolor"),
+    ("coffee.png", "a cup of coffee, pencil sketch"),
+    ("rocket.jpg", "a rocket on the launch pad, ukiyo-e print"),
+    ("camera.png", "a man with a camera, charcoal drawing"),
+    ("motorcycle_left.png", "a motorcycle, comic book style"),
+    ("retina.jpg", "a retina fundus photograph, standardized"),
+    ("brick.png", "a brick wall, mosaic"),
+)
+
+
+def skimage_data_dir() -> Path:
+    """The folder of sample images bundled with scikit-image."""
+    import skimage.data
+
+    return Path(skimage.data.__file__).parent
+
+
+def make_demo_data(directory: str | Path, max_side: int = 128) -> Path:
+    """Write demo.parquet (id, image as HF {bytes, path}, caption, source_file) and return its path.
+
+    Images are shrunk to `max_side` so the demo runs in seconds on a CPU.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    rows = {"id": [], "image": [], "caption": [], "source_file": []}
+    for file_name, caption in DEMO_IMAGES:
+        image = Image.open(skimage_data_dir() / file_name)
+        image.thumbnail((max_side, max_side))
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        rows["id"].append(Path(file_name).stem)
+        rows["image"].append({"bytes": buffer.getvalue(), "path": file_name})
+        rows["caption"].append(caption)
+        rows["source_file"].append(f"skimage/data/{file_name}")
+    table = pa.table(
+        {
+            "id": pa.array(rows["id"], pa.string()),
+            "image": pa.array(rows["image"], pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
+            "caption": pa.array(rows["caption"], pa.string()),
+            "source_file": pa.array(rows["source_file"], pa.string()),
+        }
+    )
+    path = directory / "demo.parquet"
+    pq.write_table(table, path)
+    return path

@@ -1,0 +1,242 @@
+"""Planning and running a job: the one place that turns operator configs into Ray Data stages.
+
+`plan_job` is pure: from a validated config, what the source holds and the cluster's resources,
+it decides each stage's actor pool, resources and batch size (and is what `--dry-run` prints).
+`run_job` starts or joins Ray, builds read -> operators -> write, and accounts for every row.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+
+from jobs.config import JobConfig
+from jobs.sources import SourceInfo, inspect_source, read_source
+
+logger = logging.getLogger(__name__)
+
+
+class PlanError(ValueError):
+    """A job that cannot run on the cluster it was given."""
+
+
+@dataclass
+class StagePlan:
+    """One operator's place in the job."""
+
+    index: int
+    name: str
+    kind: str
+    num_actors: int
+    num_cpus: float
+    num_gpus: float
+    batch_size: int
+    device: str
+    variants: int
+    parameters: dict = field(default_factory=dict)
+
+
+@dataclass
+class JobPlan:
+    """Everything decided before Ray runs anything."""
+
+    source_uri: str
+    source_format: str
+    input_rows: int
+    sink_uri: str
+    cluster_cpus: float
+    cluster_gpus: float
+    stages: list[StagePlan]
+
+    @property
+    def expected_rows(self) -> int:
+        """Output rows: every input times every stage's variants."""
+        return self.input_rows * math.prod(stage.variants for stage in self.stages)
+
+    def describe(self) -> str:
+        """A human-readable plan (what `--dry-run` prints)."""
+        lines = [
+            f"source:  {self.source_uri} ({self.source_format}, {self.input_rows} rows)",
+            f"cluster: {self.cluster_cpus:g} CPUs, {self.cluster_gpus:g} GPUs",
+        ]
+        for stage in self.stages:
+            lines.append(
+                f"stage {stage.index} {stage.name!r} ({stage.kind}): {stage.num_actors} actor(s) x "
+                f"{stage.num_cpus:g} CPU / {stage.num_gpus:g} GPU, batch_size {stage.batch_size}, "
+                f"device {stage.device}, {stage.variants} variant(s) per row"
+            )
+            for key, value in stage.parameters.items():
+                lines.append(f"    {key}: {value}")
+        lines.append(f"sink:    {self.sink_uri} ({self.expected_rows} rows expected)")
+        return "\n".join(lines)
+
+
+def size_pools(config: JobConfig, cpus: float, gpus: float) -> list[int]:
+    """Actors per operator, leaving `run.resources.reserved_cpus` free so reads and writes
+    are never starved (a pool that takes every CPU hangs the job)."""
+    operators = config.operators
+    sizes: list[int | None] = [None] * len(operators)
+    for index, operator in enumerate(operators):
+        if operator.num_gpus > 0:
+            if operator.num_actors is not None:
+                sizes[index] = operator.num_actors
+                continue
+            count = math.floor(gpus / operator.num_gpus + 1e-9)
+            if count < 1:
+                raise PlanError(
+                    f"operators[{index}].num_gpus is {operator.num_gpus:g} per actor but the cluster has "
+                    f"{gpus:g} GPUs; lower it, or set operators[{index}].num_actors if an autoscaler adds GPUs"
+                )
+            sizes[index] = count
+    free = cpus - config.run.resources.reserved_cpus
+    free -= sum(operators[i].num_cpus * sizes[i] for i in range(len(operators)) if sizes[i] is not None)
+    cpu_stages = [i for i in range(len(operators)) if sizes[i] is None]
+    for index in cpu_stages:
+        operator = operators[index]
+        share = free / len(cpu_stages)
+        if operator.num_actors is not None:
+            sizes[index] = operator.num_actors
+        else:
+            sizes[index] = math.floor(share / operator.num_cpus + 1e-9)
+        if sizes[index] < 1 or sizes[index] * operator.num_cpus > share + 1e-9:
+            raise PlanError(
+                f"operators[{index}] needs {operator.num_actors or 1} actor(s) x {operator.num_cpus:g} CPUs but "
+                f"the cluster has {cpus:g} CPUs, {config.run.resources.reserved_cpus:g} kept for reads and "
+                f"writes (run.resources.reserved_cpus); lower operators[{index}].num_cpus or num_actors"
+            )
+    return [int(size) for size in sizes]
+
+
+def plan_job(config: JobConfig, info: SourceInfo, cpus: float, gpus: float) -> JobPlan:
+    """Decide pools, resources and batch sizes (see module docstring)."""
+    sizes = size_pools(config, cpus, gpus)
+    stages = []
+    for index, (operator, size) in enumerate(zip(config.operators, sizes, strict=True)):
+        parameters = operator.model_dump(
+            exclude={"kind", "name", "batch_size", "num_actors", "num_cpus", "num_gpus", "device", "variants"},
+            exclude_none=True,
+        )
+        stages.append(
+            StagePlan(
+                index=index,
+                name=operator.stage_name,
+                kind=operator.kind,
+                num_actors=size,
+                num_cpus=operator.num_cpus,
+                num_gpus=operator.num_gpus,
+                batch_size=operator.batch_size,
+                device=operator.resolved_device(),
+                variants=getattr(operator, "variants", 1),
+                parameters=parameters,
+            )
+        )
+    return JobPlan(
+        source_uri=config.source.uri,
+        source_format=config.source.format,
+        input_rows=info.row_count,
+        sink_uri=config.sink.uri,
+        cluster_cpus=cpus,
+        cluster_gpus=gpus,
+        stages=stages,
+    )
+
+
+def assumed_resources(config: JobConfig) -> tuple[float, float]:
+    """Resources for a plan made without Ray: the configured local ones, else this machine's CPUs.
+    GPUs are never guessed from the driver; without a configured count there are none."""
+    resources = config.run.resources
+    cpus = resources.num_cpus if resources.num_cpus is not None else (os.cpu_count() or 1)
+    return float(cpus), float(resources.num_gpus or 0)
+
+
+def map_batches_args(config: JobConfig, index: int, stage: StagePlan) -> dict:
+    """The `map_batches` arguments of one operator stage."""
+    from ray.data import ActorPoolStrategy
+
+    from operators import OPERATORS
+
+    operator = config.operators[index]
+    return {
+        "fn": OPERATORS[type(operator)],
+        "fn_constructor_kwargs": {
+            "config": operator,
+            "seed": config.run.seed,
+            "offline": config.run.offline,
+            "model_storage_options": config.run.model_storage.storage_options(),
+            "max_image_pixels": config.source.max_image_pixels,
+        },
+        "compute": ActorPoolStrategy(size=stage.num_actors),
+        "num_cpus": stage.num_cpus,
+        "num_gpus": stage.num_gpus,
+        "batch_size": stage.batch_size,
+        "batch_format": "pyarrow",
+        "zero_copy_batch": True,
+    }
+
+
+def start_ray(config: JobConfig) -> None:
+    """Join `run.ray_address` (or RAY_ADDRESS), else start a local instance sized by `run.resources`."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = config.run.ray_address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(
+            num_cpus=config.run.resources.num_cpus,
+            num_gpus=config.run.resources.num_gpus,
+            include_dashboard=False,
+            log_to_driver=True,
+        )
+
+
+def cluster_resources() -> tuple[float, float]:
+    """CPUs and GPUs of the running Ray cluster."""
+    import ray
+
+    resources = ray.cluster_resources()
+    return float(resources.get("CPU", 0)), float(resources.get("GPU", 0))
+
+
+@dataclass
+class RunResult:
+    """What a finished job reports."""
+
+    plan: JobPlan
+    summary: dict
+
+    def to_dict(self) -> dict:
+        """Plain data for JSON."""
+        return {"plan": asdict(self.plan), "summary": self.summary}
+
+
+def run_job(config: JobConfig) -> RunResult:
+    """Run the job end to end and return its plan and summary."""
+    import ray.data
+
+    from jobs.report import account_for_rows, write_report, write_summary
+    from jobs.sinks import ParquetImageSink, prepare_sink
+
+    info = inspect_source(config.source)
+    prepare_sink(config.sink)
+    start_ray(config)
+    plan = plan_job(config, info, *cluster_resources())
+    logger.info("plan:\n%s", plan.describe())
+
+    started = time.perf_counter()
+    dataset = read_source(config.source, info)
+    for index, stage in enumerate(plan.stages):
+        dataset = dataset.map_batches(**map_batches_args(config, index, stage))
+    ray.data.DataContext.get_current().enable_progress_bars = True
+    dataset.write_datasink(ParquetImageSink(config.sink))
+    wall_seconds = time.perf_counter() - started
+
+    summary = account_for_rows(config, plan, info, wall_seconds)
+    write_summary(config.sink, summary)
+    summary["report"] = write_report(config, info)
+    return RunResult(plan=plan, summary=summary)

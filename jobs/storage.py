@@ -1,0 +1,54 @@
+"""Filesystems for local paths and s3:// URIs, with credentials kept out of every message."""
+
+from __future__ import annotations
+
+import re
+
+import fsspec
+import pyarrow.fs
+
+_URL_CREDENTIALS = re.compile(r"(://)[^/@\s]+@")
+
+
+def filesystem_for(uri: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """Return an fsspec filesystem and the path inside it for a local path or s3:// URI.
+
+    `storage_options` are s3fs arguments; without credentials in them, s3fs takes the standard
+    AWS chain (environment variables, shared config, instance or pod identity).
+    """
+    if uri.startswith("s3://"):
+        import s3fs
+
+        # A fresh instance: fsspec's instance cache would otherwise share clients across event loops.
+        filesystem = s3fs.S3FileSystem(skip_instance_cache=True, **(storage_options or {}))
+        return filesystem, uri[len("s3://") :].rstrip("/")
+    if "://" in uri and not uri.startswith("file://"):
+        scheme = uri.split("://", 1)[0]
+        raise ValueError(f"unsupported URI scheme {scheme!r} in {redact(uri)}; accepted: a local path, file://, s3://")
+    path = uri[len("file://") :] if uri.startswith("file://") else uri
+    filesystem = fsspec.filesystem("file")
+    return filesystem, filesystem._strip_protocol(path)
+
+
+def arrow_filesystem(filesystem: fsspec.AbstractFileSystem) -> pyarrow.fs.FileSystem:
+    """Wrap an fsspec filesystem for pyarrow and Ray Data readers."""
+    if filesystem.protocol in ("file", ("file", "local")) or "file" in filesystem.protocol:
+        return pyarrow.fs.LocalFileSystem()
+    return pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(filesystem))
+
+
+def open_for_write(filesystem: fsspec.AbstractFileSystem, path: str, mode: str = "wb"):
+    """Open a file for writing, creating its parent directories on filesystems that have them."""
+    if "/" in path:
+        filesystem.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    return filesystem.open(path, mode)
+
+
+def join(root: str, *parts: str) -> str:
+    """Join path parts with '/', as object stores and fsspec expect."""
+    return "/".join([root.rstrip("/"), *(part.strip("/") for part in parts)])
+
+
+def redact(text: str) -> str:
+    """Remove user:secret@ from URLs inside a message."""
+    return _URL_CREDENTIALS.sub(r"\1***@", text)

@@ -1,0 +1,459 @@
+"""Tiny, randomly initialised diffusers checkpoints for offline tests.
+
+The checkpoints built here are structurally complete (every component a real
+checkpoint has, saved in the same layout as ``save_pretrained`` writes), so
+code under test loads them through the ordinary ``from_pretrained`` path.
+Their weights are random, so the images they produce are noise; what matters
+is that shapes, configs and file layout match the real models closely enough
+to exercise the pipeline code, in well under a second per call on a CPU.
+
+Nothing is downloaded: the CLIP tokenizer is assembled from a byte-level
+vocabulary written on the fly.
+
+Heavy imports (torch, diffusers, transformers) happen inside the functions so
+that importing this module stays cheap.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pathlib
+import shutil
+import tempfile
+import uuid
+from collections.abc import Callable, Iterable
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+TINY_MODEL_NAMES = ("sd-img2img", "controlnet-canny", "sd-x4-upscaler")
+
+# Files whose presence means a directory already holds a finished model.
+# Pipelines write model_index.json, single models (the ControlNet) config.json.
+_MARKER_FILES = ("model_index.json", "config.json")
+
+# Pickle-based weight formats that must never appear: the project loads with
+# use_safetensors=True and an unexpected .bin would hide a loading bug.
+_FORBIDDEN_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+# Real CLIP text encoders see 77 positions; prompts are padded/truncated to it.
+_CLIP_MAX_LENGTH = 77
+_BOS_TOKEN = "<|startoftext|>"
+_EOS_TOKEN = "<|endoftext|>"
+
+# Width of the tiny CLIP text encoder, shared by the UNets' cross-attention.
+_TEXT_HIDDEN_SIZE = 32
+
+# Stable Diffusion's latent space is 8x smaller than pixel space; the tiny
+# VAE keeps that ratio so callers' size arithmetic matches the real model.
+SD_VAE_SCALE_FACTOR = 8
+# The x4 upscaler's VAE decodes 4x; the pipeline's x4 upscaling depends on it.
+UPSCALER_VAE_SCALE_FACTOR = 4
+
+
+def make_tiny_models(
+    directory: str | os.PathLike,
+    names: Iterable[str] = TINY_MODEL_NAMES,
+    seed: int = 0,
+) -> dict[str, pathlib.Path]:
+    """Build and save each named tiny model under ``directory/NAME``.
+
+    Args:
+        directory: Parent directory; created if missing.
+        names: Any of :data:`TINY_MODEL_NAMES`. A bare string is taken as a
+            single name.
+        seed: Torch seed used before building each component, so the same
+            seed always yields byte-identical weights.
+
+    Returns:
+        Mapping of model name to the directory holding it.
+
+    A model whose directory already holds a ``model_index.json`` or
+    ``config.json`` is left as it is, whatever seed built it, which makes
+    repeated calls cheap. Each model is written to a staging directory and
+    renamed into place, so an interrupted build never leaves a directory that
+    looks finished.
+
+    Raises:
+        ValueError: An unknown model name was requested.
+        FileExistsError: A target directory exists, is not empty and does not
+            hold a finished model.
+    """
+    if isinstance(names, str):
+        names = (names,)
+    requested = list(dict.fromkeys(names))
+    unknown = [name for name in requested if name not in _BUILDERS]
+    if unknown:
+        raise ValueError(f"unknown tiny model name(s) {unknown}; known names are {list(TINY_MODEL_NAMES)}")
+
+    root = pathlib.Path(directory).expanduser()
+    root.mkdir(parents=True, exist_ok=True)
+
+    paths: dict[str, pathlib.Path] = {}
+    for name in requested:
+        target = root / name
+        if _is_finished(target):
+            logger.debug("tiny model %s already present at %s", name, target)
+        else:
+            _build_into(target, _BUILDERS[name], seed)
+        paths[name] = target
+    return paths
+
+
+def _is_finished(path: pathlib.Path) -> bool:
+    return any((path / marker).is_file() for marker in _MARKER_FILES)
+
+
+def _build_into(target: pathlib.Path, builder: Callable[[pathlib.Path, int], None], seed: int) -> None:
+    # Staging lives next to the target so the final rename stays on one
+    # filesystem and is atomic.
+    staging = target.parent / f".{target.name}.partial-{uuid.uuid4().hex}"
+    staging.mkdir()
+    try:
+        logger.info("building tiny model %s (seed %d)", target.name, seed)
+        builder(staging, seed)
+        _check_safetensors_only(staging)
+        try:
+            # rename() replaces a missing or empty directory atomically.
+            staging.rename(target)
+        except OSError as exc:
+            if _is_finished(target):
+                # Another process finished the same model first; theirs is
+                # equivalent, so keep it.
+                logger.info(
+                    "tiny model %s was built concurrently; keeping existing copy",
+                    target.name,
+                )
+                return
+            raise FileExistsError(f"{target} exists and does not hold a finished model; remove it and retry") from exc
+        logger.info("saved tiny model %s to %s", target.name, target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _check_safetensors_only(path: pathlib.Path) -> None:
+    unsafe = sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.suffix in _FORBIDDEN_WEIGHT_SUFFIXES)
+    if unsafe:
+        raise RuntimeError(f"non-safetensors weight files were written to {path}: {unsafe}")
+    if not any(path.rglob("*.safetensors")):
+        raise RuntimeError(f"no .safetensors weights were written to {path}")
+
+
+def _seeded(seed: int, factory: Callable[[], Any]) -> Any:
+    """Run ``factory`` with torch's CPU generator seeded to ``seed``.
+
+    The caller's global RNG state is left untouched.
+    """
+    import torch
+
+    # fork_rng restores the global generator afterwards, so building models
+    # does not perturb whatever randomness the caller relies on.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return factory()
+
+
+# --------------------------------------------------------------------------
+# Tokenizer and text encoder
+# --------------------------------------------------------------------------
+
+
+def _bytes_to_unicode() -> list[str]:
+    """The GPT-2/CLIP table of printable characters standing in for bytes."""
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("\N{INVERTED EXCLAMATION MARK}"), ord("\N{NOT SIGN}") + 1))
+        + list(
+            range(
+                ord("\N{REGISTERED SIGN}"),
+                ord("\N{LATIN SMALL LETTER Y WITH DIAERESIS}") + 1,
+            )
+        )
+    )
+    codes = printable[:]
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            codes.append(256 + extra)
+            extra += 1
+    return [chr(code) for code in codes]
+
+
+def _tokenizer_vocab() -> dict[str, int]:
+    # Every byte symbol, alone and as a word ending, so that any UTF-8 text
+    # tokenizes without unknown tokens even though there are no merges.
+    symbols = _bytes_to_unicode()
+    tokens = symbols + [symbol + "</w>" for symbol in symbols] + [_BOS_TOKEN, _EOS_TOKEN]
+    return {token: index for index, token in enumerate(tokens)}
+
+
+def _make_tokenizer():
+    """An offline byte-level CLIP tokenizer with CLIP's special tokens.
+
+    Prompts are padded and truncated to CLIP's 77-token context.
+    """
+    from transformers import CLIPTokenizer
+
+    with tempfile.TemporaryDirectory(prefix="tiny-clip-tokenizer-") as tmp:
+        tmp_path = pathlib.Path(tmp)
+        (tmp_path / "vocab.json").write_text(json.dumps(_tokenizer_vocab(), ensure_ascii=False), encoding="utf-8")
+        (tmp_path / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
+        # Loading from files rather than passing vocab_file/merges_file works
+        # across transformers 4.x and 5.x (5.x silently ignores those kwargs).
+        tokenizer = CLIPTokenizer.from_pretrained(
+            tmp,
+            model_max_length=_CLIP_MAX_LENGTH,
+            bos_token=_BOS_TOKEN,
+            eos_token=_EOS_TOKEN,
+            unk_token=_EOS_TOKEN,
+            pad_token=_EOS_TOKEN,
+        )
+    expected = len(_tokenizer_vocab())
+    if len(tokenizer) != expected:
+        raise RuntimeError(f"tiny CLIP tokenizer has {len(tokenizer)} tokens, expected {expected}")
+    return tokenizer
+
+
+def _make_text_encoder(tokenizer, seed: int, hidden_act: str):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = CLIPTextConfig(
+        # Rounded up past the tokenizer size, like real CLIP's embedding table.
+        vocab_size=max(1000, len(tokenizer)),
+        hidden_size=_TEXT_HIDDEN_SIZE,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=_CLIP_MAX_LENGTH,
+        projection_dim=_TEXT_HIDDEN_SIZE,
+        hidden_act=hidden_act,
+        layer_norm_eps=1e-5,
+        # Real ids (not the legacy eos_token_id=2) so pooling picks the real EOS.
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return _seeded(seed, lambda: CLIPTextModel(config).eval())
+
+
+# --------------------------------------------------------------------------
+# Stable Diffusion (v1-style) img2img
+# --------------------------------------------------------------------------
+
+
+def _make_sd_unet(seed: int):
+    from diffusers import UNet2DConditionModel
+
+    return _seeded(
+        seed,
+        lambda: UNet2DConditionModel(
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            # Latent side of a 64x64 image, the default generation size.
+            sample_size=64 // SD_VAE_SCALE_FACTOR,
+            in_channels=4,
+            out_channels=4,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=_TEXT_HIDDEN_SIZE,
+            attention_head_dim=8,
+            norm_num_groups=32,
+        ).eval(),
+    )
+
+
+def _make_sd_vae(seed: int):
+    from diffusers import AutoencoderKL
+
+    # Four blocks give three 2x downsamplings: the same 8x factor as SD's VAE.
+    return _seeded(
+        seed,
+        lambda: AutoencoderKL(
+            block_out_channels=(32, 32, 64, 64),
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            latent_channels=4,
+            layers_per_block=1,
+            norm_num_groups=32,
+            sample_size=64,
+            scaling_factor=0.18215,
+        ).eval(),
+    )
+
+
+def _make_sd_scheduler():
+    from diffusers import DDIMScheduler
+
+    # SD v1's noise schedule. DDIM (rather than SD's PNDM) because PNDM
+    # repeats a timestep, which is awkward at the 1-2 steps tests use.
+    return DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type="epsilon",
+    )
+
+
+def _build_sd_img2img(path: pathlib.Path, seed: int) -> None:
+    from diffusers import StableDiffusionPipeline
+
+    tokenizer = _make_tokenizer()
+    pipeline = StableDiffusionPipeline(
+        vae=_make_sd_vae(seed),
+        text_encoder=_make_text_encoder(tokenizer, seed, hidden_act="quick_gelu"),
+        tokenizer=tokenizer,
+        unet=_make_sd_unet(seed),
+        scheduler=_make_sd_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    # Saved as the text-to-image class, like real SD checkpoints;
+    # AutoPipelineForImage2Image maps it to the img2img pipeline on load.
+    pipeline.save_pretrained(path, safe_serialization=True)
+
+
+# --------------------------------------------------------------------------
+# ControlNet (canny) for the sd-img2img UNet
+# --------------------------------------------------------------------------
+
+
+def _build_controlnet_canny(path: pathlib.Path, seed: int) -> None:
+    import torch
+    from diffusers import ControlNetModel
+
+    # Rebuilt from the seed rather than read from disk, so this model does not
+    # depend on sd-img2img having been built first.
+    unet = _make_sd_unet(seed)
+
+    def build():
+        controlnet = ControlNetModel.from_unet(
+            unet,
+            # One stride-2 stage per VAE downsampling so the conditioning
+            # image lands on the latent grid.
+            conditioning_embedding_out_channels=(16, 16, 32, 32),
+        )
+        # from_unet zero-initialises the output convolutions, so the control
+        # image would have no effect at all. Re-initialise them, and give the
+        # conditioning encoder variance-preserving weights: with torch's
+        # default init its eight stacked convolutions shrink the control
+        # signal to almost nothing, and tests need it to visibly matter.
+        for module in controlnet.controlnet_cond_embedding.modules():
+            if isinstance(module, torch.nn.Conv2d):
+                torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+        for module in (
+            *controlnet.controlnet_down_blocks,
+            controlnet.controlnet_mid_block,
+        ):
+            module.reset_parameters()
+        return controlnet.eval()
+
+    controlnet = _seeded(seed, build)
+    controlnet.save_pretrained(path, safe_serialization=True)
+
+
+# --------------------------------------------------------------------------
+# Stable Diffusion x4 upscaler
+# --------------------------------------------------------------------------
+
+
+def _make_upscaler_unet(seed: int):
+    from diffusers import UNet2DConditionModel
+
+    return _seeded(
+        seed,
+        lambda: UNet2DConditionModel(
+            block_out_channels=(32, 32, 64),
+            layers_per_block=1,
+            sample_size=32,
+            # 4 latent channels plus the 3-channel low-resolution image.
+            in_channels=7,
+            out_channels=4,
+            down_block_types=(
+                "DownBlock2D",
+                "CrossAttnDownBlock2D",
+                "CrossAttnDownBlock2D",
+            ),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=_TEXT_HIDDEN_SIZE,
+            attention_head_dim=8,
+            use_linear_projection=True,
+            only_cross_attention=(True, True, False),
+            # The noise level is fed in as a class label; the table must cover
+            # every level up to max_noise_level (the real model has 1000).
+            num_class_embeds=1000,
+            norm_num_groups=32,
+        ).eval(),
+    )
+
+
+def _make_upscaler_vae(seed: int):
+    from diffusers import AutoencoderKL
+
+    return _seeded(
+        seed,
+        lambda: AutoencoderKL(
+            block_out_channels=(32, 32, 64),
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 3,
+            up_block_types=("UpDecoderBlock2D",) * 3,
+            latent_channels=4,
+            layers_per_block=1,
+            norm_num_groups=32,
+            sample_size=128,
+            # The value the pipeline insists on (it rewrites anything else).
+            scaling_factor=0.08333,
+        ).eval(),
+    )
+
+
+def _build_sd_x4_upscaler(path: pathlib.Path, seed: int) -> None:
+    from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionUpscalePipeline
+
+    tokenizer = _make_tokenizer()
+    pipeline = StableDiffusionUpscalePipeline(
+        vae=_make_upscaler_vae(seed),
+        text_encoder=_make_text_encoder(tokenizer, seed, hidden_act="gelu"),
+        tokenizer=tokenizer,
+        unet=_make_upscaler_unet(seed),
+        # Noise schedules modelled on the released x4 upscaler.
+        low_res_scheduler=DDPMScheduler(
+            num_train_timesteps=1000,
+            beta_start=0.0001,
+            beta_end=0.02,
+            beta_schedule="scaled_linear",
+        ),
+        scheduler=DDIMScheduler(
+            num_train_timesteps=1000,
+            beta_start=0.0001,
+            beta_end=0.02,
+            beta_schedule="scaled_linear",
+            clip_sample=False,
+            set_alpha_to_one=False,
+            steps_offset=1,
+            prediction_type="v_prediction",
+        ),
+        safety_checker=None,
+        feature_extractor=None,
+        watermarker=None,
+        max_noise_level=350,
+    )
+    pipeline.save_pretrained(path, safe_serialization=True)
+
+
+_BUILDERS: dict[str, Callable[[pathlib.Path, int], None]] = {
+    "sd-img2img": _build_sd_img2img,
+    "controlnet-canny": _build_controlnet_canny,
+    "sd-x4-upscaler": _build_sd_x4_upscaler,
+}
