@@ -78,9 +78,9 @@ def to_output_table(table: pa.Table) -> pa.Table:
             strict=True,
         )
     ]
+    data = table.column("image").combine_chunks().cast(pa.binary())
     images = pa.StructArray.from_arrays(
-        [table.column("image").combine_chunks().cast(pa.binary()), pa.array(paths, pa.string())],
-        fields=list(IMAGE_TYPE),
+        [data, pa.array(paths, pa.string())], fields=list(IMAGE_TYPE), mask=data.is_null()
     )
     table = table.set_column(table.column_names.index("image"), "image", images)
     features = {

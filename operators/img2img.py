@@ -80,6 +80,11 @@ class Img2ImgConfig(OperatorConfig):
     def _one_prompt_source(self) -> Img2ImgConfig:
         if (self.prompt is None) == (self.prompt_column is None):
             raise ValueError("give exactly one of prompt or prompt_column")
+        if int(self.num_inference_steps * self.strength) < 1:
+            raise ValueError(
+                f"num_inference_steps x strength must give at least one denoising step, got "
+                f"{self.num_inference_steps} x {self.strength} = {self.num_inference_steps * self.strength:g}"
+            )
         return self
 
     def resolved_model_batch_size(self) -> int:

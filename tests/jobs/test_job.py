@@ -1,0 +1,168 @@
+"""Whole jobs on the shared local Ray session: accounting, determinism, HF-loadable output."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from jobs.config import validate_config
+from jobs.pipeline import run_job
+from jobs.sinks import SinkError
+from operators.base import derive_seed
+from tests.conftest import png_bytes, write_image_parquet
+
+GOOD_IDS = ["a", "b", "c", "d", "e"]
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    rows = [
+        {"id": row_id, "image": png_bytes(48 + 8 * i, 40, (40 * i, 100, 180)), "label": i, "tags": [row_id, "x"]}
+        for i, row_id in enumerate(GOOD_IDS)
+    ]
+    rows.append({"id": "truncated", "image": png_bytes()[:50], "label": 98, "tags": []})
+    rows.append({"id": "missing", "image": None, "label": 99, "tags": None})
+    return write_image_parquet(tmp_path_factory.mktemp("source") / "rows.parquet", rows)
+
+
+def job(source, sink, **operator):
+    fields = {
+        "kind": "img2img",
+        "model": "",
+        "prompt": "a pastel drawing",
+        "negative_prompt": "text",
+        "num_inference_steps": 2,
+        "strength": 0.5,
+        "batch_size": 2,
+        "variants": 2,
+    }
+    fields.update(operator)
+    return validate_config(
+        {
+            "source": {"uri": str(source)},
+            "operators": [fields],
+            "sink": {"uri": str(sink), "write_images": True},
+            "run": {"seed": 42},
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def first_run(ray_session, source, sd_model, tmp_path_factory):
+    sink = tmp_path_factory.mktemp("out") / "run-a"
+    result = run_job(job(source, sink, model=str(sd_model), batch_size=2))
+    return sink, result
+
+
+def read_rows(sink):
+    return pq.read_table(sink / "data").to_pylist()
+
+
+def test_every_input_is_accounted_for_exactly_once(first_run):
+    sink, result = first_run
+    rows = read_rows(sink)
+    pairs = sorted((row["id"], row["variant_index"]) for row in rows)
+    all_ids = sorted([*GOOD_IDS, "truncated", "missing"])
+    assert pairs == [(row_id, v) for row_id in all_ids for v in (0, 1)]
+    status = {(row["id"], row["variant_index"]): row["status"] for row in rows}
+    errors = sorted(key for key, value in status.items() if value == "error")
+    assert errors == [("missing", 0), ("missing", 1), ("truncated", 0), ("truncated", 1)]
+    summary = json.loads((sink / "summary.json").read_text())
+    assert (summary["rows_in"], summary["rows_out"], summary["ok"], summary["error"]) == (7, 14, 10, 4)
+    assert result.summary["missing"] == result.summary["duplicated"] == 0
+
+
+def test_rows_carry_seed_parameters_and_passthrough(first_run, sd_model):
+    sink, _ = first_run
+    rows = {(row["id"], row["variant_index"]): row for row in read_rows(sink)}
+    row = rows[("c", 1)]
+    assert row["seed"] == derive_seed(42, "c", 1)
+    assert row["label"] == 2 and row["tags"] == ["c", "x"]
+    assert (row["width"], row["height"]) == (64, 40)
+    assert row["img2img"]["model"] == str(sd_model)
+    assert row["img2img"]["strength"] == 0.5 and row["img2img"]["negative_prompt"] == "text"
+    assert row["img2img"]["model_seconds"] > 0
+    assert row["image"]["path"] == "c.v1.png"
+    assert rows[("missing", 0)]["error"] == "image has no bytes in this row (path-only references are not read)"
+    assert rows[("truncated", 1)]["error"].startswith("cannot decode image")
+    assert rows[("truncated", 1)]["image"] is None
+
+
+def test_output_loads_with_hugging_face_datasets(first_run):
+    import datasets
+
+    sink, _ = first_run
+    loaded = datasets.load_dataset("parquet", data_files=str(sink / "data" / "*.parquet"), split="train")
+    assert isinstance(loaded.features["image"], datasets.Image)
+    first_ok = next(row for row in loaded if row["status"] == "ok")
+    assert isinstance(first_ok["image"], Image.Image)
+    assert first_ok["image"].size == (first_ok["width"], first_ok["height"])
+    assert len(loaded) == 14
+
+
+def test_image_files_carry_generation_parameters(first_run):
+    sink, _ = first_run
+    files = sorted(path.relative_to(sink / "images").as_posix() for path in (sink / "images").rglob("*.png"))
+    assert files == sorted(f"{row_id}.v{v}.png" for row_id in GOOD_IDS for v in (0, 1))
+    text = Image.open(sink / "images" / "a.v0.png").text["parameters"]
+    assert text.startswith("a pastel drawing\nNegative prompt: text\nSteps: 2, ")
+    assert f"Seed: {derive_seed(42, 'a', 0)}, Size: 48x40, " in text
+
+
+def test_report_shows_inputs_beside_outputs(first_run):
+    sink, result = first_run
+    page = (sink / "report.html").read_text()
+    assert result.summary["report"].endswith("report.html")
+    assert page.count("<tr class=ok>") == 10 and page.count("<tr class=error>") == 4
+    assert page.count("data:image/png;base64,") >= 2 * 10
+
+
+def test_same_config_other_batch_size_gives_identical_bytes(first_run, source, sd_model, tmp_path):
+    sink_a, _ = first_run
+    sink_b = tmp_path / "run-b"
+    run_job(job(source, sink_b, model=str(sd_model), batch_size=3))
+
+    def images(sink):
+        return {(r["id"], r["variant_index"]): r["image"] and r["image"]["bytes"] for r in read_rows(sink)}
+
+    first, second = images(sink_a), images(sink_b)
+    assert first.keys() == second.keys()
+    assert first == second
+
+
+def test_non_empty_sink_is_refused(first_run, source, sd_model):
+    sink, _ = first_run
+    with pytest.raises(SinkError, match="is not empty .* sink.mode: overwrite"):
+        run_job(job(source, sink, model=str(sd_model)))
+
+
+def test_image_folder_source(ray_session, sd_model, tmp_path):
+    folder = tmp_path / "folder"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "one.png").write_bytes(png_bytes(32, 32))
+    buffer = io.BytesIO()
+    Image.new("RGB", (40, 24), (1, 2, 3)).save(buffer, format="JPEG")
+    (folder / "sub" / "two.JPG").write_bytes(buffer.getvalue())
+    (folder / "sub" / "broken.webp").write_bytes(b"RIFF....WEBP")
+    (folder / "notes.txt").write_text("not an image")
+    sink = tmp_path / "out"
+    config = validate_config(
+        {
+            "source": {"uri": str(folder), "format": "images"},
+            "operators": [
+                {"kind": "img2img", "model": str(sd_model), "prompt": "x", "num_inference_steps": 2, "strength": 0.5}
+            ],
+            "sink": {"uri": str(sink)},
+        }
+    )
+    result = run_job(config)
+    table = pq.read_table(sink / "data").sort_by("id")
+    assert table.column("id").to_pylist() == ["one.png", "sub/broken.webp", "sub/two.JPG"]
+    assert table.column("status").to_pylist() == ["ok", "error", "ok"]
+    assert result.summary["rows_in"] == 3
+    assert pa.types.is_struct(table.schema.field("image").type)

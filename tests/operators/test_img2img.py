@@ -1,0 +1,175 @@
+"""The img2img operator called directly on a few rows, without Ray."""
+
+from __future__ import annotations
+
+import io
+
+import pyarrow as pa
+import pytest
+from PIL import Image
+from pydantic import ValidationError
+
+from operators.base import derive_seed
+from operators.img2img import Img2Img, Img2ImgConfig
+from tests.conftest import png_bytes
+
+
+def make_config(model, **overrides) -> Img2ImgConfig:
+    fields = {"kind": "img2img", "model": str(model), "prompt": "a watercolor", "num_inference_steps": 2}
+    fields.update(overrides)
+    return Img2ImgConfig(**fields)
+
+
+def make_batch(images: list[bytes | None], ids: list[str] | None = None, **extra) -> pa.Table:
+    ids = ids or [f"row-{index}" for index in range(len(images))]
+    columns = {
+        "id": pa.array(ids, pa.string()),
+        "image": pa.array(images, pa.binary()),
+        "status": pa.array(["ok"] * len(images), pa.string()),
+        "error": pa.array([None] * len(images), pa.string()),
+    }
+    columns.update(extra)
+    return pa.table(columns)
+
+
+@pytest.fixture(scope="module")
+def operator(sd_model) -> Img2Img:
+    return Img2Img(make_config(sd_model, negative_prompt="blurry"), seed=11)
+
+
+def test_outputs_have_documented_columns_and_pass_through_the_rest(operator):
+    batch = make_batch([png_bytes(64, 48), png_bytes(40, 40)], caption=pa.array(["x", "y"]))
+    out = operator(batch)
+    assert out.column_names == [
+        "id",
+        "image",
+        "status",
+        "error",
+        "caption",
+        "variant_index",
+        "seed",
+        "width",
+        "height",
+        "img2img",
+    ]
+    assert out.column("status").to_pylist() == ["ok", "ok"]
+    assert out.column("caption").to_pylist() == ["x", "y"]
+    assert out.column("seed").to_pylist() == [derive_seed(11, "row-0", 0), derive_seed(11, "row-1", 0)]
+    assert (out.column("width").to_pylist(), out.column("height").to_pylist()) == ([64, 40], [48, 40])
+    stage = out.column("img2img").to_pylist()[0]
+    assert stage["prompt"] == "a watercolor" and stage["negative_prompt"] == "blurry"
+    assert stage["num_inference_steps"] == 2 and stage["device"] == "cpu" and stage["dtype"] == "float32"
+    assert stage["model_revision"].startswith("sha256:")
+    image = Image.open(io.BytesIO(out.column("image").to_pylist()[0]))
+    assert image.format == "PNG" and image.size == (64, 48) and image.mode == "RGB"
+
+
+def test_png_carries_a1111_parameters(operator):
+    out = operator(make_batch([png_bytes(64, 64)], ids=["cat"]))
+    text = Image.open(io.BytesIO(out.column("image")[0].as_py())).text["parameters"]
+    seed = derive_seed(11, "cat", 0)
+    lines = text.split("\n")
+    assert lines[0] == "a watercolor"
+    assert lines[1] == "Negative prompt: blurry"
+    assert lines[2].startswith(
+        f"Steps: 2, Sampler: {operator.sampler_name}, CFG scale: 7.5, Seed: {seed}, Size: 64x64, "
+    )
+    assert lines[2].endswith("Denoising strength: 0.6")
+
+
+def test_bytes_do_not_depend_on_batching_or_row_order(operator):
+    images = [png_bytes(64, 48, (10 * i, 90, 200 - 10 * i)) for i in range(4)]
+    together = operator(make_batch(images))
+    apart = [operator(make_batch([images[i]], ids=[f"row-{i}"])) for i in reversed(range(4))]
+    apart_bytes = {table.column("id")[0].as_py(): table.column("image")[0].as_py() for table in apart}
+    assert together.column("image").to_pylist() == [apart_bytes[f"row-{i}"] for i in range(4)]
+
+
+def test_variants_fan_out_with_their_own_seeds(sd_model):
+    operator = Img2Img(make_config(sd_model, variants=3), seed=5)
+    out = operator(make_batch([png_bytes(), png_bytes()], ids=["a", "b"]))
+    assert list(zip(out.column("id").to_pylist(), out.column("variant_index").to_pylist())) == [
+        ("a", 0),
+        ("a", 1),
+        ("a", 2),
+        ("b", 0),
+        ("b", 1),
+        ("b", 2),
+    ]
+    assert out.column("seed").to_pylist()[:3] == [derive_seed(5, "a", v) for v in range(3)]
+    assert len(set(out.column("image").to_pylist())) == 6
+
+
+def test_bad_rows_become_error_rows_and_good_rows_survive(operator):
+    truncated = png_bytes(64, 64)[:60]
+    sixteen_bit = io.BytesIO()
+    Image.new("I;16", (32, 32), 40000).save(sixteen_bit, format="PNG")
+    batch = make_batch([png_bytes(), b"", b"not an image at all", truncated, sixteen_bit.getvalue(), None])
+    batch = batch.set_column(2, "status", pa.array(["ok"] * 5 + ["error"]))
+    batch = batch.set_column(3, "error", pa.array([None] * 5 + ["image is null in this row"]))
+    out = operator(batch)
+    assert out.column("status").to_pylist() == ["ok", "error", "error", "error", "error", "error"]
+    errors = out.column("error").to_pylist()
+    assert "image is empty" in errors[1]
+    assert "cannot decode image" in errors[2]
+    assert "cannot decode image" in errors[3]
+    assert "mode I;16" in errors[4] and "crush" in errors[4]
+    assert errors[5] == "image is null in this row"
+    assert out.column("image").to_pylist()[1:] == [None] * 5
+
+
+def test_oversized_image_is_refused_before_decoding(sd_model):
+    operator = Img2Img(make_config(sd_model), max_image_pixels=64 * 64 - 1)
+    out = operator(make_batch([png_bytes(64, 64), png_bytes(32, 32)]))
+    assert out.column("status").to_pylist() == ["error", "ok"]
+    assert "64x64 = 4096 pixels, over the limit of 4095" in out.column("error")[0].as_py()
+
+
+def test_prompt_from_column_and_missing_prompt(sd_model):
+    operator = Img2Img(make_config(sd_model, prompt=None, prompt_column="caption"))
+    out = operator(make_batch([png_bytes()] * 3, caption=pa.array(["a fox", None, "  "])))
+    assert out.column("status").to_pylist() == ["ok", "error", "error"]
+    assert out.column("img2img").to_pylist()[0]["prompt"] == "a fox"
+    assert out.column("error")[1].as_py() == "prompt column 'caption' is empty for this row"
+
+
+def test_model_failure_in_one_call_becomes_error_rows(sd_model, monkeypatch):
+    operator = Img2Img(make_config(sd_model), seed=1)
+    real = operator.pipeline
+
+    def fail_on_second_size(**kwargs):
+        if kwargs["image"][0].size == (32, 32):
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real(**kwargs)
+
+    monkeypatch.setattr(operator, "pipeline", fail_on_second_size)
+    out = operator(make_batch([png_bytes(64, 64), png_bytes(32, 32)]))
+    assert out.column("status").to_pylist() == ["ok", "error"]
+    assert "RuntimeError: CUDA out of memory (simulated)" in out.column("error")[1].as_py()
+
+
+def test_size_policy_keeps_aspect_and_multiple_of_8(sd_model):
+    operator = Img2Img(make_config(sd_model, size={"max_side": 64}))
+    out = operator(make_batch([png_bytes(203, 101)]))
+    assert (out.column("width")[0].as_py(), out.column("height")[0].as_py()) == (64, 32)
+
+
+def test_missing_columns_name_operator_and_columns(operator):
+    with pytest.raises(KeyError, match=r"img2img stage 'img2img' needs columns \['image'\]; the batch has \['id'\]"):
+        operator(pa.table({"id": ["a"]}))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fragment"),
+    [
+        ({"strength": 1.4}, "less than or equal to 1"),
+        ({"prompt": None}, "give exactly one of prompt or prompt_column"),
+        ({"prompt_column": "caption"}, "give exactly one of prompt or prompt_column"),
+        ({"scheduler": "FancyScheduler"}, "EulerDiscreteScheduler"),
+        ({"name": "status"}, "name must be an identifier other than"),
+        ({"num_inference_steps": 1, "strength": 0.6}, r"at least one denoising step, got 1 x 0.6 = 0.6"),
+    ],
+)
+def test_config_rejects_bad_values(overrides, fragment):
+    with pytest.raises(ValidationError, match=fragment):
+        make_config("m", **overrides)
