@@ -1,0 +1,66 @@
+"""The `restyle` command line: bad configs fail before Ray starts; --dry-run prints the plan."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+import jobs.pipeline
+from jobs.cli import main
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def no_ray(monkeypatch):
+    def refuse(config):
+        raise AssertionError("Ray must not start")
+
+    monkeypatch.setattr(jobs.pipeline, "start_ray", refuse)
+
+
+@pytest.fixture(scope="module")
+def demo_data(tmp_path_factory):
+    from jobs.demo import make_demo_data
+
+    return make_demo_data(tmp_path_factory.mktemp("demo"))
+
+
+def test_demo_data_is_real_photographs_as_hf_parquet(demo_data):
+    table = pq.read_table(demo_data)
+    assert table.num_rows == 8 and table.column_names == ["id", "image", "caption", "source_file"]
+    assert table.column("id").to_pylist()[:2] == ["astronaut", "chelsea"]
+    assert table.column("image")[0].as_py()["bytes"].startswith(b"\x89PNG")
+
+
+def test_bad_config_exits_2_naming_the_field_before_ray(tmp_path, capsys, no_ray):
+    path = tmp_path / "job.yaml"
+    path.write_text("source: {uri: in}\nsink: {uri: out}\noperators:\n  - {kind: img2img, model: m, prompt: p}\n")
+    assert main(["run", str(path), "--set", "operators.0.guidance_scale=-1"]) == 2
+    assert "operators[0].guidance_scale: Input should be greater than or equal to 0, got -1" in capsys.readouterr().err
+
+
+def test_dry_run_of_demo_config_prints_the_plan(demo_data, sd_model, tmp_path, capsys, no_ray):
+    overrides = [f"source.uri={demo_data}", f"operators.0.model={sd_model}", f"sink.uri={tmp_path / 'out'}"]
+    args = ["run", str(REPO / "configs" / "demo.yaml"), "--dry-run"]
+    assert main(args + [item for override in overrides for item in ("--set", override)]) == 0
+    out = capsys.readouterr().out
+    assert f"source:  {demo_data} (parquet, 8 rows)" in out
+    assert "stage 0 'img2img' (img2img): 1 actor(s) x 1 CPU / 0 GPU, batch_size 4" in out
+    assert f"sink:    {tmp_path / 'out'} (16 rows expected)" in out
+    assert not (tmp_path / "out").exists()
+
+
+def test_dry_run_reports_what_it_cannot_resolve(tmp_path, capsys, no_ray):
+    path = tmp_path / "job.yaml"
+    path.write_text(
+        f"source: {{uri: {tmp_path / 'missing'}}}\nsink: {{uri: out}}\n"
+        f"operators:\n  - {{kind: img2img, model: {tmp_path}, prompt: p}}\n"
+    )
+    assert main(["run", str(path), "--dry-run"]) == 2
+    captured = capsys.readouterr()
+    assert "stage 0 'img2img'" in captured.out
+    assert "error: source: cannot read Parquet at source.uri" in captured.err
+    assert "error: operators[0].model:" in captured.err and "has no model_index.json" in captured.err

@@ -1,0 +1,100 @@
+"""Config validation and overrides: errors name the field, the bad value and what is accepted."""
+
+from __future__ import annotations
+
+import pytest
+
+from jobs.config import ConfigError, apply_override, load_config, validate_config
+
+
+def base_config(**operator) -> dict:
+    fields = {"kind": "img2img", "model": "models/sd", "prompt": "a cat"}
+    fields.update(operator)
+    return {"source": {"uri": "in"}, "operators": [fields], "sink": {"uri": "out"}}
+
+
+def error_text(data: dict) -> str:
+    with pytest.raises(ConfigError) as caught:
+        validate_config(data)
+    return str(caught.value)
+
+
+def test_valid_config_has_documented_defaults():
+    config = validate_config(base_config())
+    operator = config.operators[0]
+    assert (operator.stage_name, operator.strength, operator.num_inference_steps) == ("img2img", 0.6, 30)
+    assert (config.run.seed, config.run.offline, config.sink.mode) == (0, True, "error")
+    assert operator.resolved_device() == "cpu" and operator.resolved_dtype() == "float32"
+    gpu = validate_config(base_config(num_gpus=1)).operators[0]
+    assert gpu.resolved_device() == "cuda" and gpu.resolved_dtype() == "float16"
+
+
+def test_out_of_range_value_names_path_and_value():
+    assert "operators[0].strength: Input should be less than or equal to 1, got 1.4" in error_text(
+        base_config(strength=1.4)
+    )
+
+
+def test_unknown_field_lists_accepted_fields():
+    text = error_text(base_config(strenght=0.5))
+    assert "operators[0].strenght: unknown field; accepted: batch_size, device, dtype," in text
+
+
+def test_unknown_kind_lists_accepted_kinds():
+    text = error_text({"source": {"uri": "in"}, "operators": [{"kind": "restyle"}], "sink": {"uri": "out"}})
+    assert "operators[0].kind:" in text and "'restyle'" in text and "'img2img'" in text
+
+
+def test_literal_lists_accepted_values():
+    text = error_text(base_config(dtype="fp8"))
+    assert "operators[0].dtype: Input should be 'auto', 'float32', 'float16' or 'bfloat16', got 'fp8'" in text
+
+
+def test_missing_sections_and_empty_operator_list():
+    text = error_text({"source": {"uri": "in"}, "operators": []})
+    assert "operators: List should have at least 1 item" in text
+    assert "sink: Field required" in text
+
+
+def test_secret_values_never_appear_in_errors_or_repr():
+    data = base_config()
+    data["source"]["storage"] = {"secret_access_key": ["TOPSECRET-123"]}
+    text = error_text(data)
+    assert "source.storage.secret_access_key" in text and "TOPSECRET" not in text
+    data["source"]["storage"] = {"secret_access_key": "TOPSECRET-123", "access_key_id": "AKIA-XYZ"}
+    config = validate_config(data)
+    assert "TOPSECRET" not in repr(config) and "TOPSECRET" not in config.model_dump_json()
+    assert config.source.storage.storage_options()["secret"] == "TOPSECRET-123"
+
+
+def test_duplicate_stage_names_are_refused():
+    data = base_config()
+    data["operators"].append(dict(data["operators"][0]))
+    assert "stage names must be unique" in error_text(data)
+
+
+def test_overrides_set_nested_values_and_list_items(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text("source: {uri: in}\nsink: {uri: out}\noperators:\n  - {kind: img2img, model: m, prompt: p}\n")
+    config = load_config(
+        path, ["operators.0.strength=0.25", "run.seed=7", "sink.write_images=true", "operators.0.prompt=a, b"]
+    )
+    assert config.operators[0].strength == 0.25 and config.run.seed == 7 and config.sink.write_images
+    assert config.operators[0].prompt == "a, b"
+
+
+def test_override_errors():
+    data = base_config()
+    with pytest.raises(ConfigError, match="takes dotted.path=value"):
+        apply_override(data, "run.seed")
+    with pytest.raises(ConfigError, match=r"operators is a list of 1; '3' is not an index in it"):
+        apply_override(data, "operators.3.strength=0.1")
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("source: [unclosed\n")
+    with pytest.raises(ConfigError, match="is not valid YAML"):
+        load_config(bad)

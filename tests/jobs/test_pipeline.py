@@ -1,0 +1,72 @@
+"""Pool sizing and the plan: reads and writes always keep room, GPUs come from the cluster only."""
+
+from __future__ import annotations
+
+import pytest
+
+from jobs.config import validate_config
+from jobs.pipeline import PlanError, map_batches_args, plan_job, size_pools
+from jobs.sources import SourceInfo
+
+
+def config(*operators, reserved=1.0):
+    entries = [
+        {"kind": "img2img", "model": "m", "prompt": "p", "name": f"s{i}", **op} for i, op in enumerate(operators)
+    ]
+    return validate_config(
+        {
+            "source": {"uri": "in"},
+            "operators": entries,
+            "sink": {"uri": "out"},
+            "run": {"resources": {"reserved_cpus": reserved}},
+        }
+    )
+
+
+def test_two_cpus_leave_one_for_reads_and_writes():
+    assert size_pools(config({}), cpus=2, gpus=0) == [1]
+
+
+def test_cpu_pools_share_what_is_left():
+    assert size_pools(config({}, {}), cpus=9, gpus=0) == [4, 4]
+    assert size_pools(config({"num_cpus": 2}), cpus=8, gpus=0) == [3]
+
+
+def test_a_pool_that_would_starve_reads_is_refused():
+    with pytest.raises(PlanError, match=r"operators\[0\] needs 2 actor\(s\) x 1 CPUs but the cluster has 2 CPUs"):
+        size_pools(config({"num_actors": 2}), cpus=2, gpus=0)
+    with pytest.raises(PlanError, match="reserved_cpus"):
+        size_pools(config({"num_cpus": 2}), cpus=2, gpus=0)
+
+
+def test_gpu_pools_follow_gpus_including_fractions():
+    assert size_pools(config({"num_gpus": 1}), cpus=16, gpus=4) == [4]
+    assert size_pools(config({"num_gpus": 0.5}), cpus=16, gpus=2) == [4]
+    assert size_pools(config({"num_gpus": 1}, {}), cpus=8, gpus=2) == [2, 5]
+
+
+def test_gpu_operator_without_gpus_is_refused_unless_pool_is_explicit():
+    with pytest.raises(PlanError, match=r"operators\[0\].num_gpus is 1 per actor but the cluster has 0 GPUs"):
+        size_pools(config({"num_gpus": 1}), cpus=8, gpus=0)
+    assert size_pools(config({"num_gpus": 1, "num_actors": 3}), cpus=8, gpus=0) == [3]
+
+
+def test_plan_describes_stages_and_expected_rows():
+    plan = plan_job(config({"variants": 3, "batch_size": 8}), SourceInfo(ids=["a", "b"]), cpus=2, gpus=0)
+    assert plan.expected_rows == 6
+    text = plan.describe()
+    assert "stage 0 's0' (img2img): 1 actor(s) x 1 CPU / 0 GPU, batch_size 8, device cpu, 3 variant(s)" in text
+    assert "sink:    out (6 rows expected)" in text
+
+
+def test_map_batches_args_use_an_actor_pool_and_explicit_resources():
+    from ray.data import ActorPoolStrategy
+
+    job = config({"num_gpus": 1, "batch_size": 16})
+    plan = plan_job(job, SourceInfo(ids=["a"]), cpus=8, gpus=2)
+    args = map_batches_args(job, 0, plan.stages[0])
+    assert isinstance(args["compute"], ActorPoolStrategy)
+    assert args["compute"].min_size == args["compute"].max_size == 2
+    assert (args["num_gpus"], args["num_cpus"], args["batch_size"], args["batch_format"]) == (1, 1, 16, "pyarrow")
+    assert "concurrency" not in args
+    assert args["fn_constructor_kwargs"]["config"] is job.operators[0]
