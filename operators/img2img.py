@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Literal
 
@@ -175,6 +176,9 @@ class Img2Img:
         model_storage_options: dict | None = None,
         max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     ):
+        if offline:
+            # Before diffusers and huggingface_hub are imported in this actor process.
+            os.environ["HF_HUB_OFFLINE"] = "1"
         import torch
 
         self.config = config
