@@ -58,7 +58,9 @@ def _inspect_parquet(config: SourceConfig, filesystem, root: str) -> SourceInfo:
         dataset = pyarrow.dataset.dataset(root, filesystem=arrow_filesystem(filesystem), format="parquet")
         schema = dataset.schema
     except (FileNotFoundError, OSError, pa.ArrowInvalid) as error:
-        raise SourceError(f"cannot read Parquet at source.uri {config.uri}: {error}") from None
+        raise SourceError(
+            f"cannot read Parquet at source.uri {config.uri}: {error}{_credentials_hint(error)}"
+        ) from None
     for option, column in (("source.id_column", config.id_column), ("source.image_column", config.image_column)):
         if column not in schema.names:
             raise SourceError(f"{option} {column!r} is not a column of {config.uri}; columns: {schema.names}")
@@ -86,9 +88,13 @@ def _inspect_parquet(config: SourceConfig, filesystem, root: str) -> SourceInfo:
 
 
 def _inspect_folder(config: SourceConfig, filesystem, root: str) -> SourceInfo:
-    if not filesystem.isdir(root):
+    try:
+        is_directory = filesystem.isdir(root)
+        files = sorted(filesystem.find(root)) if is_directory else []
+    except OSError as error:  # PermissionError for bad credentials, among others
+        raise SourceError(f"cannot list source.uri {config.uri}: {error}{_credentials_hint(error)}") from None
+    if not is_directory:
         raise SourceError(f"source.uri {config.uri} is not a directory")
-    files = sorted(filesystem.find(root))
     images = [path for path in files if path.lower().endswith(IMAGE_SUFFIXES)]
     skipped = len(files) - len(images)
     if skipped:
@@ -167,6 +173,10 @@ def normalize_folder_batch(batch: pa.Table, root: str) -> pa.Table:
             "error": pa.array([None] * batch.num_rows, pa.string()),
         }
     )
+
+
+def _credentials_hint(error: Exception) -> str:
+    return " (check source.storage credentials)" if isinstance(error, PermissionError) else ""
 
 
 def _is_image_type(data_type: pa.DataType) -> bool:

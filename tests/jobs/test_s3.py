@@ -138,6 +138,7 @@ def test_parquet_job_reads_and_writes_s3(ray_session, s3_bucket, sd_model, tmp_p
 
     for key in list_keys(client, bucket, "out/data/"):
         schema = pq.read_schema(io.BytesIO(get_bytes(client, bucket, key)))
+        assert b"huggingface" in (schema.metadata or {}), key
         features = json.loads(schema.metadata[b"huggingface"])["info"]["features"]
         assert features["image"] == {"_type": "Image"}
         assert features["id"] == {"dtype": "string", "_type": "Value"}
