@@ -58,9 +58,11 @@ class StorageConfig(_Frozen):
 class SourceConfig(_Frozen):
     """Where the input rows come from."""
 
-    uri: str = Field(description="A Parquet file or directory, or an image folder; local path or s3://.")
-    format: Literal["parquet", "images"] = Field(
-        "parquet", description="'parquet': rows with an image column; 'images': a folder of image files."
+    uri: str = Field(description="A Parquet or Arrow file or directory, or an image folder; local path or s3://.")
+    format: Literal["parquet", "arrow", "images"] = Field(
+        "parquet",
+        description="'parquet': Parquet rows with an image column; 'arrow': Arrow IPC files (file or stream "
+        "format, e.g. `datasets.save_to_disk` shards) with an image column; 'images': a folder of image files.",
     )
     image_column: str = Field("image", description="Parquet column with encoded bytes or {bytes, path} structs.")
     id_column: str = Field("id", description="Parquet column of unique row ids (images: ids are relative paths).")

@@ -15,7 +15,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset
 
 from jobs.config import JobConfig, SinkConfig
-from jobs.sources import SourceInfo
+from jobs.sources import SourceInfo, read_arrow_file
 from jobs.storage import arrow_filesystem, filesystem_for, join, open_for_write
 
 logger = logging.getLogger(__name__)
@@ -139,9 +139,15 @@ def _input_images(config: JobConfig, info: SourceInfo, ids: list[str]) -> dict[s
     if source.format == "images":
         by_id = {row_id: path for row_id, path in zip(info.ids, info.files, strict=True) if row_id in wanted}
         return {row_id: filesystem.cat_file(path) for row_id, path in by_id.items()}
-    dataset = pyarrow.dataset.dataset(root, filesystem=arrow_filesystem(filesystem), format="parquet")
     id_field = pc.field(source.id_column).cast(pa.string())
-    table = dataset.to_table(columns=[source.id_column, source.image_column], filter=id_field.isin(ids))
+    if source.format == "arrow":
+        tables = [
+            read_arrow_file(filesystem, path).select([source.id_column, source.image_column]) for path in info.files
+        ]
+        table = pa.concat_tables(tables).filter(id_field.isin(ids))
+    else:
+        dataset = pyarrow.dataset.dataset(root, filesystem=arrow_filesystem(filesystem), format="parquet")
+        table = dataset.to_table(columns=[source.id_column, source.image_column], filter=id_field.isin(ids))
     images = table.column(source.image_column)
     if pa.types.is_struct(images.type):
         images = pc.struct_field(images, "bytes")

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.compute
 import pyarrow.dataset
+import pyarrow.ipc
 
 from jobs.config import SourceConfig
 from jobs.storage import arrow_filesystem, filesystem_for
@@ -23,6 +24,7 @@ from operators.base import RESERVED_COLUMNS
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff")
+ARROW_SUFFIXES = (".arrow", ".feather", ".ipc")
 
 
 class SourceError(ValueError):
@@ -50,16 +52,26 @@ def inspect_source(config: SourceConfig) -> SourceInfo:
     filesystem, root = filesystem_for(config.uri, config.storage.storage_options())
     if config.format == "images":
         return _inspect_folder(config, filesystem, root)
-    return _inspect_parquet(config, filesystem, root)
+    return _inspect_table(config, filesystem, root)
 
 
-def _inspect_parquet(config: SourceConfig, filesystem, root: str) -> SourceInfo:
+def _inspect_table(config: SourceConfig, filesystem, root: str) -> SourceInfo:
     try:
-        dataset = pyarrow.dataset.dataset(root, filesystem=arrow_filesystem(filesystem), format="parquet")
-        schema = dataset.schema
+        if config.format == "arrow":
+            files, _ = _list_files(config, filesystem, root, ARROW_SUFFIXES, allow_single_file=True)
+            schema = read_arrow_file(filesystem, files[0]).schema
+            id_values = pa.chunked_array(
+                [read_arrow_file(filesystem, path).column(config.id_column) for path in files]
+                if config.id_column in schema.names
+                else [pa.array([])]
+            )
+        else:
+            dataset = pyarrow.dataset.dataset(root, filesystem=arrow_filesystem(filesystem), format="parquet")
+            schema = dataset.schema
+            files = []
     except (FileNotFoundError, OSError, pa.ArrowInvalid) as error:
         raise SourceError(
-            f"cannot read Parquet at source.uri {config.uri}: {error}{_credentials_hint(error)}"
+            f"cannot read {config.format} at source.uri {config.uri}: {error}{_credentials_hint(error)}"
         ) from None
     for option, column in (("source.id_column", config.id_column), ("source.image_column", config.image_column)):
         if column not in schema.names:
@@ -76,7 +88,8 @@ def _inspect_parquet(config: SourceConfig, filesystem, root: str) -> SourceInfo:
         raise SourceError(
             f"source columns {clashes} clash with columns the job writes ({', '.join(RESERVED_COLUMNS)}); rename them"
         )
-    id_values = dataset.to_table(columns=[config.id_column]).column(0)
+    if config.format == "parquet":
+        id_values = dataset.to_table(columns=[config.id_column]).column(0)
     if id_values.null_count:
         raise SourceError(f"source.id_column {config.id_column!r} has {id_values.null_count} null ids")
     ids = [str(value) for value in id_values.to_pylist()]
@@ -84,27 +97,67 @@ def _inspect_parquet(config: SourceConfig, filesystem, root: str) -> SourceInfo:
     ids.sort()
     if config.limit is not None:
         ids = ids[: config.limit]
-    return SourceInfo(ids=ids, passthrough_columns=passthrough, root=root)
+    return SourceInfo(ids=ids, passthrough_columns=passthrough, files=files, root=root)
+
+
+def _list_files(
+    config: SourceConfig, filesystem, root: str, suffixes: tuple[str, ...], allow_single_file: bool
+) -> tuple[list[str], int]:
+    """Files under root (or root itself) ending in one of suffixes, sorted, and how many others were skipped."""
+    try:
+        if allow_single_file and filesystem.isfile(root):
+            files = [root]
+        elif filesystem.isdir(root):
+            files = sorted(filesystem.find(root))
+        else:
+            raise SourceError(f"source.uri {config.uri} is not a directory")
+    except OSError as error:  # PermissionError for bad credentials, among others
+        raise SourceError(f"cannot list source.uri {config.uri}: {error}{_credentials_hint(error)}") from None
+    matching = [path for path in files if path.lower().endswith(suffixes)]
+    skipped = len(files) - len(matching)
+    if skipped:
+        logger.info("source: %d files without a suffix in (%s) are not read", skipped, ", ".join(suffixes))
+    if not matching:
+        raise SourceError(f"source.uri {config.uri} holds no files ending in {', '.join(suffixes)}")
+    return matching, skipped
 
 
 def _inspect_folder(config: SourceConfig, filesystem, root: str) -> SourceInfo:
-    try:
-        is_directory = filesystem.isdir(root)
-        files = sorted(filesystem.find(root)) if is_directory else []
-    except OSError as error:  # PermissionError for bad credentials, among others
-        raise SourceError(f"cannot list source.uri {config.uri}: {error}{_credentials_hint(error)}") from None
-    if not is_directory:
-        raise SourceError(f"source.uri {config.uri} is not a directory")
-    images = [path for path in files if path.lower().endswith(IMAGE_SUFFIXES)]
-    skipped = len(files) - len(images)
-    if skipped:
-        logger.info("source: %d files without an image suffix (%s) are not read", skipped, ", ".join(IMAGE_SUFFIXES))
-    if not images:
-        raise SourceError(f"source.uri {config.uri} holds no files ending in {', '.join(IMAGE_SUFFIXES)}")
+    images, skipped = _list_files(config, filesystem, root, IMAGE_SUFFIXES, allow_single_file=False)
     if config.limit is not None:
         images = images[: config.limit]
     ids = [_relative(path, root) for path in images]
     return SourceInfo(ids=ids, files=images, root=root, skipped_files=skipped)
+
+
+def read_arrow_file(filesystem, path: str) -> pa.Table:
+    """Read an Arrow IPC file in either the random-access file format or the stream format."""
+    with filesystem.open(path, "rb") as handle:
+        buffer = pa.py_buffer(handle.read())
+    try:
+        return pa.ipc.open_file(buffer).read_all()
+    except pa.ArrowInvalid:
+        return pa.ipc.open_stream(buffer).read_all()
+
+
+def _arrow_datasource_class():
+    """Ray Data's file-based reader for Arrow IPC files (defined lazily so importing needs no Ray)."""
+    from ray.data.datasource import FileBasedDatasource
+
+    class ArrowIPCDatasource(FileBasedDatasource):
+        """Reads Arrow IPC files, file or stream format, one record batch group per block."""
+
+        def _read_stream(self, f, path: str):
+            buffer = f.read_buffer()
+            try:
+                reader = pa.ipc.open_file(buffer)
+                batches = (reader.get_batch(index) for index in range(reader.num_record_batches))
+            except pa.ArrowInvalid:
+                batches = iter(pa.ipc.open_stream(buffer))
+            for batch in batches:
+                yield pa.Table.from_batches([batch])
+
+    return ArrowIPCDatasource
 
 
 def read_source(config: SourceConfig, info: SourceInfo):
@@ -118,7 +171,10 @@ def read_source(config: SourceConfig, info: SourceInfo):
         return dataset.map_batches(
             normalize_folder_batch, batch_format="pyarrow", fn_kwargs={"root": root}, zero_copy_batch=True
         )
-    dataset = ray.data.read_parquet(root, filesystem=arrow_fs)
+    if config.format == "arrow":
+        dataset = ray.data.read_datasource(_arrow_datasource_class()(info.files, filesystem=arrow_fs))
+    else:
+        dataset = ray.data.read_parquet(root, filesystem=arrow_fs)
     keep = set(info.ids) if config.limit is not None else None
     return dataset.map_batches(
         normalize_parquet_batch,
