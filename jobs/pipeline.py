@@ -238,5 +238,5 @@ def run_job(config: JobConfig) -> RunResult:
 
     summary = account_for_rows(config, plan, info, wall_seconds)
     write_summary(config.sink, summary)
-    summary["report"] = write_report(config, info)
+    summary["report"] = write_report(config, info, summary)
     return RunResult(plan=plan, summary=summary)

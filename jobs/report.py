@@ -82,7 +82,7 @@ def write_summary(sink: SinkConfig, summary: dict) -> str:
     return join(sink.uri, "summary.json")
 
 
-def write_report(config: JobConfig, info: SourceInfo) -> str:
+def write_report(config: JobConfig, info: SourceInfo, summary: dict) -> str:
     """Write report.html: the first rows' input beside output, with status and parameters."""
     shown_ids = info.ids[: config.sink.report_rows]
     stage_names = [operator.stage_name for operator in config.operators]
@@ -112,8 +112,6 @@ def write_report(config: JobConfig, info: SourceInfo) -> str:
             f"<td>{_thumbnail(output)}</td><td>{error}{detail_html}</td></tr>"
         )
     filesystem, root = filesystem_for(config.sink.uri, config.sink.storage.storage_options())
-    summary_path = join(root, "summary.json")
-    summary = json.loads(filesystem.cat_file(summary_path)) if filesystem.exists(summary_path) else {}
     summary_html = " &middot; ".join(f"{html.escape(str(k))}: {html.escape(str(v))}" for k, v in summary.items())
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>restyle report</title>
