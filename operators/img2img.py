@@ -257,17 +257,20 @@ class Img2Img:
 
         config = self.config
         started = time.perf_counter()
+        arguments = {
+            "prompt": [row["prompt"] for row in group],
+            "image": [row["input"] for row in group],
+            "strength": config.strength,
+            "num_inference_steps": config.num_inference_steps,
+            "guidance_scale": config.guidance_scale,
+            "generator": [torch.Generator(device=self.device).manual_seed(row["seed"]) for row in group],
+            "output_type": "pil",
+        }
+        # Only when set: some pipelines (Flux) take no negative prompt at all.
+        if config.negative_prompt:
+            arguments["negative_prompt"] = [config.negative_prompt] * len(group)
         try:
-            outputs = self.pipeline(
-                prompt=[row["prompt"] for row in group],
-                negative_prompt=[config.negative_prompt] * len(group) if config.negative_prompt else None,
-                image=[row["input"] for row in group],
-                strength=config.strength,
-                num_inference_steps=config.num_inference_steps,
-                guidance_scale=config.guidance_scale,
-                generator=[torch.Generator(device=self.device).manual_seed(row["seed"]) for row in group],
-                output_type="pil",
-            ).images
+            outputs = self.pipeline(**arguments).images
         except Exception as error:  # one batch's model failure must not sink the job
             logger.warning("img2img model call failed for %d rows: %s", len(group), error)
             for row in group:

@@ -173,3 +173,26 @@ def test_missing_columns_name_operator_and_columns(operator):
 def test_config_rejects_bad_values(overrides, fragment):
     with pytest.raises(ValidationError, match=fragment):
         make_config("m", **overrides)
+
+
+def test_negative_prompt_is_passed_only_when_set(sd_model, monkeypatch):
+    operator = Img2Img(make_config(sd_model), seed=1)
+    calls = []
+    real = operator.pipeline
+
+    def record(**kwargs):
+        calls.append(sorted(kwargs))
+        return real(**kwargs)
+
+    monkeypatch.setattr(operator, "pipeline", record)
+    operator(make_batch([png_bytes()]))
+    assert "negative_prompt" not in calls[0]
+    assert calls[0] == [
+        "generator",
+        "guidance_scale",
+        "image",
+        "num_inference_steps",
+        "output_type",
+        "prompt",
+        "strength",
+    ]
