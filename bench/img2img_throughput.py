@@ -24,8 +24,9 @@ plain side left in this process is counted against it:
                   generate, encode PNGs with their metadata and write the shards. Starting Ray and the
                   row accounting and report written after the shards are reported on their own line
                   (ray start s, run_job s) and left out of total s.
-  model s         the sum over ok rows of the per-row `img2img.model_seconds` (each row's share of its
-                  model call), read back from the output Parquet; it includes the actor's first call.
+  model s         the sum over ok rows of the per-row `img2img.process_seconds` (each row's share of its
+                  batch's model calls and PNG encoding), read back from the output Parquet; it includes
+                  the actor's first call.
   outside model s total s - model s: actor start-up, model load, reading, decoding, encoding, writing.
   peak RSS        the largest sum of RSS over the job's process and all its descendants (Ray's GCS,
                   raylet, workers and the actor), sampled every 0.2 s. A summed RSS counts shared pages
@@ -308,7 +309,7 @@ def run_restyle_job(config: JobConfig, connection) -> None:
         stage_name = config.operators[0].stage_name
         table = read_output(config.sink, ["status", stage_name])
         model_seconds = sum(
-            stage["model_seconds"]
+            stage["process_seconds"]
             for status, stage in zip(
                 table.column("status").to_pylist(), table.column(stage_name).to_pylist(), strict=True
             )

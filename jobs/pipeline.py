@@ -113,6 +113,8 @@ def size_pools(config: JobConfig, cpus: float, gpus: float) -> list[int]:
 def plan_job(config: JobConfig, info: SourceInfo, cpus: float, gpus: float) -> JobPlan:
     """Decide pools, resources and batch sizes (see module docstring)."""
     sizes = size_pools(config, cpus, gpus)
+    if info.ids:
+        check_template_columns(config, info)
     stages = []
     for index, (operator, size) in enumerate(zip(config.operators, sizes, strict=True)):
         parameters = operator.model_dump(
@@ -129,7 +131,7 @@ def plan_job(config: JobConfig, info: SourceInfo, cpus: float, gpus: float) -> J
                 num_gpus=operator.num_gpus,
                 batch_size=operator.batch_size,
                 device=operator.resolved_device(),
-                variants=getattr(operator, "variants", 1),
+                variants=operator.variant_count() if hasattr(operator, "variant_count") else 1,
                 parameters=parameters,
             )
         )
@@ -142,6 +144,19 @@ def plan_job(config: JobConfig, info: SourceInfo, cpus: float, gpus: float) -> J
         cluster_gpus=gpus,
         stages=stages,
     )
+
+
+def check_template_columns(config: JobConfig, info: SourceInfo) -> None:
+    """Refuse prompt templates and prompt columns that name columns the source does not have."""
+    available = {"id", *info.passthrough_columns}
+    for index, operator in enumerate(config.operators):
+        wanted = operator.template_columns() if hasattr(operator, "template_columns") else set()
+        missing = sorted(wanted - available)
+        if missing:
+            raise PlanError(
+                f"operators[{index}] prompt refers to columns {missing} that the source does not have; "
+                f"columns: {sorted(available)}"
+            )
 
 
 def assumed_resources(config: JobConfig) -> tuple[float, float]:

@@ -1,15 +1,39 @@
-"""What every operator shares: the resource fields of its config and the column check."""
+"""What every operator shares: the resource fields of its config, and the row loop of its class.
+
+An operator subclasses `Operator` and supplies four things: `setup()` (load the model, once per
+actor), `prepare()` (decode one input row), `process()` (turn a list of items into outputs) and
+`record()` (the per-row fields of its stage column). The base class checks columns, passes error
+rows through, fans rows out into variants, times each step, and builds the output table, so
+every operator returns the same columns and a bad row never raises.
+"""
 
 from __future__ import annotations
 
 import hashlib
-from typing import Literal
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
 
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 # Columns the job itself owns; a source column with one of these names would be overwritten.
-RESERVED_COLUMNS = ("id", "image", "variant_index", "seed", "status", "error", "width", "height")
+RESERVED_COLUMNS = (
+    "id",
+    "image",
+    "variant_index",
+    "seed",
+    "status",
+    "error",
+    "width",
+    "height",
+    "ssim",
+    "psnr",
+    "histogram_distance",
+)
+
+logger = logging.getLogger(__name__)
 
 
 class OperatorConfig(BaseModel):
@@ -80,3 +104,158 @@ def replace_columns(table: pa.Table, columns: dict[str, pa.Array]) -> pa.Table:
         else:
             table = table.append_column(name, values)
     return table
+
+
+@dataclass
+class Item:
+    """One output row in the making: which input it comes from, its variant, and what became of it."""
+
+    source_index: int
+    row_id: str
+    variant_index: int
+    seed: int
+    row: dict  # the input row's columns other than the image (for prompt templates)
+    input: Any = None  # what prepare() returned
+    parameters: dict = field(default_factory=dict)  # per-variant parameters (sweeps)
+    error: str | None = None
+    output: bytes | None = None  # encoded image
+    size: tuple[int, int] | None = None
+    record: dict = field(default_factory=dict)  # stage fields set by process()
+    prepare_seconds: float = 0.0
+    process_seconds: float | None = None
+
+
+TIMING_FIELDS = [("prepare_seconds", pa.float64()), ("process_seconds", pa.float64())]
+
+
+class Operator:
+    """Base class of every operator's Ray Data actor class (see module docstring).
+
+    Takes and returns `pyarrow.Table` batches. Needs `id` and `image` (encoded bytes); honours an
+    incoming `status` (error rows pass through untouched but for the stage's own columns) and
+    `variant_index`. Sets `variant_index`, `seed`, `status`, `error`, `image`, `width`, `height` and
+    a struct column named after the stage; every other column passes through untouched.
+    """
+
+    required_columns: ClassVar[tuple[str, ...]] = ("id", "image")
+    # The fields of this operator's stage column, without the timing fields the base adds.
+    stage_fields: ClassVar[list[tuple[str, pa.DataType]]] = []
+
+    def __init__(
+        self,
+        config: OperatorConfig,
+        seed: int = 0,
+        offline: bool = True,
+        model_storage_options: dict | None = None,
+        max_image_pixels: int | None = None,
+    ):
+        from operators.images import DEFAULT_MAX_IMAGE_PIXELS
+
+        self.config = config
+        self.seed = seed
+        self.offline = offline
+        self.model_storage_options = model_storage_options or {}
+        self.max_image_pixels = max_image_pixels or DEFAULT_MAX_IMAGE_PIXELS
+        self.device = config.resolved_device()
+        self.stage_type = pa.struct(self.stage_fields + TIMING_FIELDS)
+        self.setup()
+
+    def setup(self) -> None:
+        """Load models and references; runs once per actor."""
+
+    def variant_count(self) -> int:
+        """Output rows per input row; `variants()` returns this many parameter sets."""
+        count = getattr(self.config, "variant_count", None)
+        return count() if count is not None else 1
+
+    def variants(self, row: dict) -> list[dict]:
+        """Per-variant parameters for one input row; one entry per output row. Raise RowError to
+        fail the row."""
+        return [{}]
+
+    def prepare(self, data: bytes | None, row: dict) -> Any:
+        """Decode and check one input image; raise RowError for a bad row."""
+        raise NotImplementedError
+
+    def process(self, items: list[Item]) -> None:
+        """Set `output`, `size` and `record` (or `error`) on each item."""
+        raise NotImplementedError
+
+    def record(self, item: Item) -> dict:
+        """The stage column's fields for one item (also called for error rows)."""
+        return dict(item.record)
+
+    @property
+    def stage_label(self) -> str:
+        return f"{self.config.kind} stage {self.config.stage_name!r}"  # type: ignore[attr-defined]
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        check_columns(self.stage_label, batch, self.required_columns)
+        images = batch.column("image").to_pylist()
+        rows = batch.drop_columns(["image"]).to_pylist()
+        items: list[Item] = []
+        for index, row in enumerate(rows):
+            started = time.perf_counter()
+            error = row.get("error") or "failed in an earlier stage" if row.get("status") == "error" else None
+            decoded = None
+            parameter_sets: list[dict] = [{}] * self.variant_count()
+            if error is None:
+                try:
+                    parameter_sets = self.variants(row)
+                    decoded = self.prepare(images[index], row)
+                except RowError as problem:
+                    error = str(problem)
+            prepare_seconds = time.perf_counter() - started
+            previous = row.get("variant_index") or 0
+            for offset, parameters in enumerate(parameter_sets):
+                variant_index = previous * len(parameter_sets) + offset
+                seed = parameters.get("seed")
+                items.append(
+                    Item(
+                        source_index=index,
+                        row_id=row["id"],
+                        variant_index=variant_index,
+                        seed=seed if seed is not None else derive_seed(self.seed, row["id"], variant_index),
+                        row=row,
+                        input=decoded,
+                        parameters=parameters,
+                        error=error,
+                        prepare_seconds=prepare_seconds,
+                    )
+                )
+        ready = [item for item in items if item.error is None]
+        if ready:
+            started = time.perf_counter()
+            try:
+                self.process(ready)
+            except RowError as problem:
+                for item in ready:
+                    item.error = str(problem)
+            share = (time.perf_counter() - started) / len(ready)
+            for item in ready:
+                item.process_seconds = share
+                if item.error is None and item.output is None:
+                    item.error = f"{self.stage_label} produced no output for this row"
+        return self._output_table(batch, items)
+
+    def _output_table(self, batch: pa.Table, items: list[Item]) -> pa.Table:
+        records = []
+        for item in items:
+            record = self.record(item)
+            record["prepare_seconds"] = item.prepare_seconds
+            record["process_seconds"] = item.process_seconds
+            records.append(record)
+        for item in items:
+            if item.error is not None:
+                item.output, item.size = None, None
+        columns = {
+            "variant_index": pa.array([item.variant_index for item in items], pa.int32()),
+            "seed": pa.array([item.seed for item in items], pa.int64()),
+            "status": pa.array(["ok" if item.error is None else "error" for item in items], pa.string()),
+            "error": pa.array([item.error for item in items], pa.string()),
+            "image": pa.array([item.output for item in items], pa.binary()),
+            "width": pa.array([item.size[0] if item.size else None for item in items], pa.int32()),
+            "height": pa.array([item.size[1] if item.size else None for item in items], pa.int32()),
+            self.config.stage_name: pa.array(records, self.stage_type),  # type: ignore[attr-defined]
+        }
+        return replace_columns(batch.take([item.source_index for item in items]), columns)

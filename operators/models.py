@@ -56,7 +56,7 @@ def resolve_model(
 ) -> ResolvedModel:
     """Make the checkpoint named by `uri` available locally and vet it."""
     if uri.startswith("s3://"):
-        path = _stage_s3(uri, storage_options or {}, cache_dir or default_cache_dir())
+        path = stage_files(uri, storage_options or {}, cache_dir)
         resolved = ResolvedModel(path, uri, revision or model_fingerprint(path))
     elif is_hub_id(uri):
         if revision is None:
@@ -118,12 +118,13 @@ def model_fingerprint(path: Path) -> str:
     return "sha256:" + digest.hexdigest()[:16]
 
 
-def _stage_s3(uri: str, storage_options: dict, cache_dir: Path) -> Path:
+def stage_files(uri: str, storage_options: dict, cache_dir: Path | None = None) -> Path:
     """Copy an s3:// prefix to the node's cache once; concurrent actors wait on a file lock."""
     from filelock import FileLock
 
     from jobs.storage import filesystem_for
 
+    cache_dir = cache_dir or default_cache_dir()
     target = cache_dir / hashlib.sha256(uri.encode()).hexdigest()[:24]
     cache_dir.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target) + ".lock"):

@@ -10,6 +10,7 @@ from PIL import Image
 from pydantic import ValidationError
 
 from operators.base import derive_seed
+from operators.diffusion import SCHEDULERS
 from operators.img2img import Img2Img, Img2ImgConfig
 from tests.conftest import png_bytes
 
@@ -72,7 +73,7 @@ def test_png_carries_a1111_parameters(operator):
     assert lines[0] == "a watercolor"
     assert lines[1] == "Negative prompt: blurry"
     assert lines[2].startswith(
-        f"Steps: 2, Sampler: {operator.sampler_name}, CFG scale: 7.5, Seed: {seed}, Size: 64x64, "
+        f"Steps: 2, Sampler: {SCHEDULERS[operator.scheduler_name]}, CFG scale: 7.5, Seed: {seed}, Size: 64x64, "
     )
     assert lines[2].endswith("Denoising strength: 0.6")
 
@@ -163,8 +164,8 @@ def test_missing_columns_name_operator_and_columns(operator):
     ("overrides", "fragment"),
     [
         ({"strength": 1.4}, "less than or equal to 1"),
-        ({"prompt": None}, "give exactly one of prompt or prompt_column"),
-        ({"prompt_column": "caption"}, "give exactly one of prompt or prompt_column"),
+        ({"prompt": None}, "give exactly one of prompt, prompt_column or sweep.prompt"),
+        ({"prompt_column": "caption"}, "give exactly one of prompt, prompt_column or sweep.prompt"),
         ({"scheduler": "FancyScheduler"}, "EulerDiscreteScheduler"),
         ({"name": "status"}, "name must be an identifier other than"),
         ({"num_inference_steps": 1, "strength": 0.6}, r"at least one denoising step, got 1 x 0.6 = 0.6"),

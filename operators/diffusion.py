@@ -1,0 +1,331 @@
+"""Glue shared by the diffusers operators: prompt and sweep fields, variants, LoRA adapters,
+schedulers, generators and the AUTOMATIC1111 parameters text."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import string
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from operators.base import OperatorConfig, RowError
+
+logger = logging.getLogger(__name__)
+
+# Scheduler class names as diffusers exports them, with the sampler name AUTOMATIC1111 shows.
+SCHEDULERS = {
+    "DDIMScheduler": "DDIM",
+    "DDPMScheduler": "DDPM",
+    "DEISMultistepScheduler": "DEIS",
+    "DPMSolverMultistepScheduler": "DPM++ 2M",
+    "DPMSolverSinglestepScheduler": "DPM++ SDE",
+    "EulerAncestralDiscreteScheduler": "Euler a",
+    "EulerDiscreteScheduler": "Euler",
+    "FlowMatchEulerDiscreteScheduler": "Euler",
+    "HeunDiscreteScheduler": "Heun",
+    "KDPM2AncestralDiscreteScheduler": "DPM2 a",
+    "KDPM2DiscreteScheduler": "DPM2",
+    "LCMScheduler": "LCM",
+    "LMSDiscreteScheduler": "LMS",
+    "PNDMScheduler": "PLMS",
+    "UniPCMultistepScheduler": "UniPC",
+}
+
+SweepParameter = Literal["prompt", "negative_prompt", "strength", "guidance_scale", "num_inference_steps", "seed"]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class SizePolicy(_Frozen):
+    """How an input's dimensions become the generated image's dimensions."""
+
+    max_side: int | None = Field(
+        None, ge=8, description="Scale down (aspect kept) so the longest side is at most this."
+    )
+    multiple_of: int = Field(
+        8, ge=1, description="Round each side to a multiple of this (8 for SD/SDXL, 16 for SD3 and Flux)."
+    )
+
+
+class Sweep(_Frozen):
+    """Parameter lists expanded into variants, as a product of all lists or zipped item by item."""
+
+    mode: Literal["product", "zip"] = Field("product", description="'product': every combination; 'zip': i-th items.")
+    prompt: list[str] | None = Field(None, min_length=1, description="Prompts (templates may use {column}).")
+    negative_prompt: list[str] | None = Field(None, min_length=1, description="Negative prompts.")
+    strength: list[float] | None = Field(None, min_length=1, description="Strengths, each in [0, 1].")
+    guidance_scale: list[float] | None = Field(None, min_length=1, description="Guidance scales, each >= 0.")
+    num_inference_steps: list[int] | None = Field(None, min_length=1, description="Step counts, each >= 1.")
+    seed: list[int] | None = Field(
+        None, min_length=1, description="Seeds used as given (the same for every row) instead of derived ones."
+    )
+
+    @model_validator(mode="after")
+    def _valid_lists(self) -> Sweep:
+        lists = self.lists()
+        if not lists:
+            raise ValueError(
+                "a sweep needs at least one list: prompt, negative_prompt, strength, guidance_scale, "
+                "num_inference_steps or seed"
+            )
+        if self.mode == "zip" and len({len(values) for values in lists.values()}) > 1:
+            lengths = {name: len(values) for name, values in lists.items()}
+            raise ValueError(f"sweep.mode zip needs lists of one length, got {lengths}")
+        for value in self.strength or []:
+            if not 0 <= value <= 1:
+                raise ValueError(f"sweep.strength values must be in [0, 1], got {value}")
+        for value in self.guidance_scale or []:
+            if value < 0:
+                raise ValueError(f"sweep.guidance_scale values must be >= 0, got {value}")
+        for value in self.num_inference_steps or []:
+            if value < 1:
+                raise ValueError(f"sweep.num_inference_steps values must be >= 1, got {value}")
+        for value in self.seed or []:
+            if not 0 <= value < 2**63:
+                raise ValueError(f"sweep.seed values must be in [0, 2**63), got {value}")
+        return self
+
+    def lists(self) -> dict[str, list]:
+        """The given lists by parameter name."""
+        names = ("prompt", "negative_prompt", "strength", "guidance_scale", "num_inference_steps", "seed")
+        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+
+    def combinations(self) -> list[dict]:
+        """One dict of parameter values per combination, in a fixed order."""
+        lists = self.lists()
+        names = list(lists)
+        rows = itertools.product(*lists.values()) if self.mode == "product" else zip(*lists.values(), strict=True)
+        return [dict(zip(names, values, strict=True)) for values in rows]
+
+
+class LoraAdapter(_Frozen):
+    """A LoRA adapter loaded once per actor and applied with a scale."""
+
+    model: str = Field(description="A .safetensors file, a directory holding one, an s3:// prefix, or a Hub id.")
+    weight_name: str | None = Field(None, description="File name inside a directory or repository.")
+    revision: str | None = Field(None, description="Hub revision (required for Hub ids).")
+    scale: float = Field(1.0, description="Adapter weight.")
+
+
+class DiffusionConfig(OperatorConfig):
+    """Fields shared by the diffusers operators that take prompts."""
+
+    model: str = Field(
+        description="Checkpoint: a local diffusers directory, an s3:// prefix, or a Hub id (owner/name)."
+    )
+    revision: str | None = Field(None, description="Hub commit or tag (required for Hub ids); recorded per row.")
+    prompt: str | None = Field(None, description="Prompt for every row; a template may use {column} of the row.")
+    prompt_column: str | None = Field(None, description="Column holding each row's prompt.")
+    negative_prompt: str | None = Field(None, description="Negative prompt (a template may use {column}).")
+    num_inference_steps: int = Field(30, ge=1, le=1000, description="Denoising steps.")
+    guidance_scale: float = Field(7.5, ge=0, description="Classifier-free guidance scale.")
+    scheduler: Literal[tuple(SCHEDULERS)] | None = Field(  # type: ignore[valid-type]
+        None, description="Scheduler class name; default is the checkpoint's own."
+    )
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="Torch dtype of the weights; 'auto' is float16 on cuda, float32 on cpu."
+    )
+    variants: int = Field(1, ge=1, description="Outputs per input row and sweep combination, each its own seed.")
+    sweep: Sweep | None = Field(None, description="Parameter lists expanded into more variants.")
+    loras: list[LoraAdapter] = Field(default_factory=list, description="LoRA adapters applied to the pipeline.")
+    model_batch_size: int | None = Field(
+        None,
+        ge=1,
+        description="Rows per model call. Default: 1 on cpu, which makes every output's bytes independent of "
+        "how rows were batched (batched kernels round differently per batch size); on cuda, every "
+        "compatible row of a batch in one call, which keeps the GPU busy.",
+    )
+
+    @model_validator(mode="after")
+    def _prompt_sources(self) -> DiffusionConfig:
+        sweeps_prompt = self.sweep is not None and self.sweep.prompt is not None
+        given = sum(value is not None for value in (self.prompt, self.prompt_column)) + sweeps_prompt
+        if given != 1:
+            raise ValueError("give exactly one of prompt, prompt_column or sweep.prompt")
+        if self.sweep is not None and self.sweep.seed is not None and self.variants > 1:
+            raise ValueError("variants must be 1 when sweep.seed gives the seeds")
+        return self
+
+    def variant_count(self) -> int:
+        """Output rows per input row."""
+        combinations = len(self.sweep.combinations()) if self.sweep else 1
+        return combinations * self.variants
+
+    def resolved_dtype(self) -> str:
+        """The torch dtype name the weights are loaded in."""
+        if self.dtype != "auto":
+            return self.dtype
+        return "float16" if self.resolved_device() == "cuda" else "float32"
+
+    def resolved_model_batch_size(self) -> int:
+        """Rows per model call (see `model_batch_size`)."""
+        if self.model_batch_size is not None:
+            return self.model_batch_size
+        return 1 if self.resolved_device() == "cpu" else self.batch_size * self.variant_count()
+
+    def template_columns(self) -> set[str]:
+        """Columns the prompt templates refer to."""
+        templates = [self.prompt, self.negative_prompt, *(self.sweep.prompt or [] if self.sweep else [])]
+        templates += self.sweep.negative_prompt or [] if self.sweep else []
+        return {
+            name for template in templates if template for _, name, _, _ in string.Formatter().parse(template) if name
+        } | ({self.prompt_column} if self.prompt_column else set())
+
+
+def variant_parameters(config: DiffusionConfig, row: dict) -> list[dict]:
+    """The generation parameters of each output row made from one input row, in variant order."""
+    base = {
+        "negative_prompt": config.negative_prompt,
+        "guidance_scale": config.guidance_scale,
+        "num_inference_steps": config.num_inference_steps,
+    }
+    if hasattr(config, "strength"):
+        base["strength"] = config.strength
+    if config.prompt_column is not None:
+        prompt = row.get(config.prompt_column)
+        if prompt is None or not str(prompt).strip():
+            raise RowError(f"prompt column {config.prompt_column!r} is empty for this row")
+        base["prompt"] = str(prompt)
+    else:
+        base["prompt"] = config.prompt
+    combinations = config.sweep.combinations() if config.sweep else [{}]
+    parameters = []
+    for combination in combinations:
+        values = {**base, **combination}
+        values["prompt"] = render_template(values["prompt"], row) if config.prompt_column is None else values["prompt"]
+        if values["negative_prompt"]:
+            values["negative_prompt"] = render_template(values["negative_prompt"], row)
+        if "strength" in values and int(values["num_inference_steps"] * values["strength"]) < 1:
+            raise RowError(
+                f"num_inference_steps x strength gives no denoising step: {values['num_inference_steps']} x "
+                f"{values['strength']}"
+            )
+        parameters.extend(dict(values) for _ in range(config.variants))
+    return parameters
+
+
+def render_template(template: str, row: dict) -> str:
+    """Fill {column} fields of a prompt template from the row."""
+    try:
+        return template.format_map(row)
+    except KeyError as missing:
+        columns = sorted(key for key in row if key not in ("image",))
+        raise RowError(f"prompt template {template!r} needs column {missing}; the row has {columns}") from None
+    except (ValueError, IndexError) as error:
+        raise RowError(f"prompt template {template!r} cannot be filled: {error}") from None
+
+
+def set_scheduler(pipeline, name: str | None) -> None:
+    """Swap in a scheduler by diffusers class name, keeping the checkpoint's scheduler config."""
+    if name is not None:
+        import diffusers
+
+        pipeline.scheduler = getattr(diffusers, name).from_config(pipeline.scheduler.config)
+
+
+def load_loras(pipeline, loras: list[LoraAdapter], offline: bool, storage_options: dict) -> str | None:
+    """Load LoRA adapters (safetensors only) and activate them with their scales; return a record
+    such as 'style.safetensors:0.8' for the stage column."""
+    if not loras:
+        return None
+    names, scales, labels = [], [], []
+    for index, lora in enumerate(loras):
+        path, weight_name = resolve_lora(lora, offline, storage_options)
+        name = f"lora_{index}"
+        pipeline.load_lora_weights(str(path), weight_name=weight_name, adapter_name=name, use_safetensors=True)
+        names.append(name)
+        scales.append(lora.scale)
+        labels.append(f"{lora.model}{'/' + lora.weight_name if lora.weight_name else ''}:{lora.scale:g}")
+    pipeline.set_adapters(names, adapter_weights=scales)
+    return ",".join(labels)
+
+
+def resolve_lora(lora: LoraAdapter, offline: bool, storage_options: dict) -> tuple[Path, str | None]:
+    """A local directory and weight file name for a LoRA adapter; refuses pickle weights."""
+    from operators.models import ModelError, is_hub_id, stage_files
+
+    uri = lora.model
+    if uri.startswith("s3://"):
+        directory = stage_files(uri, storage_options)
+    elif is_hub_id(uri):
+        if lora.revision is None:
+            raise ModelError(f"LoRA {uri!r} is a Hub id; pin it with a revision")
+        from huggingface_hub import snapshot_download
+
+        directory = Path(
+            snapshot_download(
+                uri, revision=lora.revision, allow_patterns=["*.safetensors", "*.json"], local_files_only=offline
+            )
+        )
+    else:
+        path = Path(uri).expanduser()
+        if path.is_file():
+            if path.suffix != ".safetensors":
+                raise ModelError(f"LoRA {uri} is not a .safetensors file; only safetensors weights are loaded")
+            return path.parent, path.name
+        directory = path
+    if not directory.is_dir():
+        raise ModelError(f"LoRA {uri!r} is neither a .safetensors file, a directory, an s3:// prefix nor a Hub id")
+    weight_name = lora.weight_name
+    if weight_name is None:
+        candidates = sorted(file.name for file in directory.glob("*.safetensors"))
+        if len(candidates) != 1:
+            raise ModelError(
+                f"LoRA {uri} holds {len(candidates)} .safetensors files ({candidates}); name one with weight_name"
+            )
+        weight_name = candidates[0]
+    if not weight_name.endswith(".safetensors"):
+        raise ModelError(f"LoRA weight_name must be a .safetensors file, got {weight_name!r}")
+    return directory, weight_name
+
+
+def generators(seeds: list[int], device: str):
+    """One torch.Generator per row, so each output depends only on its own seed."""
+    import torch
+
+    return [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
+
+
+def a1111_parameters(
+    prompt: str,
+    negative_prompt: str | None,
+    steps: int,
+    sampler: str,
+    cfg_scale: float,
+    seed: int,
+    width: int,
+    height: int,
+    model: str,
+    strength: float | None = None,
+    extra: dict | None = None,
+) -> str:
+    """Generation parameters in the text format AUTOMATIC1111's PNG Info reads."""
+    lines = [prompt]
+    if negative_prompt:
+        lines.append(f"Negative prompt: {negative_prompt}")
+    fields = [
+        f"Steps: {steps}",
+        f"Sampler: {sampler}",
+        f"CFG scale: {cfg_scale}",
+        f"Seed: {seed}",
+        f"Size: {width}x{height}",
+        f"Model: {model}",
+    ]
+    if strength is not None:
+        fields.append(f"Denoising strength: {strength}")
+    fields += [f"{key}: {value}" for key, value in (extra or {}).items()]
+    lines.append(", ".join(fields))
+    return "\n".join(lines)
+
+
+def group_items(items: list, key, size: int) -> list[list]:
+    """Items split into model calls: same key (size and call parameters) and at most `size` each."""
+    groups: dict = {}
+    for item in items:
+        groups.setdefault(key(item), []).append(item)
+    return [group[start : start + size] for group in groups.values() for start in range(0, len(group), size)]
