@@ -53,8 +53,10 @@ def resolve_model(
     offline: bool = True,
     storage_options: dict | None = None,
     cache_dir: Path | None = None,
+    pipeline: bool = True,
 ) -> ResolvedModel:
-    """Make the checkpoint named by `uri` available locally and vet it."""
+    """Make the checkpoint named by `uri` available locally and vet it: a whole pipeline
+    (`model_index.json`) or, with `pipeline=False`, a single model (`config.json`, e.g. a ControlNet)."""
     if uri.startswith("s3://"):
         path = stage_files(uri, storage_options or {}, cache_dir)
         resolved = ResolvedModel(path, uri, revision or model_fingerprint(path))
@@ -76,7 +78,10 @@ def resolve_model(
         if not path.is_dir():
             raise ModelError(f"model {uri!r} is neither a local directory, an s3:// prefix nor a Hub id (owner/name)")
         resolved = ResolvedModel(path, uri, revision or model_fingerprint(path))
-    check_model_files(resolved.path)
+    if pipeline:
+        check_model_files(resolved.path)
+    else:
+        check_weights_are_safetensors(resolved.path)
     return resolved
 
 
@@ -95,16 +100,20 @@ def check_model_files(path: Path) -> None:
                 f"{index_path}: component {component!r} names code from {library!r}; only "
                 f"{', '.join(TRUSTED_LIBRARIES)} components are loaded (no remote or custom code)"
             )
-        component_dir = path / component
-        if not component_dir.is_dir():
-            continue
-        files = [file.name for file in component_dir.iterdir()]
-        has_weights = any(name.endswith(PICKLE_SUFFIXES + (".safetensors",)) for name in files)
-        if has_weights and not any(name.endswith(".safetensors") for name in files):
-            raise ModelError(
-                f"{component_dir} holds only pickle weights ({', '.join(sorted(files))}); "
-                "only .safetensors weights are loaded"
-            )
+        if (path / component).is_dir():
+            check_weights_are_safetensors(path / component)
+
+
+def check_weights_are_safetensors(directory: Path) -> None:
+    """Refuse a model directory whose weights exist only in pickle formats."""
+    if not directory.is_dir():
+        raise ModelError(f"{directory} is not a model directory")
+    files = [file.name for file in directory.iterdir()]
+    has_weights = any(name.endswith(PICKLE_SUFFIXES + (".safetensors",)) for name in files)
+    if has_weights and not any(name.endswith(".safetensors") for name in files):
+        raise ModelError(
+            f"{directory} holds only pickle weights ({', '.join(sorted(files))}); only .safetensors weights are loaded"
+        )
 
 
 def model_fingerprint(path: Path) -> str:

@@ -1,0 +1,219 @@
+"""ControlNet image-to-image: the row's image is the init image, the control image is computed per
+row by a preprocessor or read from a column. SD 1.x/2.x and SDXL checkpoints go through the same
+operator (`AutoPipelineForImage2Image` with `controlnet=` picks the matching pipeline)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from operators.base import Item, RowError
+from operators.diffusion import group_items, load_loras, set_scheduler
+from operators.images import decode_image, to_rgb
+from operators.img2img import GENERATION_FIELDS, Img2Img, Img2ImgConfig, load_img2img_pipeline
+from operators.models import resolve_model
+
+logger = logging.getLogger(__name__)
+
+
+class ControlSource(BaseModel):
+    """One ControlNet, its conditioning scale and where its control image comes from."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model: str = Field(description="ControlNet checkpoint: a local directory, an s3:// prefix, or a Hub id.")
+    revision: str | None = Field(None, description="Hub revision (required for Hub ids).")
+    conditioning_scale: float = Field(1.0, ge=0, description="Weight of this ControlNet's residuals.")
+    preprocessor: Literal["canny", "grayscale", "sobel", "laplacian"] | None = Field(
+        None, description="Compute the control image from the row's image with this (no weights needed)."
+    )
+    column: str | None = Field(
+        None, description="Read the control image from this column (encoded bytes or {bytes, path}): depth, pose..."
+    )
+    low_threshold: int = Field(100, ge=0, le=255, description="Canny lower hysteresis threshold.")
+    high_threshold: int = Field(200, ge=0, le=255, description="Canny upper hysteresis threshold.")
+
+    @model_validator(mode="after")
+    def _one_control_source(self) -> ControlSource:
+        if (self.preprocessor is None) == (self.column is None):
+            raise ValueError("give exactly one of preprocessor or column")
+        if self.low_threshold >= self.high_threshold:
+            raise ValueError(
+                f"low_threshold must be below high_threshold, got {self.low_threshold} >= {self.high_threshold}"
+            )
+        return self
+
+    def describe(self) -> str:
+        """How the control image is made, for the stage column."""
+        if self.column is not None:
+            source = f"column:{self.column}"
+        elif self.preprocessor == "canny":
+            source = f"canny({self.low_threshold},{self.high_threshold})"
+        else:
+            source = str(self.preprocessor)
+        return f"{self.model}[{source}]x{self.conditioning_scale:g}"
+
+
+class ControlNetImg2ImgConfig(Img2ImgConfig):
+    """Config of the `controlnet_img2img` operator."""
+
+    kind: Literal["controlnet_img2img"] = Field(description="Operator kind.")  # type: ignore[assignment]
+    controlnets: list[ControlSource] = Field(min_length=1, description="ControlNets applied together.")
+    control_guidance_start: float = Field(0.0, ge=0, le=1, description="Fraction of steps where control starts.")
+    control_guidance_end: float = Field(1.0, ge=0, le=1, description="Fraction of steps where control stops.")
+
+    @model_validator(mode="after")
+    def _guidance_window(self) -> ControlNetImg2ImgConfig:
+        if self.control_guidance_start >= self.control_guidance_end:
+            raise ValueError(
+                "control_guidance_start must be below control_guidance_end, got "
+                f"{self.control_guidance_start} >= {self.control_guidance_end}"
+            )
+        return self
+
+    def template_columns(self) -> set[str]:
+        return super().template_columns() | {net.column for net in self.controlnets if net.column}
+
+
+def control_image(image: Image.Image, source: ControlSource) -> Image.Image:
+    """Compute a control image from an RGB image with a weight-free preprocessor."""
+    import cv2
+
+    gray = np.asarray(image.convert("L"))
+    if source.preprocessor == "canny":
+        edges = cv2.Canny(gray, source.low_threshold, source.high_threshold)
+    elif source.preprocessor == "sobel":
+        x = cv2.Sobel(gray, cv2.CV_32F, 1, 0, ksize=3)
+        y = cv2.Sobel(gray, cv2.CV_32F, 0, 1, ksize=3)
+        edges = _to_uint8(np.hypot(x, y))
+    elif source.preprocessor == "laplacian":
+        edges = _to_uint8(np.abs(cv2.Laplacian(gray, cv2.CV_32F, ksize=3)))
+    else:
+        edges = gray
+    return Image.fromarray(edges).convert("RGB")
+
+
+def _to_uint8(values: np.ndarray) -> np.ndarray:
+    peak = float(values.max())
+    return np.zeros(values.shape, np.uint8) if peak == 0 else np.round(values * (255.0 / peak)).astype(np.uint8)
+
+
+def load_controlnets(sources: list[ControlSource], dtype: str, offline: bool, storage_options: dict):
+    """Load each ControlNet (safetensors only); returns the models and their resolved revisions."""
+    import diffusers
+    import torch
+
+    models, revisions = [], []
+    for source in sources:
+        resolved = resolve_model(source.model, source.revision, offline, storage_options, pipeline=False)
+        models.append(
+            diffusers.ControlNetModel.from_pretrained(
+                str(resolved.path), dtype=getattr(torch, dtype), use_safetensors=True, local_files_only=True
+            )
+        )
+        revisions.append(resolved.revision)
+    return models, revisions
+
+
+class ControlNetImg2Img(Img2Img):
+    """Ray Data actor for `controlnet_img2img`: img2img whose denoising is steered by ControlNets.
+
+    Builds on `Img2Img` (same variants, grouping, error handling and parameters text); adds the
+    control images and ControlNet arguments.
+    """
+
+    stage_fields = [
+        *GENERATION_FIELDS,
+        ("controlnets", pa.string()),
+        ("controlnet_revisions", pa.string()),
+        ("control_guidance_start", pa.float64()),
+        ("control_guidance_end", pa.float64()),
+    ]
+
+    def setup(self) -> None:
+        if self.offline:
+            os.environ["HF_HUB_OFFLINE"] = "1"
+        import torch
+
+        config = self.config
+        if self.device == "cpu":
+            torch.set_num_threads(max(1, int(config.num_cpus)))
+        self.model = resolve_model(config.model, config.revision, self.offline, self.model_storage_options)
+        controlnets, revisions = load_controlnets(
+            config.controlnets, config.resolved_dtype(), self.offline, self.model_storage_options
+        )
+        self.controlnet_revisions = ",".join(revisions)
+        self.pipeline = load_img2img_pipeline(
+            self.model.path,
+            config.resolved_dtype(),
+            self.device,
+            controlnet=controlnets[0] if len(controlnets) == 1 else controlnets,
+        )
+        set_scheduler(self.pipeline, config.scheduler)
+        self.loras = load_loras(self.pipeline, config.loras, self.offline, self.model_storage_options)
+        self.scheduler_name = type(self.pipeline.scheduler).__name__
+
+    def prepare(self, data: bytes | None, row: dict):
+        image = super().prepare(data, row)
+        controls = []
+        for source in self.config.controlnets:
+            if source.column is None:
+                controls.append(control_image(image, source))
+                continue
+            value = row.get(source.column)
+            if isinstance(value, dict):
+                value = value.get("bytes")
+            try:
+                control = to_rgb(decode_image(value, self.max_image_pixels))
+            except RowError as problem:
+                raise RowError(f"control image in column {source.column!r}: {problem}") from None
+            controls.append(control if control.size == image.size else control.resize(image.size, resample=3))
+        return image, controls
+
+    def process(self, items: list[Item]) -> None:
+        config = self.config
+        nets = len(config.controlnets)
+        # diffusers takes one control image per ControlNet per call when several are stacked.
+        size = 1 if nets > 1 else config.resolved_model_batch_size()
+        calls = group_items(
+            items,
+            key=lambda item: (
+                item.input[0].size,
+                *(item.parameters[name] for name in ("strength", "num_inference_steps", "guidance_scale")),
+                item.parameters["negative_prompt"],
+            ),
+            size=size,
+        )
+        for group in calls:
+            inputs = {
+                "image": [item.input[0] for item in group],
+                "control_image": [item.input[1][0] for item in group] if nets == 1 else group[0].input[1],
+                "controlnet_conditioning_scale": (
+                    config.controlnets[0].conditioning_scale
+                    if nets == 1
+                    else [net.conditioning_scale for net in config.controlnets]
+                ),
+                "control_guidance_start": config.control_guidance_start,
+                "control_guidance_end": config.control_guidance_end,
+            }
+            self.generate(group, inputs)
+
+    def parameters_text(self, item: Item) -> str:
+        text = super().parameters_text(item)
+        return text + ", ControlNet: " + "; ".join(net.describe() for net in self.config.controlnets)
+
+    def record(self, item: Item) -> dict:
+        record = super().record(item)
+        record.update(
+            controlnets="; ".join(net.describe() for net in self.config.controlnets),
+            controlnet_revisions=self.controlnet_revisions,
+            control_guidance_start=self.config.control_guidance_start,
+            control_guidance_end=self.config.control_guidance_end,
+        )
+        return record
