@@ -197,3 +197,59 @@ def test_negative_prompt_is_passed_only_when_set(sd_model, monkeypatch):
         "prompt",
         "strength",
     ]
+
+
+def test_sweep_product_expands_variants_with_templates(sd_model):
+    config = make_config(
+        sd_model,
+        prompt=None,
+        variants=2,
+        sweep={"prompt": ["an MRI slice, {modality} style", "a {modality} scan"], "strength": [0.5, 1.0]},
+    )
+    assert config.variant_count() == 8
+    out = Img2Img(config, seed=9)(make_batch([png_bytes()], ids=["p1"], modality=pa.array(["T1"])))
+    stages = out.column("img2img").to_pylist()
+    assert out.column("variant_index").to_pylist() == list(range(8))
+    assert [(s["prompt"], s["strength"]) for s in stages[::2]] == [
+        ("an MRI slice, T1 style", 0.5),
+        ("an MRI slice, T1 style", 1.0),
+        ("a T1 scan", 0.5),
+        ("a T1 scan", 1.0),
+    ]
+    assert out.column("seed").to_pylist() == [derive_seed(9, "p1", v) for v in range(8)]
+    assert len(set(out.column("image").to_pylist())) == 8
+
+
+def test_sweep_zip_with_explicit_seeds(sd_model):
+    config = make_config(sd_model, sweep={"mode": "zip", "guidance_scale": [1.0, 9.0], "seed": [1234, 99]})
+    out = Img2Img(config, seed=9)(make_batch([png_bytes()], ids=["a"]))
+    assert out.column("seed").to_pylist() == [1234, 99]
+    assert [s["guidance_scale"] for s in out.column("img2img").to_pylist()] == [1.0, 9.0]
+    assert "Seed: 1234," in Image.open(io.BytesIO(out.column("image")[0].as_py())).text["parameters"]
+
+
+def test_template_naming_a_missing_column_is_an_error_row_for_every_variant(sd_model):
+    operator = Img2Img(make_config(sd_model, prompt="a {modality} scan", variants=3))
+    out = operator(make_batch([png_bytes()], ids=["a"]))
+    assert out.column("status").to_pylist() == ["error"] * 3
+    assert out.column("variant_index").to_pylist() == [0, 1, 2]
+    assert "prompt template 'a {modality} scan' needs column 'modality'" in out.column("error")[0].as_py()
+
+
+@pytest.mark.parametrize(
+    ("sweep", "fragment"),
+    [
+        ({}, "a sweep needs at least one list"),
+        ({"mode": "zip", "strength": [0.5], "seed": [1, 2]}, "sweep.mode zip needs lists of one length"),
+        ({"strength": [1.5]}, r"sweep.strength values must be in \[0, 1\], got 1.5"),
+        ({"prompt": ["x"]}, "give exactly one of prompt, prompt_column or sweep.prompt"),
+    ],
+)
+def test_sweep_validation(sweep, fragment):
+    with pytest.raises(ValidationError, match=fragment):
+        make_config("m", sweep=sweep)
+
+
+def test_variants_and_sweep_seeds_are_exclusive():
+    with pytest.raises(ValidationError, match="variants must be 1 when sweep.seed gives the seeds"):
+        make_config("m", variants=2, sweep={"seed": [1, 2]})
