@@ -6,6 +6,8 @@ code under test loads them through the ordinary ``from_pretrained`` path.
 Their weights are random, so the images they produce are noise; what matters
 is that shapes, configs and file layout match the real models closely enough
 to exercise the pipeline code, in well under a second per call on a CPU.
+``lora-sd`` is not a checkpoint but a LoRA adapter for ``sd-img2img``'s UNet,
+saved as the single safetensors file that ``load_lora_weights`` reads.
 
 Nothing is downloaded: the CLIP tokenizer is assembled from a byte-level
 vocabulary written on the fly.
@@ -28,11 +30,24 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-TINY_MODEL_NAMES = ("sd-img2img", "controlnet-canny", "sd-x4-upscaler")
+TINY_MODEL_NAMES = (
+    "sd-img2img",
+    "controlnet-canny",
+    "sd-x4-upscaler",
+    "sd-latent-x2-upscaler",
+    "ldm-super-resolution",
+    "sdxl-img2img",
+    "controlnet-sdxl-canny",
+    "lora-sd",
+)
+
+# The file name diffusers' load_lora_weights looks for by default.
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
 # Files whose presence means a directory already holds a finished model.
-# Pipelines write model_index.json, single models (the ControlNet) config.json.
-_MARKER_FILES = ("model_index.json", "config.json")
+# Pipelines write model_index.json, single models (the ControlNets)
+# config.json, and a LoRA adapter is its one weights file.
+_MARKER_FILES = ("model_index.json", "config.json", LORA_WEIGHT_NAME)
 
 # Pickle-based weight formats that must never appear: the project loads with
 # use_safetensors=True and an unexpected .bin would hide a loading bug.
@@ -51,6 +66,9 @@ _TEXT_HIDDEN_SIZE = 32
 SD_VAE_SCALE_FACTOR = 8
 # The x4 upscaler's VAE decodes 4x; the pipeline's x4 upscaling depends on it.
 UPSCALER_VAE_SCALE_FACTOR = 4
+# The LDM super-resolution pipeline denoises at the input's resolution and
+# its VQ decoder alone does the upscaling, so this factor is the upscale.
+LDM_VQ_SCALE_FACTOR = 4
 
 
 def make_tiny_models(
@@ -70,11 +88,11 @@ def make_tiny_models(
     Returns:
         Mapping of model name to the directory holding it.
 
-    A model whose directory already holds a ``model_index.json`` or
-    ``config.json`` is left as it is, whatever seed built it, which makes
-    repeated calls cheap. Each model is written to a staging directory and
-    renamed into place, so an interrupted build never leaves a directory that
-    looks finished.
+    A model whose directory already holds a ``model_index.json``, a
+    ``config.json`` or (for a LoRA adapter) :data:`LORA_WEIGHT_NAME` is left
+    as it is, whatever seed built it, which makes repeated calls cheap. Each
+    model is written to a staging directory and renamed into place, so an
+    interrupted build never leaves a directory that looks finished.
 
     Raises:
         ValueError: An unknown model name was requested.
@@ -218,8 +236,9 @@ def _make_tokenizer():
     return tokenizer
 
 
-def _make_text_encoder(tokenizer, seed: int, hidden_act: str):
-    from transformers import CLIPTextConfig, CLIPTextModel
+def _make_text_encoder(tokenizer, seed: int, hidden_act: str, with_projection: bool = False):
+    """A tiny CLIP text encoder; ``with_projection`` adds the pooled projection SDXL's second encoder has."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     config = CLIPTextConfig(
         # Rounded up past the tokenizer size, like real CLIP's embedding table.
@@ -237,7 +256,8 @@ def _make_text_encoder(tokenizer, seed: int, hidden_act: str):
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    return _seeded(seed, lambda: CLIPTextModel(config).eval())
+    model_class = CLIPTextModelWithProjection if with_projection else CLIPTextModel
+    return _seeded(seed, lambda: model_class(config).eval())
 
 
 # --------------------------------------------------------------------------
@@ -266,7 +286,7 @@ def _make_sd_unet(seed: int):
     )
 
 
-def _make_sd_vae(seed: int):
+def _make_sd_vae(seed: int, scaling_factor: float = 0.18215):
     from diffusers import AutoencoderKL
 
     # Four blocks give three 2x downsamplings: the same 8x factor as SD's VAE.
@@ -282,7 +302,7 @@ def _make_sd_vae(seed: int):
             layers_per_block=1,
             norm_num_groups=32,
             sample_size=64,
-            scaling_factor=0.18215,
+            scaling_factor=scaling_factor,
         ).eval(),
     )
 
@@ -324,17 +344,14 @@ def _build_sd_img2img(path: pathlib.Path, seed: int) -> None:
 
 
 # --------------------------------------------------------------------------
-# ControlNet (canny) for the sd-img2img UNet
+# ControlNet (canny) for the sd-img2img UNet; the SDXL one reuses _make_controlnet
 # --------------------------------------------------------------------------
 
 
-def _build_controlnet_canny(path: pathlib.Path, seed: int) -> None:
+def _make_controlnet(unet, seed: int):
+    """A ControlNet shaped like ``unet`` whose control image visibly matters."""
     import torch
     from diffusers import ControlNetModel
-
-    # Rebuilt from the seed rather than read from disk, so this model does not
-    # depend on sd-img2img having been built first.
-    unet = _make_sd_unet(seed)
 
     def build():
         controlnet = ControlNetModel.from_unet(
@@ -358,7 +375,13 @@ def _build_controlnet_canny(path: pathlib.Path, seed: int) -> None:
             module.reset_parameters()
         return controlnet.eval()
 
-    controlnet = _seeded(seed, build)
+    return _seeded(seed, build)
+
+
+def _build_controlnet_canny(path: pathlib.Path, seed: int) -> None:
+    # Rebuilt from the seed rather than read from disk, so this model does not
+    # depend on sd-img2img having been built first.
+    controlnet = _make_controlnet(_make_sd_unet(seed), seed)
     controlnet.save_pretrained(path, safe_serialization=True)
 
 
@@ -452,8 +475,249 @@ def _build_sd_x4_upscaler(path: pathlib.Path, seed: int) -> None:
     pipeline.save_pretrained(path, safe_serialization=True)
 
 
+# --------------------------------------------------------------------------
+# Stable Diffusion x2 latent upscaler
+# --------------------------------------------------------------------------
+
+
+def _make_latent_upscaler_unet(seed: int):
+    from diffusers import UNet2DConditionModel
+
+    # The k-diffusion architecture of the released latent upscaler: no mid
+    # block, no group norm, 1x1 in/out convolutions and a Fourier time
+    # embedding conditioned on the noise level and the pooled prompt. One
+    # block fewer than the real model's four: its k-blocks resample with
+    # reflection padding, which needs at least 2x2 latents at the deepest
+    # level, and three blocks keep that true down to a 32x32 input image.
+    return _seeded(
+        seed,
+        lambda: UNet2DConditionModel(
+            # The k up-blocks' skip connections only line up for some widths
+            # (this works; (32, 32, 64) and (64, 64, 64), for example, fail).
+            block_out_channels=(32, 64, 64),
+            layers_per_block=1,
+            # Latent side of the 64x64 output of a 32x32 input.
+            sample_size=64 // SD_VAE_SCALE_FACTOR,
+            # 4 noisy latent channels plus the 4-channel low-resolution latent.
+            in_channels=8,
+            # The last channel is a variance the pipeline discards.
+            out_channels=5,
+            down_block_types=("KDownBlock2D", "KCrossAttnDownBlock2D", "KCrossAttnDownBlock2D"),
+            mid_block_type=None,
+            up_block_types=("KCrossAttnUpBlock2D", "KCrossAttnUpBlock2D", "KUpBlock2D"),
+            act_fn="gelu",
+            norm_num_groups=None,
+            cross_attention_dim=_TEXT_HIDDEN_SIZE,
+            attention_head_dim=8,
+            # The pipeline conditions on a 128-wide noise-level embedding
+            # followed by the text encoder's pooled output.
+            time_cond_proj_dim=128 + _TEXT_HIDDEN_SIZE,
+            resnet_time_scale_shift="scale_shift",
+            time_embedding_type="fourier",
+            timestep_post_act="gelu",
+            conv_in_kernel=1,
+            conv_out_kernel=1,
+        ).eval(),
+    )
+
+
+def _build_sd_latent_x2_upscaler(path: pathlib.Path, seed: int) -> None:
+    from diffusers import EulerDiscreteScheduler, StableDiffusionLatentUpscalePipeline
+
+    tokenizer = _make_tokenizer()
+    pipeline = StableDiffusionLatentUpscalePipeline(
+        # The released upscaler works in Stable Diffusion's latent space and
+        # ships SD's VAE, so it shares the 8x factor.
+        vae=_make_sd_vae(seed),
+        text_encoder=_make_text_encoder(tokenizer, seed, hidden_act="quick_gelu"),
+        tokenizer=tokenizer,
+        unet=_make_latent_upscaler_unet(seed),
+        # The model predicts the clean sample (the pipeline applies Karras
+        # preconditioning around it), not the noise.
+        scheduler=EulerDiscreteScheduler(
+            num_train_timesteps=1000,
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            prediction_type="sample",
+        ),
+    )
+    pipeline.save_pretrained(path, safe_serialization=True)
+
+
+# --------------------------------------------------------------------------
+# LDM 4x super-resolution
+# --------------------------------------------------------------------------
+
+
+def _build_ldm_super_resolution(path: pathlib.Path, seed: int) -> None:
+    from diffusers import DDIMScheduler, LDMSuperResolutionPipeline, UNet2DModel, VQModel
+
+    unet = _seeded(
+        seed,
+        lambda: UNet2DModel(
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            sample_size=32,
+            # 3 noisy latent channels plus the 3-channel low-resolution image,
+            # both at the input's resolution.
+            in_channels=6,
+            out_channels=3,
+            down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+            up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+            norm_num_groups=32,
+        ).eval(),
+    )
+    # Only the decoder is used; its two 2x upsamplings make the 4x upscale.
+    vqvae = _seeded(
+        seed,
+        lambda: VQModel(
+            block_out_channels=(32, 32, 64),
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 3,
+            up_block_types=("UpDecoderBlock2D",) * 3,
+            latent_channels=3,
+            layers_per_block=1,
+            norm_num_groups=32,
+            num_vq_embeddings=64,
+            sample_size=32 * LDM_VQ_SCALE_FACTOR,
+        ).eval(),
+    )
+    pipeline = LDMSuperResolutionPipeline(
+        vqvae=vqvae,
+        unet=unet,
+        # The noise schedule of CompVis' LDM super-resolution config (its
+        # "linear" schedule is linear in sqrt(beta): diffusers' scaled_linear).
+        scheduler=DDIMScheduler(
+            num_train_timesteps=1000,
+            beta_start=0.0015,
+            beta_end=0.0195,
+            beta_schedule="scaled_linear",
+            clip_sample=False,
+        ),
+    )
+    pipeline.save_pretrained(path, safe_serialization=True)
+
+
+# --------------------------------------------------------------------------
+# Stable Diffusion XL (img2img) and its ControlNet
+# --------------------------------------------------------------------------
+
+# SDXL conditions on six micro-conditioning numbers (original size, crop
+# corner, target size), each embedded this wide, next to the pooled prompt.
+_SDXL_TIME_EMBED_DIM = 8
+_SDXL_TIME_IDS = 6
+
+
+def _make_sdxl_unet(seed: int):
+    from diffusers import UNet2DConditionModel
+
+    return _seeded(
+        seed,
+        lambda: UNet2DConditionModel(
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            sample_size=64 // SD_VAE_SCALE_FACTOR,
+            in_channels=4,
+            out_channels=4,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            attention_head_dim=(2, 4),
+            use_linear_projection=True,
+            # SDXL stacks several transformer layers in its deeper blocks.
+            transformer_layers_per_block=(1, 2),
+            # Both text encoders' hidden states, concatenated.
+            cross_attention_dim=2 * _TEXT_HIDDEN_SIZE,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=_SDXL_TIME_EMBED_DIM,
+            # Time ids without an aesthetic score (the base model's layout),
+            # then text_encoder_2's pooled projection.
+            projection_class_embeddings_input_dim=_SDXL_TIME_IDS * _SDXL_TIME_EMBED_DIM + _TEXT_HIDDEN_SIZE,
+            norm_num_groups=32,
+        ).eval(),
+    )
+
+
+def _build_sdxl_img2img(path: pathlib.Path, seed: int) -> None:
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    tokenizer = _make_tokenizer()
+    pipeline = StableDiffusionXLPipeline(
+        vae=_make_sd_vae(seed, scaling_factor=0.13025),
+        # CLIP ViT-L and OpenCLIP bigG in the real model. The second is seeded
+        # differently so the two encoders do not share weights.
+        text_encoder=_make_text_encoder(tokenizer, seed, hidden_act="quick_gelu"),
+        text_encoder_2=_make_text_encoder(tokenizer, seed + 1, hidden_act="gelu", with_projection=True),
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        unet=_make_sdxl_unet(seed),
+        # SDXL base's scheduler settings.
+        scheduler=EulerDiscreteScheduler(
+            num_train_timesteps=1000,
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            steps_offset=1,
+            timestep_spacing="leading",
+            prediction_type="epsilon",
+        ),
+        image_encoder=None,
+        feature_extractor=None,
+        force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
+    )
+    # Saved as the text-to-image class like SDXL base. Loading it as img2img
+    # then leaves requires_aesthetics_score at its default, False, which is
+    # what the UNet's time-id width above expects.
+    pipeline.save_pretrained(path, safe_serialization=True)
+
+
+def _build_controlnet_sdxl_canny(path: pathlib.Path, seed: int) -> None:
+    # Rebuilt from the seed, so sdxl-img2img need not exist.
+    controlnet = _make_controlnet(_make_sdxl_unet(seed), seed)
+    controlnet.save_pretrained(path, safe_serialization=True)
+
+
+# --------------------------------------------------------------------------
+# LoRA adapter for the sd-img2img UNet
+# --------------------------------------------------------------------------
+
+
+def _build_lora_sd(path: pathlib.Path, seed: int) -> None:
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    # Rebuilt from the seed: the adapter only needs the UNet's layer shapes.
+    unet = _make_sd_unet(seed)
+    config = LoraConfig(
+        r=4,
+        lora_alpha=4,
+        target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+        # peft's default zero-initialises lora_B, which would make the adapter
+        # a no-op; random A and B make it change the output.
+        init_lora_weights=False,
+    )
+    _seeded(seed, lambda: unet.add_adapter(config))
+    StableDiffusionPipeline.save_lora_weights(
+        path,
+        unet_lora_layers=get_peft_model_state_dict(unet),
+        weight_name=LORA_WEIGHT_NAME,
+        # No adapter metadata, like most published LoRA files: loaders read
+        # the rank from tensor shapes and default alpha to it, which is exact
+        # here because alpha equals the rank.
+        safe_serialization=True,
+    )
+
+
 _BUILDERS: dict[str, Callable[[pathlib.Path, int], None]] = {
     "sd-img2img": _build_sd_img2img,
     "controlnet-canny": _build_controlnet_canny,
     "sd-x4-upscaler": _build_sd_x4_upscaler,
+    "sd-latent-x2-upscaler": _build_sd_latent_x2_upscaler,
+    "ldm-super-resolution": _build_ldm_super_resolution,
+    "sdxl-img2img": _build_sdxl_img2img,
+    "controlnet-sdxl-canny": _build_controlnet_sdxl_canny,
+    "lora-sd": _build_lora_sd,
 }

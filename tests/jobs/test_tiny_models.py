@@ -10,10 +10,28 @@ import pytest
 import torch
 from PIL import Image
 
-from jobs.tiny_models import TINY_MODEL_NAMES, make_tiny_models
+from jobs.tiny_models import LORA_WEIGHT_NAME, TINY_MODEL_NAMES, make_tiny_models
 
-PIPELINE_NAMES = ("sd-img2img", "sd-x4-upscaler")
+# Every saved component of each pipeline; optional ones (safety checker,
+# watermarker, IP-adapter image encoder) are saved as null.
+PIPELINE_COMPONENTS = {
+    "sd-img2img": {"vae", "text_encoder", "tokenizer", "unet", "scheduler"},
+    "sd-x4-upscaler": {"vae", "text_encoder", "tokenizer", "unet", "scheduler", "low_res_scheduler"},
+    "sd-latent-x2-upscaler": {"vae", "text_encoder", "tokenizer", "unet", "scheduler"},
+    "ldm-super-resolution": {"vqvae", "unet", "scheduler"},
+    "sdxl-img2img": {"vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet", "scheduler"},
+}
+PIPELINE_NAMES = tuple(PIPELINE_COMPONENTS)
+# (model, tokenizer folder, the text encoder folder it feeds)
+TOKENIZERS = (
+    ("sd-img2img", "tokenizer", "text_encoder"),
+    ("sd-x4-upscaler", "tokenizer", "text_encoder"),
+    ("sd-latent-x2-upscaler", "tokenizer", "text_encoder"),
+    ("sdxl-img2img", "tokenizer", "text_encoder"),
+    ("sdxl-img2img", "tokenizer_2", "text_encoder_2"),
+)
 UNSAFE_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+LORA_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +71,45 @@ def upscale_pipe(models):
     from diffusers import StableDiffusionUpscalePipeline
 
     pipe = StableDiffusionUpscalePipeline.from_pretrained(models["sd-x4-upscaler"], use_safetensors=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def latent_upscale_pipe(models):
+    from diffusers import StableDiffusionLatentUpscalePipeline
+
+    pipe = StableDiffusionLatentUpscalePipeline.from_pretrained(models["sd-latent-x2-upscaler"], use_safetensors=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def ldm_pipe(models):
+    from diffusers import LDMSuperResolutionPipeline
+
+    pipe = LDMSuperResolutionPipeline.from_pretrained(models["ldm-super-resolution"], use_safetensors=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def sdxl_pipe(models):
+    from diffusers import AutoPipelineForImage2Image
+
+    pipe = AutoPipelineForImage2Image.from_pretrained(models["sdxl-img2img"], use_safetensors=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def sdxl_controlnet_pipe(models):
+    from diffusers import AutoPipelineForImage2Image, ControlNetModel
+
+    controlnet = ControlNetModel.from_pretrained(models["controlnet-sdxl-canny"], use_safetensors=True)
+    pipe = AutoPipelineForImage2Image.from_pretrained(
+        models["sdxl-img2img"], controlnet=controlnet, use_safetensors=True
+    )
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -100,6 +157,20 @@ def _upscale(pipe, image):
     ).images[0]
 
 
+def _latent_upscale(pipe, image, prompt="a cat", guidance_scale=0.0):
+    return pipe(
+        prompt=prompt,
+        image=image,
+        num_inference_steps=2,
+        guidance_scale=guidance_scale,
+        generator=torch.Generator().manual_seed(0),
+    ).images[0]
+
+
+def _ldm_upscale(pipe, image):
+    return pipe(image=image, num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]
+
+
 def test_builds_every_model_under_its_name(models):
     assert tuple(models) == TINY_MODEL_NAMES
     for name, path in models.items():
@@ -110,7 +181,12 @@ def test_builds_every_model_under_its_name(models):
 @pytest.mark.parametrize("name", TINY_MODEL_NAMES)
 def test_weights_are_safetensors_only(models, name):
     path = models[name]
-    marker = "model_index.json" if name in PIPELINE_NAMES else "config.json"
+    if name in PIPELINE_NAMES:
+        marker = "model_index.json"
+    elif name == "lora-sd":
+        marker = LORA_WEIGHT_NAME
+    else:
+        marker = "config.json"
     assert (path / marker).is_file()
     assert list(path.rglob("*.safetensors"))
     unsafe = [p for p in path.rglob("*") if p.suffix in UNSAFE_WEIGHT_SUFFIXES]
@@ -120,18 +196,18 @@ def test_weights_are_safetensors_only(models, name):
 @pytest.mark.parametrize("name", PIPELINE_NAMES)
 def test_pipeline_components_are_all_saved(models, name):
     index = json.loads((models[name] / "model_index.json").read_text())
-    components = [key for key, value in index.items() if isinstance(value, list) and value[0] is not None]
-    assert {"vae", "text_encoder", "tokenizer", "unet", "scheduler"} <= set(components)
+    components = {key for key, value in index.items() if isinstance(value, list) and value[0] is not None}
+    assert components == PIPELINE_COMPONENTS[name]
     for component in components:
         assert (models[name] / component).is_dir(), component
 
 
-@pytest.mark.parametrize("name", PIPELINE_NAMES)
-def test_saved_tokenizer_reloads_and_pads_to_77(models, name):
+@pytest.mark.parametrize(("name", "tokenizer_folder", "text_encoder_folder"), TOKENIZERS)
+def test_saved_tokenizer_reloads_and_pads_to_77(models, name, tokenizer_folder, text_encoder_folder):
     from transformers import CLIPTokenizer
 
-    tokenizer = CLIPTokenizer.from_pretrained(models[name] / "tokenizer")
-    text_config = json.loads((models[name] / "text_encoder" / "config.json").read_text())
+    tokenizer = CLIPTokenizer.from_pretrained(models[name] / tokenizer_folder)
+    text_config = json.loads((models[name] / text_encoder_folder / "config.json").read_text())
     assert tokenizer.model_max_length == 77
     assert len(tokenizer) <= text_config["vocab_size"]
 
@@ -192,6 +268,116 @@ def test_upscaler_accepts_max_noise_level(upscale_pipe, init_image):
     assert image.size == (64, 64)
 
 
+def test_latent_upscaler_upscales_32_to_64(latent_upscale_pipe, init_image):
+    assert latent_upscale_pipe.vae_scale_factor == 8
+    low_res = init_image.resize((32, 32))
+    image = _latent_upscale(latent_upscale_pipe, low_res)
+    assert isinstance(image, Image.Image)
+    assert image.size == (64, 64)
+    assert image.mode == "RGB"
+    assert _latent_upscale(latent_upscale_pipe, low_res).tobytes() == image.tobytes()
+
+
+def test_latent_upscaler_doubles_each_side_of_a_non_square_image(latent_upscale_pipe, init_image):
+    # The pipeline rounds sides down to multiples of 8 (the VAE factor); the
+    # tiny UNet then needs them to be multiples of 16 and at least 32.
+    assert _latent_upscale(latent_upscale_pipe, init_image.resize((48, 32))).size == (96, 64)
+
+
+def test_latent_upscaler_uses_the_prompt_only_with_guidance(latent_upscale_pipe, init_image):
+    low_res = init_image.resize((32, 32))
+    # guidance_scale=0 makes the pipeline replace the prompt with "".
+    unguided = [_latent_upscale(latent_upscale_pipe, low_res, prompt).tobytes() for prompt in ("a cat", "a dog")]
+    assert unguided[0] == unguided[1]
+    guided = [
+        _latent_upscale(latent_upscale_pipe, low_res, prompt, guidance_scale=5.0).tobytes()
+        for prompt in ("a cat", "a dog")
+    ]
+    assert guided[0] != guided[1]
+
+
+def test_ldm_super_resolution_upscales_32_to_128(ldm_pipe, init_image):
+    low_res = init_image.resize((32, 32))
+    image = _ldm_upscale(ldm_pipe, low_res)
+    assert isinstance(image, Image.Image)
+    assert image.size == (128, 128)
+    assert image.mode == "RGB"
+    assert _ldm_upscale(ldm_pipe, low_res).tobytes() == image.tobytes()
+
+
+def test_ldm_super_resolution_shrinks_sides_to_multiples_of_32(ldm_pipe, init_image):
+    # The pipeline resizes a PIL input down to multiples of 32 before the 4x.
+    assert _ldm_upscale(ldm_pipe, init_image.resize((48, 40))).size == (128, 128)
+
+
+def test_sdxl_loads_as_img2img_without_aesthetic_score(sdxl_pipe):
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+
+    assert isinstance(sdxl_pipe, StableDiffusionXLImg2ImgPipeline)
+    assert sdxl_pipe.config.requires_aesthetics_score is False
+    assert sdxl_pipe.config.force_zeros_for_empty_prompt is True
+    assert sdxl_pipe.vae_scale_factor == 8
+    assert sdxl_pipe.unet.config.cross_attention_dim == (
+        sdxl_pipe.text_encoder.config.hidden_size + sdxl_pipe.text_encoder_2.config.hidden_size
+    )
+
+
+def test_sdxl_img2img_runs_and_uses_the_prompt(sdxl_pipe, init_image):
+    image = _img2img(sdxl_pipe, init_image)
+    assert isinstance(image, Image.Image)
+    assert image.size == (64, 64)
+    assert image.mode == "RGB"
+    assert _img2img(sdxl_pipe, init_image).tobytes() == image.tobytes()
+    other_prompt = sdxl_pipe(
+        image=init_image,
+        prompt="a dog",
+        strength=0.5,
+        num_inference_steps=2,
+        guidance_scale=5.0,
+        generator=torch.Generator().manual_seed(0),
+    ).images[0]
+    assert other_prompt.tobytes() != image.tobytes()
+
+
+def test_sdxl_controlnet_img2img_runs_and_control_image_matters(sdxl_controlnet_pipe, init_image):
+    from diffusers import StableDiffusionXLControlNetImg2ImgPipeline
+
+    assert isinstance(sdxl_controlnet_pipe, StableDiffusionXLControlNetImg2ImgPipeline)
+    first = _controlnet_img2img(sdxl_controlnet_pipe, init_image, _edges(1))
+    again = _controlnet_img2img(sdxl_controlnet_pipe, init_image, _edges(1))
+    other = _controlnet_img2img(sdxl_controlnet_pipe, init_image, _edges(2))
+    assert first.size == (64, 64)
+    assert first.tobytes() == again.tobytes()
+    assert first.tobytes() != other.tobytes()
+
+
+def test_lora_is_one_file_that_loads_into_sd_img2img_and_changes_the_output(models, init_image):
+    from diffusers import AutoPipelineForImage2Image
+    from peft.tuners.lora import LoraLayer
+
+    assert [p.name for p in models["lora-sd"].iterdir()] == [LORA_WEIGHT_NAME]
+    # A pipeline of its own: loading an adapter changes the pipeline in place.
+    pipe = AutoPipelineForImage2Image.from_pretrained(models["sd-img2img"], use_safetensors=True)
+    pipe.set_progress_bar_config(disable=True)
+    without_lora = _img2img(pipe, init_image)
+
+    pipe.load_lora_weights(models["lora-sd"], weight_name=LORA_WEIGHT_NAME, adapter_name="x", use_safetensors=True)
+    pipe.set_adapters(["x"], adapter_weights=[1.0])
+    assert pipe.get_list_adapters() == {"unet": ["x"]}
+    lora_layers = [name for name, module in pipe.unet.named_modules() if isinstance(module, LoraLayer)]
+    # Every attention projection of the UNet is adapted, none missed.
+    assert len(lora_layers) == 32
+    assert all(name.endswith(LORA_TARGET_MODULES) for name in lora_layers)
+
+    with_lora = _img2img(pipe, init_image)
+    assert with_lora.size == (64, 64)
+    assert with_lora.tobytes() != without_lora.tobytes()
+    assert _img2img(pipe, init_image).tobytes() == with_lora.tobytes()
+
+    pipe.set_adapters(["x"], adapter_weights=[0.0])
+    assert _img2img(pipe, init_image).tobytes() == without_lora.tobytes()
+
+
 def test_second_call_does_not_rebuild(models):
     root = models["sd-img2img"].parent
     before = _snapshot(root)
@@ -200,13 +386,23 @@ def test_second_call_does_not_rebuild(models):
     assert _snapshot(root) == before
 
 
-def test_same_seed_rebuilds_identical_weights_without_touching_global_rng(models, tmp_path):
+@pytest.mark.parametrize(
+    ("name", "weights"),
+    [
+        ("controlnet-canny", "diffusion_pytorch_model.safetensors"),
+        ("controlnet-sdxl-canny", "diffusion_pytorch_model.safetensors"),
+        ("lora-sd", LORA_WEIGHT_NAME),
+    ],
+)
+def test_same_seed_rebuilds_identical_weights_without_touching_global_rng(models, tmp_path, name, weights):
+    # Each of these depends on another model's UNet; building it alone into
+    # an empty directory shows it rebuilds that UNet rather than reading it.
     state = torch.get_rng_state()
-    rebuilt = make_tiny_models(tmp_path, names="controlnet-canny")
+    rebuilt = make_tiny_models(tmp_path, names=name)
     assert torch.equal(torch.get_rng_state(), state)
-    assert list(rebuilt) == ["controlnet-canny"]
-    weights = "diffusion_pytorch_model.safetensors"
-    assert (rebuilt["controlnet-canny"] / weights).read_bytes() == (models["controlnet-canny"] / weights).read_bytes()
+    assert list(rebuilt) == [name]
+    assert [p.name for p in tmp_path.iterdir()] == [name]
+    assert (rebuilt[name] / weights).read_bytes() == (models[name] / weights).read_bytes()
 
 
 def test_unknown_name_is_rejected(tmp_path):
