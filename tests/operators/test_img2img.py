@@ -253,3 +253,20 @@ def test_sweep_validation(sweep, fragment):
 def test_variants_and_sweep_seeds_are_exclusive():
     with pytest.raises(ValidationError, match="variants must be 1 when sweep.seed gives the seeds"):
         make_config("m", variants=2, sweep={"seed": [1, 2]})
+
+
+def test_lora_adapter_is_loaded_once_and_changes_the_output(tiny_models, sd_model):
+    lora = {"model": str(tiny_models["lora-sd"]), "weight_name": "pytorch_lora_weights.safetensors", "scale": 1.0}
+    plain = Img2Img(make_config(sd_model), seed=2)(make_batch([png_bytes()], ids=["a"]))
+    styled = Img2Img(make_config(sd_model, loras=[lora]), seed=2)(make_batch([png_bytes()], ids=["a"]))
+    assert plain.column("image").to_pylist() != styled.column("image").to_pylist()
+    record = styled.column("img2img")[0].as_py()
+    assert record["loras"] == f"{tiny_models['lora-sd']}/pytorch_lora_weights.safetensors:1"
+    assert "Lora: " in Image.open(io.BytesIO(styled.column("image")[0].as_py())).text["parameters"]
+
+
+def test_lora_must_be_safetensors(sd_model, tmp_path):
+    pickle_lora = tmp_path / "style.bin"
+    pickle_lora.write_bytes(b"\x80\x04")
+    with pytest.raises(ValueError, match="is not a .safetensors file; only safetensors weights are loaded"):
+        Img2Img(make_config(sd_model, loras=[{"model": str(pickle_lora)}]))
