@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 from operators import OPERATORS
+from operators.fidelity import FidelityConfig
 from operators.images import DEFAULT_MAX_IMAGE_PIXELS
 
 OperatorEntry = Annotated[Union[tuple(OPERATORS)], Field(discriminator="kind")]  # noqa: UP007
@@ -115,6 +116,9 @@ class JobConfig(_Frozen):
     operators: list[OperatorEntry] = Field(min_length=1, description="Stages applied in order.")
     sink: SinkConfig = Field(description="Output rows.")
     run: RunConfig = Field(default_factory=RunConfig, description="Seed, cluster and resources.")
+    fidelity: FidelityConfig | None = Field(
+        None, description="Add ssim, psnr and histogram_distance columns against the source; optional thresholds."
+    )
 
     @model_validator(mode="after")
     def _unique_stage_names(self) -> JobConfig:
@@ -153,18 +157,18 @@ def format_errors(error: ValidationError) -> str:
     """One line per problem: `dotted.path: message, got VALUE`."""
     lines = []
     for problem in error.errors():
-        location = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in problem["loc"]).lstrip(".")
-        # The tag of a discriminated union is noise in a path a user reads.
-        location = ".".join(part for part in location.split(".") if part not in _operator_kinds())
+        location, parent = _walk(problem["loc"])
         message = problem["msg"].removeprefix("Value error, ")
-        if problem["type"] == "extra_forbidden":
-            message = f"unknown field; accepted: {', '.join(_accepted_fields(error.title, problem['loc']))}"
+        if problem["type"] == "extra_forbidden" and parent is not None:
+            message = f"unknown field; accepted: {', '.join(sorted(parent.model_fields))}"
         given = problem.get("input")
-        got = "" if problem["type"] in ("missing", "union_tag_not_found") else f", got {given!r}"
-        if isinstance(given, dict):
-            got = ""
-        if problem["type"] == "union_tag_invalid":
-            location += ".kind"
+        got = (
+            ""
+            if problem["type"] in ("missing", "union_tag_not_found") or isinstance(given, dict)
+            else f", got {given!r}"
+        )
+        if problem["type"] in ("union_tag_invalid", "union_tag_not_found"):
+            location += "." + str(problem.get("ctx", {}).get("discriminator", "kind")).strip("'")
         if problem["loc"] and problem["loc"][-1] in _SECRET_FIELDS:
             got = ", got a value that is not shown"
         lines.append(f"  {location or '(top level)'}: {message}{got}")
@@ -174,23 +178,50 @@ def format_errors(error: ValidationError) -> str:
 _SECRET_FIELDS = ("access_key_id", "secret_access_key", "session_token")
 
 
-def _operator_kinds() -> set[str]:
-    return {config.model_fields["kind"].annotation.__args__[0] for config in OPERATORS}
-
-
-def _accepted_fields(_title: str, location: tuple) -> list[str]:
-    """Field names accepted at the parent of `location` (for 'unknown field' messages)."""
-    model: type[BaseModel] = JobConfig
-    for part in location[:-1]:
+def _walk(location: tuple) -> tuple[str, type[BaseModel] | None]:
+    """The user-facing path of a pydantic error location (union tags left out) and the model
+    that holds its last part."""
+    path = ""
+    model: type[BaseModel] | None = JobConfig
+    parent: type[BaseModel] | None = JobConfig
+    annotation: Any = None
+    for part in location:
         if isinstance(part, int):
+            path += f"[{part}]"
             continue
-        if part in _operator_kinds():
-            model = next(c for c in OPERATORS if c.model_fields["kind"].annotation.__args__[0] == part)
+        if model is not None and part in model.model_fields:
+            path += f".{part}"
+            parent = model
+            annotation = model.model_fields[part].annotation
+            members = _models_in(annotation)
+            model = members[0] if len(members) == 1 else None
             continue
-        annotation = model.model_fields[part].annotation
-        candidates = [annotation, *getattr(annotation, "__args__", ())]
-        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), model)
-    return sorted(model.model_fields)
+        tagged = [member for member in _models_in(annotation) if _tag_of(member) == part]
+        if tagged:  # the tag pydantic puts in the location of a discriminated union member
+            model = tagged[0]
+            continue
+        path += f".{part}"
+        parent = model
+    return path.lstrip("."), parent
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """Every pydantic model inside a (possibly nested) type annotation."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    found: list[type[BaseModel]] = []
+    for argument in getattr(annotation, "__args__", ()) + tuple(getattr(annotation, "__metadata__", ())):
+        found += _models_in(argument)
+    return found
+
+
+def _tag_of(model: type[BaseModel]) -> str | None:
+    """The literal value of a union member's `kind` or `op` field."""
+    for name in ("kind", "op"):
+        field = model.model_fields.get(name)
+        if field is not None and getattr(field.annotation, "__args__", None):
+            return field.annotation.__args__[0]
+    return None
 
 
 def apply_override(data: dict, override: str) -> None:

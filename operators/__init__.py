@@ -7,10 +7,24 @@ when they load a model.
 
 from operators.controlnet import ControlNetImg2Img, ControlNetImg2ImgConfig
 from operators.img2img import Img2Img, Img2ImgConfig
+from operators.standardize import Standardize, StandardizeConfig
+from operators.upscale import Upscale, UpscaleConfig
 
 OPERATORS = {
     Img2ImgConfig: Img2Img,
     ControlNetImg2ImgConfig: ControlNetImg2Img,
+    UpscaleConfig: Upscale,
+    StandardizeConfig: Standardize,
 }
 
-__all__ = ["OPERATORS", "ControlNetImg2Img", "ControlNetImg2ImgConfig", "Img2Img", "Img2ImgConfig"]
+__all__ = [
+    "OPERATORS",
+    "ControlNetImg2Img",
+    "ControlNetImg2ImgConfig",
+    "Img2Img",
+    "Img2ImgConfig",
+    "Standardize",
+    "StandardizeConfig",
+    "Upscale",
+    "UpscaleConfig",
+]

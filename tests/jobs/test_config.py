@@ -98,3 +98,11 @@ def test_missing_and_malformed_files(tmp_path):
     bad.write_text("source: [unclosed\n")
     with pytest.raises(ConfigError, match="is not valid YAML"):
         load_config(bad)
+
+
+def test_errors_inside_nested_unions_name_the_step():
+    data = base_config()
+    data["operators"] = [{"kind": "standardize", "steps": [{"op": "clahe", "clip": 3}, {"op": "sharpen"}]}]
+    text = error_text(data)
+    assert "operators[0].steps[0].clip: unknown field; accepted: clip_limit, op, tile_grid_size, got 3" in text
+    assert "operators[0].steps[1].op: Input tag 'sharpen'" in text and "'histogram_match'" in text
