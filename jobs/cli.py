@@ -35,7 +35,10 @@ def main(argv: list[str] | None = None) -> int:
     tiny = commands.add_parser("make-tiny-models", help="build tiny random diffusers pipelines offline")
     tiny.add_argument("directory")
 
-    demo_data = commands.add_parser("make-demo-data", help="write the demo Parquet from scikit-image's photos")
+    demo_data = commands.add_parser(
+        "make-demo-data",
+        help="write demo data: scikit-image's photos as Parquet, pydicom's CT/MR slices as 16-bit PNGs",
+    )
     demo_data.add_argument("directory")
 
     args = parser.parse_args(argv)
@@ -48,9 +51,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}: {path}")
         return 0
     if args.command == "make-demo-data":
-        from jobs.demo import make_demo_data
+        from jobs.demo import make_demo_data, make_medical_demo_data
 
         print(make_demo_data(args.directory))
+        print(make_medical_demo_data(args.directory))
         return 0
 
     try:

@@ -92,7 +92,12 @@ class ResourcesConfig(_Frozen):
 
     num_cpus: int | None = Field(None, ge=1, description="CPUs of the local Ray instance (default: all).")
     num_gpus: int | None = Field(None, ge=0, description="GPUs of the local Ray instance (default: detected).")
-    reserved_cpus: float = Field(1.0, ge=0, description="CPUs left free for read and write tasks when sizing pools.")
+    reserved_cpus: float = Field(
+        1.0,
+        ge=1,
+        description="CPUs left free for read and write tasks when sizing pools; at least 1, since each of "
+        "those tasks takes a whole CPU and a job with none free hangs.",
+    )
 
 
 class RunConfig(_Frozen):

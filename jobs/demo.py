@@ -1,4 +1,6 @@
-"""Demo data: real photographs that ship inside scikit-image, written as a Parquet dataset."""
+"""Demo data: real photographs that ship inside scikit-image, written as a Parquet dataset, and
+real CT/MR slices that ship inside pydicom, written as a folder of 16-bit PNGs (pixels only: no
+DICOM header, so nothing that identifies a patient is copied)."""
 
 from __future__ import annotations
 
@@ -57,3 +59,25 @@ def make_demo_data(directory: str | Path, max_side: int = 128) -> Path:
     path = directory / "demo.parquet"
     pq.write_table(table, path)
     return path
+
+
+# Uncompressed 16-bit slices in pydicom's test data.
+MEDICAL_SLICES = ("CT_small.dcm", "MR_small.dcm")
+
+
+def make_medical_demo_data(directory: str | Path) -> Path:
+    """Write medical/<name>.png, 16-bit grayscale, from pydicom's bundled slices; return the folder.
+
+    Stored values are shifted to start at 0 (so signed data fits uint16) and are otherwise exact.
+    """
+    import numpy as np
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    folder = Path(directory) / "medical"
+    folder.mkdir(parents=True, exist_ok=True)
+    for file_name in MEDICAL_SLICES:
+        pixels = pydicom.dcmread(get_testdata_file(file_name)).pixel_array.astype(np.int32)
+        shifted = (pixels - pixels.min()).astype(np.uint16)
+        Image.fromarray(shifted).save(folder / f"{Path(file_name).stem}.png")
+    return folder

@@ -192,6 +192,24 @@ def map_batches_args(config: JobConfig, index: int, stage: StagePlan) -> dict:
     }
 
 
+def fidelity_args(config: JobConfig) -> dict:
+    """The `map_batches` arguments of the fidelity stage: a CPU task after the last operator."""
+    from operators.fidelity import fidelity_batch
+
+    return {
+        "fn": fidelity_batch,
+        "fn_kwargs": {
+            "config": config.fidelity,
+            "histogram_stages": [op.stage_name for op in config.operators if op.kind == "standardize"],
+            "max_image_pixels": config.source.max_image_pixels,
+        },
+        "num_cpus": 1,
+        "batch_size": config.operators[-1].batch_size,
+        "batch_format": "pyarrow",
+        "zero_copy_batch": True,
+    }
+
+
 def start_ray(config: JobConfig) -> None:
     """Join `run.ray_address` (or RAY_ADDRESS), else start a local instance sized by `run.resources`."""
     import ray
@@ -244,9 +262,11 @@ def run_job(config: JobConfig) -> RunResult:
     logger.info("plan:\n%s", plan.describe())
 
     started = time.perf_counter()
-    dataset = read_source(config.source, info)
+    dataset = read_source(config.source, info, keep_source_image=config.fidelity is not None)
     for index, stage in enumerate(plan.stages):
         dataset = dataset.map_batches(**map_batches_args(config, index, stage))
+    if config.fidelity is not None:
+        dataset = dataset.map_batches(**fidelity_args(config))
     ray.data.DataContext.get_current().enable_progress_bars = True
     dataset.write_datasink(ParquetImageSink(config.sink))
     wall_seconds = time.perf_counter() - started

@@ -57,6 +57,7 @@ def account_for_rows(config: JobConfig, plan, info: SourceInfo, wall_seconds: fl
         "rows_out": table.num_rows,
         "ok": statuses.get("ok", 0),
         "error": statuses.get("error", 0),
+        "rejected": statuses.get("rejected", 0),
         "missing": len(missing),
         "duplicated": len(duplicated),
         "unexpected": len(unexpected),
@@ -86,17 +87,16 @@ def write_report(config: JobConfig, info: SourceInfo, summary: dict) -> str:
     """Write report.html: the first rows' input beside output, with status and parameters."""
     shown_ids = info.ids[: config.sink.report_rows]
     stage_names = [operator.stage_name for operator in config.operators]
-    table = read_output(
-        config.sink,
-        ["id", "variant_index", "status", "error", "seed", "width", "height", "image", *stage_names],
-        ids=shown_ids,
-    )
+    fidelity_columns = ["ssim", "psnr", "histogram_distance"] if config.fidelity is not None else []
+    columns = ["id", "variant_index", "status", "error", "seed", "width", "height", "image"]
+    table = read_output(config.sink, columns + fidelity_columns + stage_names, ids=shown_ids)
     inputs = _input_images(config, info, shown_ids)
     rows = sorted(table.to_pylist(), key=lambda row: (row["id"], row["variant_index"]))
     cells = []
     for row in rows:
         output = row["image"]["bytes"] if row["image"] else None
         details = {"seed": row["seed"], "size": f"{row['width']}x{row['height']}" if row["width"] else None}
+        details.update({name: row[name] for name in fidelity_columns})
         for name in stage_names:
             if row.get(name):
                 details.update({f"{name}.{key}": value for key, value in row[name].items() if "seconds" not in key})
@@ -117,7 +117,7 @@ def write_report(config: JobConfig, info: SourceInfo, summary: dict) -> str:
 <html><head><meta charset="utf-8"><title>restyle report</title>
 <style>body{{font-family:sans-serif;margin:1.5em}}table{{border-collapse:collapse}}
 td{{border:1px solid #ccc;padding:6px;vertical-align:top;font-size:13px}}img{{max-width:{THUMBNAIL_SIDE}px}}
-tr.error{{background:#fff0f0}}.error{{color:#a00}}</style></head><body>
+tr.error{{background:#fff0f0}}tr.rejected{{background:#fff8e0}}.error{{color:#a00}}</style></head><body>
 <h1>restyle report</h1><p>{summary_html}</p>
 <p>Showing {len(rows)} output rows of the first {len(shown_ids)} inputs.</p>
 <table><tr><th>row</th><th>input</th><th>output</th><th>details</th></tr>

@@ -160,8 +160,9 @@ def _arrow_datasource_class():
     return ArrowIPCDatasource
 
 
-def read_source(config: SourceConfig, info: SourceInfo):
-    """A Ray Dataset of the source's rows in the job's form."""
+def read_source(config: SourceConfig, info: SourceInfo, keep_source_image: bool = False):
+    """A Ray Dataset of the source's rows in the job's form; with `keep_source_image`, a copy of
+    each image travels as `source_image` (for the fidelity stage)."""
     import ray.data
 
     filesystem, root = filesystem_for(config.uri, config.storage.storage_options())
@@ -169,7 +170,10 @@ def read_source(config: SourceConfig, info: SourceInfo):
     if config.format == "images":
         dataset = ray.data.read_binary_files(info.files, filesystem=arrow_fs, include_paths=True)
         return dataset.map_batches(
-            normalize_folder_batch, batch_format="pyarrow", fn_kwargs={"root": root}, zero_copy_batch=True
+            normalize_folder_batch,
+            batch_format="pyarrow",
+            fn_kwargs={"root": root, "keep_source_image": keep_source_image},
+            zero_copy_batch=True,
         )
     if config.format == "arrow":
         dataset = ray.data.read_datasource(_arrow_datasource_class()(info.files, filesystem=arrow_fs))
@@ -179,13 +183,22 @@ def read_source(config: SourceConfig, info: SourceInfo):
     return dataset.map_batches(
         normalize_parquet_batch,
         batch_format="pyarrow",
-        fn_kwargs={"id_column": config.id_column, "image_column": config.image_column, "keep_ids": keep},
+        fn_kwargs={
+            "id_column": config.id_column,
+            "image_column": config.image_column,
+            "keep_ids": keep,
+            "keep_source_image": keep_source_image,
+        },
         zero_copy_batch=True,
     )
 
 
 def normalize_parquet_batch(
-    batch: pa.Table, id_column: str, image_column: str, keep_ids: set[str] | None = None
+    batch: pa.Table,
+    id_column: str,
+    image_column: str,
+    keep_ids: set[str] | None = None,
+    keep_source_image: bool = False,
 ) -> pa.Table:
     """Turn a Parquet batch into the job's row form (ids as strings, image as bytes)."""
     ids = pa.array([str(value) for value in batch.column(id_column).to_pylist()], pa.string())
@@ -211,24 +224,27 @@ def normalize_parquet_batch(
         "status": pa.array(["ok" if error is None else "error" for error in errors], pa.string()),
         "error": pa.array(errors, pa.string()),
     }
+    if keep_source_image:
+        columns["source_image"] = images
     table = pa.table(columns)
     for name in passthrough.column_names:
         table = table.append_column(name, passthrough.column(name))
     return table
 
 
-def normalize_folder_batch(batch: pa.Table, root: str) -> pa.Table:
+def normalize_folder_batch(batch: pa.Table, root: str, keep_source_image: bool = False) -> pa.Table:
     """Turn `read_binary_files` rows (bytes, path) into the job's row form."""
     ids = [_relative(path, root) for path in batch.column("path").to_pylist()]
     images = batch.column("bytes").cast(pa.binary())
-    return pa.table(
-        {
-            "id": pa.array(ids, pa.string()),
-            "image": images,
-            "status": pa.array(["ok"] * batch.num_rows, pa.string()),
-            "error": pa.array([None] * batch.num_rows, pa.string()),
-        }
-    )
+    columns = {
+        "id": pa.array(ids, pa.string()),
+        "image": images,
+        "status": pa.array(["ok"] * batch.num_rows, pa.string()),
+        "error": pa.array([None] * batch.num_rows, pa.string()),
+    }
+    if keep_source_image:
+        columns["source_image"] = images
+    return pa.table(columns)
 
 
 def _credentials_hint(error: Exception) -> str:
