@@ -9,7 +9,7 @@ from jobs.pipeline import PlanError, map_batches_args, plan_job, size_pools
 from jobs.sources import SourceInfo
 
 
-def config(*operators, reserved=1.0):  # noqa: D103
+def config(*operators, reserved=1.0):
     entries = [
         {"kind": "img2img", "model": "m", "prompt": "p", "name": f"s{i}", **op} for i, op in enumerate(operators)
     ]
