@@ -79,3 +79,55 @@ def test_example_runs_end_to_end(path, ray_session, tiny_models, demo_dir, tmp_p
     assert summary["missing"] == summary["duplicated"] == summary["unexpected"] == 0
     assert summary["error"] == 0, pq.read_table(Path(config.sink.uri) / "data").column("error").to_pylist()
     assert summary["ok"] + summary.get("rejected", 0) == summary["rows_out"]
+    rows = pq.read_table(Path(config.sink.uri) / "data").to_pylist()
+    CHECKS.get(path.stem, lambda rows: None)(rows)
+
+
+def check_augment(rows):
+    assert sorted({row["variant_index"] for row in rows}) == list(range(8))
+    prompts = {row["img2img"]["prompt"] for row in rows if row["id"] == "astronaut"}
+    assert prompts == {
+        "an astronaut portrait, oil painting",
+        "an astronaut portrait, oil painting, studio lighting, high detail",
+    }
+    assert {row["img2img"]["loras"].rsplit(":", 1)[1] for row in rows} == {"0.8"}
+
+
+def check_controlnet(rows):
+    assert all("[canny(100,200)]x1" in row["controlnet_img2img"]["controlnets"] for row in rows)
+    assert all(row["ssim"] is not None for row in rows)
+
+
+def check_upscale(rows):
+    for row in rows:
+        assert row["upscale"]["scale"] == 4 and row["width"] == 4 * row["upscale"]["input_width"]
+        assert row["upscale"]["tiles"] >= 1
+
+
+def check_standardize(rows):
+    import io
+
+    from PIL import Image
+
+    for row in rows:
+        image = Image.open(io.BytesIO(row["image"]["bytes"]))
+        assert image.mode == "I;16" and image.size == (128, 128)
+        assert row["standardize"]["output_dtype"] == "uint16"
+        assert row["histogram_distance"] is not None and row["ssim"] is not None
+
+
+def check_chain(rows):
+    assert {row["variant_index"] for row in rows} == {0, 1}
+    for row in rows:
+        assert row["standardize"]["output_dtype"] == "uint8"
+        assert row["img2img"]["strength"] == 0.5
+        assert (row["upscale"]["input_width"], row["width"], row["height"]) == (64, 256, 256)
+
+
+CHECKS = {
+    "img2img_augment": check_augment,
+    "controlnet_canny": check_controlnet,
+    "upscale_x4": check_upscale,
+    "standardize": check_standardize,
+    "chain": check_chain,
+}
