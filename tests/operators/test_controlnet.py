@@ -110,3 +110,21 @@ def test_two_controlnets_with_their_own_scales(tiny_models):
 def test_config_rejects_bad_values(tiny_models, overrides, fragment):
     with pytest.raises(ValidationError, match=fragment):
         make_config(tiny_models, **overrides)
+
+
+def test_sdxl_checkpoints_go_through_the_same_operators(tiny_models):
+    from operators.img2img import Img2Img, Img2ImgConfig
+
+    sdxl = str(tiny_models["sdxl-img2img"])
+    config = make_config(
+        tiny_models,
+        model=sdxl,
+        controlnets=[{"model": str(tiny_models["controlnet-sdxl-canny"]), "preprocessor": "canny"}],
+    )
+    operator = ControlNetImg2Img(config, seed=4)
+    assert type(operator.pipeline).__name__ == "StableDiffusionXLControlNetImg2ImgPipeline"
+    out = operator(make_batch([photo()]))
+    assert out.column("status").to_pylist() == ["ok"] and out.column("width").to_pylist() == [64]
+    plain = Img2Img(Img2ImgConfig(kind="img2img", model=sdxl, prompt="x", num_inference_steps=2, strength=0.5))
+    assert type(plain.pipeline).__name__ == "StableDiffusionXLImg2ImgPipeline"
+    assert plain(make_batch([photo()])).column("status").to_pylist() == ["ok"]
