@@ -25,6 +25,7 @@ logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff")
 ARROW_SUFFIXES = (".arrow", ".feather", ".ipc")
+FORMAT_NAMES = {"parquet": "Parquet", "arrow": "Arrow IPC", "images": "images"}
 
 
 class SourceError(ValueError):
@@ -71,7 +72,7 @@ def _inspect_table(config: SourceConfig, filesystem, root: str) -> SourceInfo:
             files = []
     except (FileNotFoundError, OSError, pa.ArrowInvalid) as error:
         raise SourceError(
-            f"cannot read {config.format} at source.uri {config.uri}: {error}{_credentials_hint(error)}"
+            f"cannot read {FORMAT_NAMES[config.format]} at source.uri {config.uri}: {error}{_credentials_hint(error)}"
         ) from None
     for option, column in (("source.id_column", config.id_column), ("source.image_column", config.image_column)):
         if column not in schema.names:

@@ -53,7 +53,7 @@ def test_bad_sources_are_refused_with_the_reason(tmp_path, table, options, messa
 
 
 def test_missing_source_names_the_uri(tmp_path):
-    with pytest.raises(SourceError, match=f"cannot read parquet at source.uri {tmp_path / 'nope'}"):
+    with pytest.raises(SourceError, match=f"cannot read Parquet at source.uri {tmp_path / 'nope'}"):
         inspect_source(SourceConfig(uri=str(tmp_path / "nope")))
     with pytest.raises(SourceError, match="is not a directory"):
         inspect_source(SourceConfig(uri=str(tmp_path / "nope"), format="images"))
