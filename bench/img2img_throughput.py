@@ -297,8 +297,8 @@ def run_restyle_job(config: JobConfig, connection) -> None:
         logger.warning("ignoring RAY_ADDRESS: the benchmark compares against this machine, so Ray runs locally")
     import ray
 
+    from jobs.commits import SinkState
     from jobs.pipeline import run_job, start_ray
-    from jobs.report import read_output
 
     try:
         started = time.perf_counter()
@@ -307,7 +307,7 @@ def run_restyle_job(config: JobConfig, connection) -> None:
         result = run_job(config)
         finished = time.perf_counter()
         stage_name = config.operators[0].stage_name
-        table = read_output(config.sink, ["status", stage_name])
+        table = SinkState(config.sink).read(["status", stage_name])
         model_seconds = sum(
             stage["process_seconds"]
             for status, stage in zip(

@@ -31,6 +31,9 @@ def main(argv: list[str] | None = None) -> int:
         help="override a config value (YAML-parsed), e.g. --set operators.0.strength=0.4; repeatable",
     )
     run.add_argument("--dry-run", action="store_true", help="validate and print the plan without running")
+    run.add_argument(
+        "--rerun-failed", action="store_true", help="redo only the inputs whose committed rows have status error"
+    )
 
     tiny = commands.add_parser("make-tiny-models", help="build tiny random diffusers pipelines offline")
     tiny.add_argument("directory")
@@ -64,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
     if args.dry_run:
         return dry_run(config)
-    return run_config(config)
+    return run_config(config, rerun_failed=args.rerun_failed)
 
 
 def dry_run(config: JobConfig) -> int:
@@ -99,15 +102,15 @@ def dry_run(config: JobConfig) -> int:
     return EXIT_CONFIG if problems else 0
 
 
-def run_config(config: JobConfig) -> int:
+def run_config(config: JobConfig, rerun_failed: bool = False) -> int:
     """Run a validated job; print where its outputs, summary and report are."""
+    from jobs.commits import SinkError
     from jobs.pipeline import PlanError, run_job
     from jobs.report import AccountingError
-    from jobs.sinks import SinkError
     from jobs.sources import SourceError
 
     try:
-        result = run_job(config)
+        result = run_job(config, rerun_failed=rerun_failed)
     except (SourceError, SinkError, PlanError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_CONFIG

@@ -78,8 +78,10 @@ class SinkConfig(_Frozen):
     """Where the output rows go."""
 
     uri: str = Field(description="Output directory; local path or s3://.")
-    mode: Literal["error", "overwrite"] = Field(
-        "error", description="'error': refuse a non-empty output directory; 'overwrite': clear it first."
+    mode: Literal["resume", "error", "overwrite"] = Field(
+        "resume",
+        description="'resume': continue the same config's committed output (a finished job writes nothing new; "
+        "a different config is refused); 'error': refuse a non-empty directory; 'overwrite': clear it first.",
     )
     rows_per_shard: int = Field(1000, ge=1, description="Upper bound on rows in one Parquet shard.")
     write_images: bool = Field(False, description="Also write each output as a PNG under images/.")

@@ -248,30 +248,94 @@ class RunResult:
         return {"plan": asdict(self.plan), "summary": self.summary}
 
 
-def run_job(config: JobConfig) -> RunResult:
-    """Run the job end to end and return its plan and summary."""
+def open_sink(config: JobConfig, job_hash: str):
+    """Apply `sink.mode`, refuse output of another config, and clear a crashed attempt's leftovers."""
+    from jobs.commits import SinkError, SinkState
+    from jobs.storage import filesystem_for
+
+    filesystem, root = filesystem_for(config.sink.uri, config.sink.storage.storage_options())
+    exists = filesystem.exists(root) and bool(filesystem.ls(root))
+    if exists and config.sink.mode == "overwrite":
+        filesystem.rm(root, recursive=True)
+    elif exists and config.sink.mode == "error":
+        raise SinkError(
+            f"sink.uri {config.sink.uri} is not empty; choose a new uri, or set sink.mode: resume (continue "
+            "the same config) or overwrite"
+        )
+    state = SinkState(config.sink)
+    state.check_owner(job_hash)
+    state.remove_leftovers()
+    return state
+
+
+def drop_committed(batch, pairs: set[tuple[str, int]]):
+    """Drop rows whose (id, variant_index) is already committed (inputs a crash left half done)."""
+    import pyarrow as pa
+
+    keep = [
+        (row_id, variant) not in pairs
+        for row_id, variant in zip(
+            batch.column("id").to_pylist(), batch.column("variant_index").to_pylist(), strict=True
+        )
+    ]
+    return batch.filter(pa.array(keep, pa.bool_()))
+
+
+def run_job(config: JobConfig, rerun_failed: bool = False) -> RunResult:
+    """Run the job end to end, resuming from what the sink already committed, and return its plan
+    and summary. With `rerun_failed`, committed error rows are dropped and their inputs redone."""
+    from collections import Counter
+
     import ray.data
 
+    from jobs.commits import SinkState, config_hash
     from jobs.report import account_for_rows, write_report, write_summary
-    from jobs.sinks import ParquetImageSink, prepare_sink
+    from jobs.sinks import ParquetImageSink
 
     info = inspect_source(config.source)
-    prepare_sink(config.sink)
-    start_ray(config)
-    plan = plan_job(config, info, *cluster_resources())
-    logger.info("plan:\n%s", plan.describe())
+    job_hash = config_hash(config)
+    state = open_sink(config, job_hash)
+    attempt = state.next_attempt()
+    dropped = state.drop_error_rows(attempt, job_hash) if rerun_failed else 0
+    committed = state.read(["id", "variant_index"])
+    done = set(zip(committed.column("id").to_pylist(), committed.column("variant_index").to_pylist(), strict=True))
+    per_id = Counter(row_id for row_id, _ in done)
+    variants = plan_job(config, info, *assumed_resources(config)).expected_rows // max(info.row_count, 1)
+    todo = [row_id for row_id in info.ids if per_id[row_id] < variants]
 
     started = time.perf_counter()
-    dataset = read_source(config.source, info, keep_source_image=config.fidelity is not None)
-    for index, stage in enumerate(plan.stages):
-        dataset = dataset.map_batches(**map_batches_args(config, index, stage))
-    if config.fidelity is not None:
-        dataset = dataset.map_batches(**fidelity_args(config))
-    ray.data.DataContext.get_current().enable_progress_bars = True
-    dataset.write_datasink(ParquetImageSink(config.sink))
+    if todo:
+        start_ray(config)
+        plan = plan_job(config, info, *cluster_resources())
+        logger.info(
+            "plan (attempt %d, %d of %d inputs to do):\n%s", attempt, len(todo), info.row_count, plan.describe()
+        )
+        wanted = todo if len(todo) < info.row_count or config.source.limit is not None else None
+        dataset = read_source(config.source, info, keep_source_image=config.fidelity is not None, ids=wanted)
+        for index, stage in enumerate(plan.stages):
+            dataset = dataset.map_batches(**map_batches_args(config, index, stage))
+        if config.fidelity is not None:
+            dataset = dataset.map_batches(**fidelity_args(config))
+        half_done = {pair for pair in done if pair[0] in set(todo)}
+        if half_done:
+            dataset = dataset.map_batches(drop_committed, fn_kwargs={"pairs": half_done}, batch_format="pyarrow")
+        ray.data.DataContext.get_current().enable_progress_bars = True
+        dataset.write_datasink(ParquetImageSink(config.sink, job_hash, attempt))
+    else:
+        plan = plan_job(config, info, *assumed_resources(config))
+        logger.info("nothing to do: every input is committed in %s", config.sink.uri)
     wall_seconds = time.perf_counter() - started
 
-    summary = account_for_rows(config, plan, info, wall_seconds)
+    state = SinkState(config.sink)
+    summary = account_for_rows(config, plan, info, state, wall_seconds)
+    summary.update(
+        config_hash=job_hash,
+        attempt=attempt,
+        inputs_processed=len(todo),
+        rows_already_committed=len(done),
+        error_rows_dropped_for_rerun=dropped,
+    )
+    state.write_manifest(job_hash, summary["rows_out"])
     write_summary(config.sink, summary)
-    summary["report"] = write_report(config, info, summary)
+    summary["report"] = write_report(config, info, summary, state)
     return RunResult(plan=plan, summary=summary)

@@ -16,7 +16,7 @@ import pyarrow.dataset
 
 from jobs.config import JobConfig, SinkConfig
 from jobs.sources import SourceInfo, read_arrow_file
-from jobs.storage import arrow_filesystem, filesystem_for, join, open_for_write
+from jobs.storage import arrow_filesystem, filesystem_for, join, open_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -27,20 +27,10 @@ class AccountingError(RuntimeError):
     """Output rows do not match input rows one for one."""
 
 
-def read_output(sink: SinkConfig, columns: list[str], ids: list[str] | None = None) -> pa.Table:
-    """Read columns of the committed output shards, optionally only rows with the given ids."""
-    filesystem, root = filesystem_for(sink.uri, sink.storage.storage_options())
-    data = join(root, "data")
-    if not filesystem.exists(data):
-        return pa.table({name: [] for name in columns})
-    dataset = pyarrow.dataset.dataset(data, filesystem=arrow_filesystem(filesystem), format="parquet")
-    row_filter = pc.field("id").isin(ids) if ids is not None else None
-    return dataset.to_table(columns=columns, filter=row_filter)
-
-
-def account_for_rows(config: JobConfig, plan, info: SourceInfo, wall_seconds: float) -> dict:
-    """Check that every (id, variant) the job owes appears exactly once, and count statuses."""
-    table = read_output(config.sink, ["id", "variant_index", "status"])
+def account_for_rows(config: JobConfig, plan, info: SourceInfo, state, wall_seconds: float) -> dict:
+    """Check that every (id, variant) the job owes appears exactly once in the committed shards
+    (`state`, a `jobs.commits.SinkState`), and count statuses."""
+    table = state.read(["id", "variant_index", "status"])
     pairs = list(zip(table.column("id").to_pylist(), table.column("variant_index").to_pylist(), strict=True))
     counts = Counter(pairs)
     variants = plan.expected_rows // max(plan.input_rows, 1)
@@ -78,18 +68,18 @@ def account_for_rows(config: JobConfig, plan, info: SourceInfo, wall_seconds: fl
 def write_summary(sink: SinkConfig, summary: dict) -> str:
     """Write summary.json next to the outputs; return its URI."""
     filesystem, root = filesystem_for(sink.uri, sink.storage.storage_options())
-    with open_for_write(filesystem, join(root, "summary.json"), "w") as handle:
-        json.dump(summary, handle, indent=2)
+    with open_atomically(filesystem, join(root, "summary.json")) as handle:
+        handle.write(json.dumps(summary, indent=2).encode())
     return join(sink.uri, "summary.json")
 
 
-def write_report(config: JobConfig, info: SourceInfo, summary: dict) -> str:
+def write_report(config: JobConfig, info: SourceInfo, summary: dict, state) -> str:
     """Write report.html: the first rows' input beside output, with status and parameters."""
     shown_ids = info.ids[: config.sink.report_rows]
     stage_names = [operator.stage_name for operator in config.operators]
     fidelity_columns = ["ssim", "psnr", "histogram_distance"] if config.fidelity is not None else []
     columns = ["id", "variant_index", "status", "error", "seed", "width", "height", "image"]
-    table = read_output(config.sink, columns + fidelity_columns + stage_names, ids=shown_ids)
+    table = state.read(columns + fidelity_columns + stage_names, ids=shown_ids)
     inputs = _input_images(config, info, shown_ids)
     rows = sorted(table.to_pylist(), key=lambda row: (row["id"], row["variant_index"]))
     cells = []
@@ -124,8 +114,8 @@ tr.error{{background:#fff0f0}}tr.rejected{{background:#fff8e0}}.error{{color:#a0
 {"".join(cells)}
 </table></body></html>
 """
-    with open_for_write(filesystem, join(root, "report.html"), "w") as handle:
-        handle.write(page)
+    with open_atomically(filesystem, join(root, "report.html")) as handle:
+        handle.write(page.encode())
     return join(config.sink.uri, "report.html")
 
 

@@ -1,9 +1,11 @@
 """The Parquet sink: Hugging Face-loadable shards with deterministic names, plus optional PNGs.
 
 Layout under the sink URI:
-  data/part-TTTTT-SSS.parquet   one or more shards per write task (TTTTT: task index)
-  images/ID.vN.png              with `sink.write_images`, each output as a PNG file
-  summary.json, report.html     written by the driver when the job ends
+  data/part-aAAAA-TTTTT-SSS.parquet   shards (AAAA: run attempt, TTTTT: write task, SSS: shard)
+  _commits/<shard>.json               a shard's commit record (see jobs/commits.py)
+  images/ID.vN.png                    with `sink.write_images`, each output as a PNG file
+  _manifest.json                      written last: every committed shard, rows, config hash
+  summary.json, report.html           written by the driver when the job ends
 
 The `image` column is the Hugging Face `Image` struct `{bytes, path}` and the schema carries the
 `huggingface` metadata, so `datasets.load_dataset("parquet", data_files=".../data/*.parquet")`
@@ -18,35 +20,15 @@ import re
 from collections.abc import Iterable
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 from ray.data import Datasink
 from ray.data.block import Block, BlockAccessor
 
+from jobs.commits import Commit, write_shard
 from jobs.config import SinkConfig
-from jobs.storage import filesystem_for, join, open_for_write
+from jobs.storage import filesystem_for, join, open_atomically
 
 IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 _UNSAFE = re.compile(r"[^A-Za-z0-9._/-]")
-
-
-class SinkError(ValueError):
-    """A sink that cannot be written as configured."""
-
-
-def prepare_sink(config: SinkConfig) -> None:
-    """Refuse (mode 'error') or clear (mode 'overwrite') a non-empty output directory."""
-    filesystem, root = filesystem_for(config.uri, config.storage.storage_options())
-    if not filesystem.exists(root):
-        return
-    existing = filesystem.ls(root)
-    if not existing:
-        return
-    if config.mode == "error":
-        raise SinkError(
-            f"sink.uri {config.uri} is not empty ({len(existing)} entries); choose a new uri or set "
-            "sink.mode: overwrite"
-        )
-    filesystem.rm(root, recursive=True)
 
 
 def image_file_name(row_id: str, variant_index: int) -> str:
@@ -91,10 +73,13 @@ def to_output_table(table: pa.Table) -> pa.Table:
 
 
 class ParquetImageSink(Datasink):
-    """Ray Data sink writing the output layout above; each write task returns its shard names."""
+    """Ray Data sink writing the layout above; each write task commits its own shards, so a crash
+    loses only the shards in flight. Returns the shard names each task committed."""
 
-    def __init__(self, config: SinkConfig):
+    def __init__(self, config: SinkConfig, config_hash: str, attempt: int):
         self.config = config
+        self.config_hash = config_hash
+        self.attempt = attempt
 
     def get_name(self) -> str:
         return "RestyleParquet"
@@ -106,16 +91,16 @@ class ParquetImageSink(Datasink):
             return []
         table = pa.concat_tables(tables, promote_options="permissive")
         filesystem, root = filesystem_for(self.config.uri, self.config.storage.storage_options())
+        if self.config.write_images:
+            # Before the shards: a committed row's image file always exists.
+            self._write_images(table, filesystem, root)
         written = []
         shard_rows = self.config.rows_per_shard
         for shard_index, offset in enumerate(range(0, table.num_rows, shard_rows)):
             shard = to_output_table(table.slice(offset, shard_rows))
-            name = f"data/part-{ctx.task_idx:05d}-{shard_index:03d}.parquet"
-            with open_for_write(filesystem, join(root, name)) as handle:
-                pq.write_table(shard, handle)
+            name = f"data/part-a{self.attempt:04d}-{ctx.task_idx:05d}-{shard_index:03d}.parquet"
+            write_shard(filesystem, root, name, shard, Commit(name, shard.num_rows, self.config_hash, self.attempt))
             written.append({"shard": name, "rows": shard.num_rows})
-        if self.config.write_images:
-            self._write_images(table, filesystem, root)
         return written
 
     def _write_images(self, table: pa.Table, filesystem, root: str) -> None:
@@ -126,5 +111,5 @@ class ParquetImageSink(Datasink):
             strict=True,
         ):
             if data is not None:
-                with open_for_write(filesystem, join(root, "images", image_file_name(row_id, variant))) as handle:
+                with open_atomically(filesystem, join(root, "images", image_file_name(row_id, variant))) as handle:
                     handle.write(data)

@@ -161,15 +161,20 @@ def _arrow_datasource_class():
     return ArrowIPCDatasource
 
 
-def read_source(config: SourceConfig, info: SourceInfo, keep_source_image: bool = False):
-    """A Ray Dataset of the source's rows in the job's form; with `keep_source_image`, a copy of
-    each image travels as `source_image` (for the fidelity stage)."""
+def read_source(config: SourceConfig, info: SourceInfo, keep_source_image: bool = False, ids: list[str] | None = None):
+    """A Ray Dataset of the source's rows in the job's form: all of them, those of `source.limit`, or
+    just `ids` (a resumed job's remaining inputs). With `keep_source_image`, a copy of each image
+    travels as `source_image` (for the fidelity stage)."""
     import ray.data
 
     filesystem, root = filesystem_for(config.uri, config.storage.storage_options())
     arrow_fs = arrow_filesystem(filesystem)
+    if ids is None and config.limit is not None:
+        ids = info.ids
     if config.format == "images":
-        dataset = ray.data.read_binary_files(info.files, filesystem=arrow_fs, include_paths=True)
+        wanted = set(ids) if ids is not None else None
+        files = [path for row_id, path in zip(info.ids, info.files, strict=True) if wanted is None or row_id in wanted]
+        dataset = ray.data.read_binary_files(files, filesystem=arrow_fs, include_paths=True)
         return dataset.map_batches(
             normalize_folder_batch,
             batch_format="pyarrow",
@@ -180,7 +185,7 @@ def read_source(config: SourceConfig, info: SourceInfo, keep_source_image: bool 
         dataset = ray.data.read_datasource(_arrow_datasource_class()(info.files, filesystem=arrow_fs))
     else:
         dataset = ray.data.read_parquet(root, filesystem=arrow_fs)
-    keep = set(info.ids) if config.limit is not None else None
+    keep = set(ids) if ids is not None else None
     return dataset.map_batches(
         normalize_parquet_batch,
         batch_format="pyarrow",

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
+import uuid
 
 import fsspec
 import pyarrow.fs
@@ -32,16 +35,34 @@ def filesystem_for(uri: str, storage_options: dict | None = None) -> tuple[fsspe
 
 def arrow_filesystem(filesystem: fsspec.AbstractFileSystem) -> pyarrow.fs.FileSystem:
     """Wrap an fsspec filesystem for pyarrow and Ray Data readers."""
-    if filesystem.protocol in ("file", ("file", "local")) or "file" in filesystem.protocol:
+    if _is_local(filesystem):
         return pyarrow.fs.LocalFileSystem()
     return pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(filesystem))
 
 
-def open_for_write(filesystem: fsspec.AbstractFileSystem, path: str, mode: str = "wb"):
-    """Open a file for writing, creating its parent directories on filesystems that have them."""
-    if "/" in path:
-        filesystem.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    return filesystem.open(path, mode)
+@contextlib.contextmanager
+def open_atomically(filesystem: fsspec.AbstractFileSystem, path: str):
+    """Open a file for writing so that readers see it whole or not at all: a local file is written
+    aside and renamed into place; an S3 object only appears when its upload completes."""
+    if not _is_local(filesystem):
+        with filesystem.open(path, "wb") as handle:
+            yield handle
+        return
+    directory, name = path.rsplit("/", 1)
+    filesystem.makedirs(directory, exist_ok=True)
+    temporary = f"{directory}/.{name}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        with open(temporary, "wb") as handle:
+            yield handle
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
+def _is_local(filesystem: fsspec.AbstractFileSystem) -> bool:
+    protocol = filesystem.protocol
+    return "file" in (protocol if isinstance(protocol, tuple) else (protocol,))
 
 
 def join(root: str, *parts: str) -> str:

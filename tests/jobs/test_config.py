@@ -23,7 +23,7 @@ def test_valid_config_has_documented_defaults():
     config = validate_config(base_config())
     operator = config.operators[0]
     assert (operator.stage_name, operator.strength, operator.num_inference_steps) == ("img2img", 0.6, 30)
-    assert (config.run.seed, config.run.offline, config.sink.mode) == (0, True, "error")
+    assert (config.run.seed, config.run.offline, config.sink.mode) == (0, True, "resume")
     assert operator.resolved_device() == "cpu" and operator.resolved_dtype() == "float32"
     gpu = validate_config(base_config(num_gpus=1)).operators[0]
     assert gpu.resolved_device() == "cuda" and gpu.resolved_dtype() == "float16"

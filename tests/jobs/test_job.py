@@ -10,9 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from jobs.commits import SinkError
 from jobs.config import validate_config
 from jobs.pipeline import run_job
-from jobs.sinks import SinkError
 from operators.base import derive_seed
 from tests.conftest import png_bytes, write_image_parquet
 
@@ -30,7 +30,7 @@ def source(tmp_path_factory):
     return write_image_parquet(tmp_path_factory.mktemp("source") / "rows.parquet", rows)
 
 
-def job(source, sink, **operator):
+def job(source, sink, sink_mode="resume", **operator):
     fields = {
         "kind": "img2img",
         "model": "",
@@ -46,7 +46,7 @@ def job(source, sink, **operator):
         {
             "source": {"uri": str(source)},
             "operators": [fields],
-            "sink": {"uri": str(sink), "write_images": True},
+            "sink": {"uri": str(sink), "write_images": True, "mode": sink_mode},
             "run": {"seed": 42},
         }
     )
@@ -135,10 +135,33 @@ def test_same_config_other_batch_size_gives_identical_bytes(first_run, source, s
     assert first == second
 
 
-def test_non_empty_sink_is_refused(first_run, source, sd_model):
+def test_rerunning_a_finished_job_writes_nothing_new(first_run, source, sd_model):
+    sink, result = first_run
+    before = {path: path.stat().st_mtime_ns for path in (sink / "data").iterdir()}
+    images_before = {path: path.stat().st_mtime_ns for path in (sink / "images").rglob("*.png")}
+    again = run_job(job(source, sink, model=str(sd_model)))
+    assert again.summary["inputs_processed"] == 0 and again.summary["rows_out"] == 14
+    assert {path: path.stat().st_mtime_ns for path in (sink / "data").iterdir()} == before
+    assert {path: path.stat().st_mtime_ns for path in (sink / "images").rglob("*.png")} == images_before
+    manifest = json.loads((sink / "_manifest.json").read_text())
+    assert manifest["complete"] and manifest["rows"] == 14
+    assert manifest["config_hash"] == result.summary["config_hash"] == again.summary["config_hash"]
+    assert sum(shard["rows"] for shard in manifest["shards"]) == 14
+
+
+def test_a_changed_config_does_not_mix_with_earlier_output(first_run, source, sd_model):
     sink, _ = first_run
-    with pytest.raises(SinkError, match="is not empty .* sink.mode: overwrite"):
-        run_job(job(source, sink, model=str(sd_model)))
+    with pytest.raises(
+        SinkError, match="holds output of a different config .* Use a new sink.uri, or sink.mode: overwrite"
+    ):
+        run_job(job(source, sink, model=str(sd_model), strength=0.75))
+
+
+def test_sink_mode_error_refuses_a_non_empty_sink(first_run, source, sd_model):
+    sink, _ = first_run
+    config = job(source, sink, sink_mode="error", model=str(sd_model))
+    with pytest.raises(SinkError, match="is not empty; choose a new uri"):
+        run_job(config)
 
 
 def test_image_folder_source(ray_session, sd_model, tmp_path):

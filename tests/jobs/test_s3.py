@@ -19,9 +19,9 @@ import pytest
 from moto.core import enable_iam_authentication
 from PIL import Image
 
+from jobs.commits import SinkError
 from jobs.config import SourceConfig, StorageConfig, validate_config
 from jobs.pipeline import run_job
-from jobs.sinks import SinkError
 from jobs.sources import SourceError, inspect_source, read_source
 from operators.base import derive_seed
 from operators.models import ModelError, model_fingerprint, resolve_model
@@ -216,7 +216,7 @@ def test_credentials_stay_out_of_config_outputs_and_logs(ray_session, s3_bucket,
     assert FAKE_SECRET_KEY not in json.dumps(result.summary)
     keys = list_keys(client, bucket, "out/")
     assert {"out/summary.json", "out/report.html"} <= set(keys)
-    assert any(re.fullmatch(r"out/data/part-\d{5}-\d{3}\.parquet", key) for key in keys)
+    assert any(re.fullmatch(r"out/data/part-a\d{4}-\d{5}-\d{3}\.parquet", key) for key in keys)
     for key in keys:
         data = get_bytes(client, bucket, key)
         assert FAKE_SECRET_KEY.encode() not in data, key
@@ -243,8 +243,8 @@ def test_sink_mode_error_refuses_a_non_empty_s3_prefix(ray_session, s3_bucket, s
         run_job(config)
 
     message = str(raised.value)
-    assert f"sink.uri s3://{bucket}/out is not empty (1 entries)" in message
-    assert "sink.mode: overwrite" in message
+    assert f"sink.uri s3://{bucket}/out is not empty;" in message
+    assert "sink.mode: resume (continue the same config) or overwrite" in message
     assert FAKE_SECRET_KEY not in message and SECRET_FRAGMENT not in message
     assert list_keys(client, bucket, "") == ["in/data.parquet", "out/earlier-run.parquet"]
     assert get_bytes(client, bucket, "out/earlier-run.parquet") == b"earlier output"
