@@ -68,6 +68,12 @@ class SourceConfig(_Frozen):
     image_column: str = Field("image", description="Parquet column with encoded bytes or {bytes, path} structs.")
     id_column: str = Field("id", description="Parquet column of unique row ids (images: ids are relative paths).")
     limit: int | None = Field(None, ge=1, description="Process only the first N rows (in id order).")
+    read_blocks: int | None = Field(
+        None,
+        ge=1,
+        description="Blocks to read the source into (Ray's `override_num_blocks`, a hint Ray may combine for small "
+        "Parquet files); output is committed a block at a time, so more blocks mean smaller steps. Default: Ray's.",
+    )
     max_image_pixels: int = Field(
         DEFAULT_MAX_IMAGE_PIXELS, ge=1, description="Larger images become error rows (decompression-bomb limit)."
     )

@@ -174,7 +174,9 @@ def read_source(config: SourceConfig, info: SourceInfo, keep_source_image: bool 
     if config.format == "images":
         wanted = set(ids) if ids is not None else None
         files = [path for row_id, path in zip(info.ids, info.files, strict=True) if wanted is None or row_id in wanted]
-        dataset = ray.data.read_binary_files(files, filesystem=arrow_fs, include_paths=True)
+        dataset = ray.data.read_binary_files(
+            files, filesystem=arrow_fs, include_paths=True, override_num_blocks=config.read_blocks
+        )
         return dataset.map_batches(
             normalize_folder_batch,
             batch_format="pyarrow",
@@ -182,9 +184,11 @@ def read_source(config: SourceConfig, info: SourceInfo, keep_source_image: bool 
             zero_copy_batch=True,
         )
     if config.format == "arrow":
-        dataset = ray.data.read_datasource(_arrow_datasource_class()(info.files, filesystem=arrow_fs))
+        dataset = ray.data.read_datasource(
+            _arrow_datasource_class()(info.files, filesystem=arrow_fs), override_num_blocks=config.read_blocks
+        )
     else:
-        dataset = ray.data.read_parquet(root, filesystem=arrow_fs)
+        dataset = ray.data.read_parquet(root, filesystem=arrow_fs, override_num_blocks=config.read_blocks)
     keep = set(ids) if ids is not None else None
     return dataset.map_batches(
         normalize_parquet_batch,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
@@ -125,6 +126,23 @@ class Item:
     process_seconds: float | None = None
 
 
+# Fault injection for the fault-tolerance tests: when this variable names a file that does not
+# exist yet, the first batch call creates it and kills its own process, as a crash mid-batch would.
+KILL_ONCE_VARIABLE = "RESTYLE_TESTING_KILL_ACTOR_ONCE"
+
+
+def _kill_once_if_asked() -> None:
+    marker = os.environ.get(KILL_ONCE_VARIABLE)
+    if marker:
+        try:
+            with open(marker, "x") as handle:
+                handle.write(str(os.getpid()))
+        except FileExistsError:
+            return
+        logger.warning("%s is set: killing this actor process once", KILL_ONCE_VARIABLE)
+        os._exit(1)
+
+
 TIMING_FIELDS = [("prepare_seconds", pa.float64()), ("process_seconds", pa.float64())]
 
 
@@ -191,6 +209,7 @@ class Operator:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         check_columns(self.stage_label, batch, self.required_columns)
+        _kill_once_if_asked()
         images = batch.column("image").to_pylist()
         rows = batch.drop_columns(["image"]).to_pylist()
         items: list[Item] = []
