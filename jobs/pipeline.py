@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 
 from jobs.config import JobConfig
@@ -250,8 +251,8 @@ class RunResult:
 
 def open_sink(config: JobConfig, job_hash: str):
     """Apply `sink.mode`, refuse output of another config, and clear a crashed attempt's leftovers."""
-    from jobs.commits import SinkError, SinkState
-    from jobs.storage import filesystem_for
+    from jobs.commits import COMMITS, SinkError, SinkState
+    from jobs.storage import filesystem_for, join, open_atomically
 
     filesystem, root = filesystem_for(config.sink.uri, config.sink.storage.storage_options())
     exists = filesystem.exists(root) and bool(filesystem.ls(root))
@@ -262,6 +263,16 @@ def open_sink(config: JobConfig, job_hash: str):
             f"sink.uri {config.sink.uri} is not empty; choose a new uri, or set sink.mode: resume (continue "
             "the same config) or overwrite"
         )
+    probe = join(root, COMMITS, f".write-probe-{uuid.uuid4().hex[:8]}")
+    try:  # fail fast, before any work, when the sink cannot be written
+        with open_atomically(filesystem, probe) as handle:
+            handle.write(b"")
+        filesystem.rm(probe)
+    except OSError as error:
+        raise SinkError(
+            f"cannot write to sink.uri {config.sink.uri} (key {probe}): {type(error).__name__}: {error}"
+            " (check sink.storage credentials and permissions)"
+        ) from None
     state = SinkState(config.sink)
     state.check_owner(job_hash)
     state.remove_leftovers()
@@ -286,12 +297,15 @@ def run_job(config: JobConfig, rerun_failed: bool = False) -> RunResult:
     and summary. With `rerun_failed`, committed error rows are dropped and their inputs redone."""
     from collections import Counter
 
+    import ray
     import ray.data
 
     from jobs.commits import SinkState, config_hash
     from jobs.report import account_for_rows, write_report, write_summary
+    from jobs.s3 import local_retries, retry_counter
     from jobs.sinks import ParquetImageSink
 
+    local_retries_before = local_retries()
     info = inspect_source(config.source)
     job_hash = config_hash(config)
     state = open_sink(config, job_hash)
@@ -304,8 +318,11 @@ def run_job(config: JobConfig, rerun_failed: bool = False) -> RunResult:
     todo = [row_id for row_id in info.ids if per_id[row_id] < variants]
 
     started = time.perf_counter()
+    counter = counted_before = None
     if todo:
         start_ray(config)
+        counter = retry_counter()
+        counted_before = ray.get(counter.total.remote())
         plan = plan_job(config, info, *cluster_resources())
         logger.info(
             "plan (attempt %d, %d of %d inputs to do):\n%s", attempt, len(todo), info.row_count, plan.describe()
@@ -325,6 +342,9 @@ def run_job(config: JobConfig, rerun_failed: bool = False) -> RunResult:
         plan = plan_job(config, info, *assumed_resources(config))
         logger.info("nothing to do: every input is committed in %s", config.sink.uri)
     wall_seconds = time.perf_counter() - started
+    retried = local_retries() - local_retries_before
+    if counter is not None:
+        retried += ray.get(counter.total.remote()) - counted_before
 
     state = SinkState(config.sink)
     summary = account_for_rows(config, plan, info, state, wall_seconds)
@@ -334,6 +354,7 @@ def run_job(config: JobConfig, rerun_failed: bool = False) -> RunResult:
         inputs_processed=len(todo),
         rows_already_committed=len(done),
         error_rows_dropped_for_rerun=dropped,
+        retried=retried,
     )
     state.write_manifest(job_hash, summary["rows_out"])
     write_summary(config.sink, summary)

@@ -20,10 +20,10 @@ def filesystem_for(uri: str, storage_options: dict | None = None) -> tuple[fsspe
     AWS chain (environment variables, shared config, instance or pod identity).
     """
     if uri.startswith("s3://"):
-        import s3fs
+        from jobs.s3 import RetryCountingS3FileSystem
 
         # A fresh instance: fsspec's instance cache would otherwise share clients across event loops.
-        filesystem = s3fs.S3FileSystem(skip_instance_cache=True, **(storage_options or {}))
+        filesystem = RetryCountingS3FileSystem(skip_instance_cache=True, **(storage_options or {}))
         return filesystem, uri[len("s3://") :].rstrip("/")
     if "://" in uri and not uri.startswith("file://"):
         scheme = uri.split("://", 1)[0]

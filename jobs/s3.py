@@ -1,0 +1,87 @@
+"""s3fs with retries that back off and are counted.
+
+Every S3 client retries transient errors (500, 503 SlowDown, throttling, dropped connections)
+with botocore's `standard` mode: exponential backoff with jitter, 8 attempts unless the storage
+options say otherwise. Each retry is counted: in this process, and, when Ray is running, in a
+named actor (`retry_counter()`) so the driver can report the retries of every read and write task
+in the run summary.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import s3fs
+
+logger = logging.getLogger(__name__)
+
+RETRY_COUNTER_NAME = "restyle_storage_retries"
+DEFAULT_RETRIES = {"max_attempts": 8, "mode": "standard"}
+
+_local_retries = 0
+_lock = threading.Lock()
+_counter_handle = None
+
+
+class RetryCountingS3FileSystem(s3fs.S3FileSystem):
+    """`s3fs.S3FileSystem` whose clients back off on transient errors and count their retries."""
+
+    def __init__(self, *args, **kwargs):
+        config = dict(kwargs.pop("config_kwargs", None) or {})
+        config.setdefault("retries", dict(DEFAULT_RETRIES))
+        super().__init__(*args, config_kwargs=config, **kwargs)
+
+    async def set_session(self, refresh=False, kwargs={}):  # noqa: B006 (s3fs's own signature)
+        client = await super().set_session(refresh=refresh, kwargs=kwargs)
+        if not getattr(client, "_restyle_counts_retries", False):
+            client.meta.events.register("after-call.s3", _count_retries)
+            client._restyle_counts_retries = True
+        return client
+
+
+def _count_retries(parsed=None, **_) -> None:
+    attempts = ((parsed or {}).get("ResponseMetadata") or {}).get("RetryAttempts") or 0
+    if attempts:
+        record_retries(attempts)
+
+
+def record_retries(count: int) -> None:
+    """Add retries to this process's count and, under Ray, to the job's counter actor."""
+    global _local_retries, _counter_handle
+    logger.info("object storage: a request succeeded after %d retries", count)
+    import ray
+
+    if ray.is_initialized():
+        try:
+            if _counter_handle is None:
+                _counter_handle = ray.get_actor(RETRY_COUNTER_NAME)
+            _counter_handle.add.remote(count)
+            return
+        except ValueError:  # no counter in this job: count locally
+            pass
+    with _lock:
+        _local_retries += count
+
+
+def local_retries() -> int:
+    """Retries counted in this process outside Ray."""
+    return _local_retries
+
+
+def retry_counter():
+    """The job's retry counter actor (created on first use; it takes no CPU)."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class RetryCounter:
+        def __init__(self):
+            self.count = 0
+
+        def add(self, count: int) -> None:
+            self.count += count
+
+        def total(self) -> int:
+            return self.count
+
+    return RetryCounter.options(name=RETRY_COUNTER_NAME, get_if_exists=True).remote()
