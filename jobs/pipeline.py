@@ -342,9 +342,6 @@ def run_job(config: JobConfig, rerun_failed: bool = False) -> RunResult:
         plan = plan_job(config, info, *assumed_resources(config))
         logger.info("nothing to do: every input is committed in %s", config.sink.uri)
     wall_seconds = time.perf_counter() - started
-    retried = local_retries() - local_retries_before
-    if counter is not None:
-        retried += ray.get(counter.total.remote()) - counted_before
 
     state = SinkState(config.sink)
     summary = account_for_rows(config, plan, info, state, wall_seconds)
@@ -354,9 +351,12 @@ def run_job(config: JobConfig, rerun_failed: bool = False) -> RunResult:
         inputs_processed=len(todo),
         rows_already_committed=len(done),
         error_rows_dropped_for_rerun=dropped,
-        retried=retried,
     )
     state.write_manifest(job_hash, summary["rows_out"])
+    # Every storage retry up to here; those of writing the summary and report themselves are logged.
+    summary["retried"] = local_retries() - local_retries_before
+    if counter is not None:
+        summary["retried"] += ray.get(counter.total.remote()) - counted_before
     write_summary(config.sink, summary)
     summary["report"] = write_report(config, info, summary, state)
     return RunResult(plan=plan, summary=summary)

@@ -56,7 +56,8 @@ def record_retries(count: int) -> None:
         try:
             if _counter_handle is None:
                 _counter_handle = ray.get_actor(RETRY_COUNTER_NAME)
-            _counter_handle.add.remote(count)
+            # Waited for, so the driver's total includes it once the task that retried has finished.
+            ray.get(_counter_handle.add.remote(count))
             return
         except ValueError:  # no counter in this job: count locally
             pass
