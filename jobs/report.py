@@ -98,7 +98,7 @@ def write_report(config: JobConfig, info: SourceInfo, summary: dict, state) -> s
         error = f"<div class=error>{html.escape(row['error'])}</div>" if row["error"] else ""
         cells.append(
             f"<tr class={row['status']}><td>{html.escape(row['id'])}<br>variant {row['variant_index']}"
-            f"<br>{row['status']}</td><td>{_thumbnail(inputs.get(row['id']))}</td>"
+            f"<br>{row['status']}</td><td>{_thumbnail(inputs.get(row['id']), config.source.max_image_pixels)}</td>"
             f"<td>{_thumbnail(output)}</td><td>{error}{detail_html}</td></tr>"
         )
     filesystem, root = filesystem_for(config.sink.uri, config.sink.storage.storage_options())
@@ -142,15 +142,14 @@ def _input_images(config: JobConfig, info: SourceInfo, ids: list[str]) -> dict[s
     return {str(row_id): data for row_id, data in zip(table.column(0).to_pylist(), images.to_pylist(), strict=True)}
 
 
-def _thumbnail(data: bytes | None) -> str:
-    """An inline <img> of an encoded image, or a note when it cannot be shown."""
+def _thumbnail(data: bytes | None, max_pixels: int | None = None) -> str:
+    """An inline <img> of an encoded image, or a note when it cannot be shown (bombs included)."""
     if not data:
         return "<i>none</i>"
-    from PIL import Image
+    from operators.images import DEFAULT_MAX_IMAGE_PIXELS, decode_image
 
     try:
-        image = Image.open(io.BytesIO(data))
-        image.load()
+        image = decode_image(data, max_pixels or DEFAULT_MAX_IMAGE_PIXELS)
         if image.mode not in ("RGB", "L", "RGBA"):
             image = _display_8bit(image)
         image.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE))

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from operators.base import Item, RowError
 from operators.diffusion import group_items, load_loras, set_scheduler
-from operators.images import decode_image, to_rgb
+from operators.images import decode_eight_bit_rgb
 from operators.img2img import GENERATION_FIELDS, Img2Img, Img2ImgConfig, load_img2img_pipeline
 from operators.models import resolve_model
 
@@ -170,7 +170,7 @@ class ControlNetImg2Img(Img2Img):
             if isinstance(value, dict):
                 value = value.get("bytes")
             try:
-                control = to_rgb(decode_image(value, self.max_image_pixels))
+                control = decode_eight_bit_rgb(value, self.max_image_pixels)
             except RowError as problem:
                 raise RowError(f"control image in column {source.column!r}: {problem}") from None
             controls.append(control if control.size == image.size else control.resize(image.size, resample=3))

@@ -41,17 +41,25 @@ def decode_image(data: bytes | None, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            width, height = image.size
-            if width * height > max_pixels:
-                raise ImageError(
-                    f"image is {width}x{height} = {width * height} pixels, over the limit of "
-                    f"{max_pixels} (source.max_image_pixels)"
-                )
-            image.load()
-            image = ImageOps.exif_transpose(image)
+            # Pillow's own check is process-wide; it must not undercut a limit raised per job.
+            previous_limit = Image.MAX_IMAGE_PIXELS
+            Image.MAX_IMAGE_PIXELS = max(max_pixels, DEFAULT_MAX_IMAGE_PIXELS)
+            try:
+                image = Image.open(io.BytesIO(data))
+                width, height = image.size
+                if width * height > max_pixels:
+                    raise ImageError(
+                        f"image is {width}x{height} = {width * height} pixels, over the limit of "
+                        f"{max_pixels} (source.max_image_pixels)"
+                    )
+                image.load()
+                image = ImageOps.exif_transpose(image)
+            finally:
+                Image.MAX_IMAGE_PIXELS = previous_limit
     except ImageError:
         raise
+    except Image.UnidentifiedImageError:  # its own message names the buffer by memory address
+        raise ImageError("cannot decode image: UnidentifiedImageError: cannot identify image format") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise ImageError(f"image refused as a decompression bomb: {error}") from None
     except Exception as error:  # Pillow raises many types for broken files
@@ -71,6 +79,18 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if image.mode not in EIGHT_BIT_MODES:
         raise ImageError(f"unsupported image mode {image.mode}; accepted: {', '.join(EIGHT_BIT_MODES)}")
     return image.convert("RGB")
+
+
+def decode_eight_bit_rgb(data: bytes | None, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+    """Decode for an 8-bit RGB model: `decode_image`, then `to_rgb`. A 16-bit colour PNG or TIFF, which
+    Pillow reads as 8-bit RGB(A) or LA, is refused like the other high-bit-depth images."""
+    image = decode_image(data, max_pixels)
+    if image.mode in ("RGB", "RGBA", "LA") and _holds_sixteen_bit_color(data):
+        raise ImageError(
+            f"image holds 16-bit colour samples (Pillow reads them as 8-bit {image.mode}); converting it to 8-bit "
+            "RGB would crush it (add a standardization stage that maps it to 8 bits first)"
+        )
+    return to_rgb(image)
 
 
 def fit_size(width: int, height: int, max_side: int | None, multiple_of: int) -> tuple[int, int]:

@@ -21,7 +21,7 @@ from operators.diffusion import (
     set_scheduler,
     variant_parameters,
 )
-from operators.images import decode_image, encode_image, fit_size, to_rgb
+from operators.images import decode_eight_bit_rgb, encode_image, fit_size
 from operators.models import resolve_model
 
 logger = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ def load_img2img_pipeline(path, dtype: str, device: str, controlnet=None):
 
 def decode_rgb(operator: Operator, data: bytes | None, size: SizePolicy):
     """Decode, convert to RGB and apply the size policy (aspect kept, sides a multiple of N)."""
-    image = to_rgb(decode_image(data, operator.max_image_pixels))
+    image = decode_eight_bit_rgb(data, operator.max_image_pixels)
     width, height = fit_size(*image.size, size.max_side, size.multiple_of)
     if (width, height) != image.size:
         image = image.resize((width, height), resample=3)  # bicubic

@@ -26,7 +26,7 @@ from pydantic import Field, model_validator
 
 from operators.base import Item, Operator, OperatorConfig, RowError
 from operators.diffusion import SCHEDULERS, a1111_parameters, generators, render_template, set_scheduler
-from operators.images import decode_array, decode_image, encode_array, encode_image, to_rgb
+from operators.images import decode_array, decode_eight_bit_rgb, encode_array, encode_image
 from operators.models import resolve_model
 
 logger = logging.getLogger(__name__)
@@ -463,7 +463,7 @@ class Upscale(Operator):
 
     def prepare(self, data: bytes | None, row: dict) -> np.ndarray:
         if self.config.method in MODEL_METHODS:
-            return np.asarray(to_rgb(decode_image(data, self.max_image_pixels)))
+            return np.asarray(decode_eight_bit_rgb(data, self.max_image_pixels))
         # Grayscale stays grayscale and 16-bit stays 16-bit; other 8-bit modes become RGB.
         return decode_array(data, self.max_image_pixels)
 
