@@ -111,9 +111,16 @@ def size_pools(config: JobConfig, cpus: float, gpus: float) -> list[int]:
     return [int(size) for size in sizes]
 
 
-def plan_job(config: JobConfig, info: SourceInfo, cpus: float, gpus: float) -> JobPlan:
-    """Decide pools, resources and batch sizes (see module docstring)."""
-    sizes = size_pools(config, cpus, gpus)
+def variants_per_input(config: JobConfig) -> int:
+    """Output rows each input row becomes: the product of every stage's variants."""
+    return math.prod(op.variant_count() if hasattr(op, "variant_count") else 1 for op in config.operators)
+
+
+def plan_job(config: JobConfig, info: SourceInfo, cpus: float, gpus: float, sizes: list[int] | None = None) -> JobPlan:
+    """Decide pools, resources and batch sizes (see module docstring); `sizes` skips the sizing
+    (for a job with nothing left to run)."""
+    if sizes is None:
+        sizes = size_pools(config, cpus, gpus)
     if info.ids:
         check_template_columns(config, info)
     stages = []
@@ -302,7 +309,7 @@ def run_job(config: JobConfig, rerun_failed: bool = False) -> RunResult:
 
     from jobs.commits import SinkState, config_hash
     from jobs.report import account_for_rows, write_report, write_summary
-    from jobs.s3 import local_retries, retry_counter
+    from jobs.s3 import counted_retries, local_retries, retry_counter
     from jobs.sinks import ParquetImageSink
 
     local_retries_before = local_retries()
@@ -314,15 +321,14 @@ def run_job(config: JobConfig, rerun_failed: bool = False) -> RunResult:
     committed = state.read(["id", "variant_index"])
     done = set(zip(committed.column("id").to_pylist(), committed.column("variant_index").to_pylist(), strict=True))
     per_id = Counter(row_id for row_id, _ in done)
-    variants = plan_job(config, info, *assumed_resources(config)).expected_rows // max(info.row_count, 1)
-    todo = [row_id for row_id in info.ids if per_id[row_id] < variants]
+    todo = [row_id for row_id in info.ids if per_id[row_id] < variants_per_input(config)]
 
     started = time.perf_counter()
     counter = counted_before = None
     if todo:
         start_ray(config)
         counter = retry_counter()
-        counted_before = ray.get(counter.total.remote())
+        counted_before = counted_retries(counter)
         plan = plan_job(config, info, *cluster_resources())
         logger.info(
             "plan (attempt %d, %d of %d inputs to do):\n%s", attempt, len(todo), info.row_count, plan.describe()
@@ -339,7 +345,7 @@ def run_job(config: JobConfig, rerun_failed: bool = False) -> RunResult:
         ray.data.DataContext.get_current().enable_progress_bars = True
         dataset.write_datasink(ParquetImageSink(config.sink, job_hash, attempt))
     else:
-        plan = plan_job(config, info, *assumed_resources(config))
+        plan = plan_job(config, info, *assumed_resources(config), sizes=[op.num_actors or 0 for op in config.operators])
         logger.info("nothing to do: every input is committed in %s", config.sink.uri)
     wall_seconds = time.perf_counter() - started
 
@@ -356,7 +362,11 @@ def run_job(config: JobConfig, rerun_failed: bool = False) -> RunResult:
     # Every storage retry up to here; those of writing the summary and report themselves are logged.
     summary["retried"] = local_retries() - local_retries_before
     if counter is not None:
-        summary["retried"] += ray.get(counter.total.remote()) - counted_before
+        counted_after = counted_retries(counter)
+        if counted_before is None or counted_after is None:
+            summary["retried"] = None  # unknown: the counter was lost
+        else:
+            summary["retried"] += counted_after - counted_before
     write_summary(config.sink, summary)
     summary["report"] = write_report(config, info, summary, state)
     return RunResult(plan=plan, summary=summary)

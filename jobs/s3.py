@@ -59,8 +59,8 @@ def record_retries(count: int) -> None:
             # Waited for, so the driver's total includes it once the task that retried has finished.
             ray.get(_counter_handle.add.remote(count))
             return
-        except ValueError:  # no counter in this job: count locally
-            pass
+        except Exception:  # no counter in this job, or it is gone: count locally
+            _counter_handle = None
     with _lock:
         _local_retries += count
 
@@ -71,8 +71,10 @@ def local_retries() -> int:
 
 
 def retry_counter():
-    """The job's retry counter actor (created on first use; it takes no CPU)."""
+    """The job's retry counter actor (created on first use; it takes no CPU). It lives on the
+    driver's node, so losing a worker node does not lose the count."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     @ray.remote(num_cpus=0)
     class RetryCounter:
@@ -85,4 +87,18 @@ def retry_counter():
         def total(self) -> int:
             return self.count
 
-    return RetryCounter.options(name=RETRY_COUNTER_NAME, get_if_exists=True).remote()
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    return RetryCounter.options(
+        name=RETRY_COUNTER_NAME, get_if_exists=True, max_restarts=-1, scheduling_strategy=here
+    ).remote()
+
+
+def counted_retries(counter) -> int | None:
+    """The counter's total, or None if it cannot be read (the job's result does not depend on it)."""
+    import ray
+
+    try:
+        return ray.get(counter.total.remote(), timeout=30)
+    except Exception as error:  # a lost counter must never fail a job that succeeded
+        logger.warning("cannot read the storage retry count: %s", type(error).__name__)
+        return None

@@ -163,3 +163,28 @@ def test_overwrite_replaces_earlier_output(ray_session, sd_model, tmp_path, mode
     summary = run_job(validate_config(data)).summary
     assert summary["rows_out"] == 2 and summary["attempt"] == 1
     assert {row["seed"] for row in rows(sink)} == {derive_seed(21, f"r{i:02d}.png", 0) for i in range(2)}
+
+
+def test_worker_node_removed_mid_job_still_commits_every_input_once(sd_model, tmp_path):
+    folder, sink = tmp_path / "in", tmp_path / "out"
+    write_folder(folder)
+    data = yaml.safe_load(job_file(tmp_path / "job.yaml", folder, sink, sd_model, steps=200).read_text())
+    data["operators"][0]["num_actors"] = 2
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(data))
+    finished = subprocess.run(
+        [sys.executable, "-m", "tests.jobs.node_loss_job", str(tmp_path / "job.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=420,
+        cwd=Path(__file__).resolve().parents[2],
+        env={**os.environ, "RAY_ADDRESS": ""},
+    )
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    result = [line for line in finished.stdout.splitlines() if line.startswith("NODE_LOSS_RESULT ")]
+    assert result, finished.stdout[-2000:] + finished.stderr[-2000:]
+    outcome = json.loads(result[-1].removeprefix("NODE_LOSS_RESULT "))
+    assert outcome["finished"] and "error" not in outcome, outcome
+    assert 0 < outcome["removed_after_commits"] < ROWS  # the node really left mid-job
+    summary = outcome["summary"]
+    assert (summary["rows_out"], summary["ok"], summary["missing"], summary["duplicated"]) == (ROWS, ROWS, 0, 0)
+    assert sorted(row["id"] for row in rows(sink)) == [f"r{index:02d}.png" for index in range(ROWS)]
