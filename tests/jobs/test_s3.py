@@ -226,6 +226,16 @@ def test_credentials_stay_out_of_config_outputs_and_logs(ray_session, s3_bucket,
     assert f"sink:    s3://{bucket}/out" in caplog.text
     for text in (caplog.text, captured.out, captured.err):
         assert FAKE_SECRET_KEY not in text and SECRET_FRAGMENT not in text
+    assert {"out/_manifest.json"} <= set(keys) and any(key.startswith("out/_commits/") for key in keys)
+    # Ray's own records of the session: worker and driver logs, job and task metadata.
+    session = Path(ray_session._private.worker._global_node.get_session_dir_path())
+    scanned = 0
+    for path in session.rglob("*"):
+        if path.is_file() and path.stat().st_size < 50_000_000:
+            data = path.read_bytes()
+            scanned += 1
+            assert FAKE_SECRET_KEY.encode() not in data and SECRET_FRAGMENT.encode() not in data, path
+    assert scanned > 10
 
 
 def test_sink_mode_error_refuses_a_non_empty_s3_prefix(ray_session, s3_bucket, sd_model, tmp_path):
