@@ -91,6 +91,11 @@ def check_model_files(path: Path) -> None:
     if not index_path.is_file():
         raise ModelError(f"{path} has no model_index.json; it is not a diffusers pipeline directory")
     index = json.loads(index_path.read_text())
+    class_name = index.get("_class_name")
+    if not isinstance(class_name, str) or not class_name.isidentifier() or not _is_diffusers_pipeline(class_name):
+        raise ModelError(
+            f"{index_path}: _class_name {class_name!r} is not a diffusers pipeline; custom pipeline code is not loaded"
+        )
     for component, spec in index.items():
         if component.startswith("_") or not isinstance(spec, list) or spec[0] is None:
             continue
@@ -114,6 +119,12 @@ def check_weights_are_safetensors(directory: Path) -> None:
         raise ModelError(
             f"{directory} holds only pickle weights ({', '.join(sorted(files))}); only .safetensors weights are loaded"
         )
+
+
+def _is_diffusers_pipeline(name: str) -> bool:
+    import diffusers
+
+    return name.endswith("Pipeline") and hasattr(diffusers, name)
 
 
 def model_fingerprint(path: Path) -> str:

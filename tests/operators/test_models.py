@@ -56,3 +56,12 @@ def test_missing_directory_is_explained(tmp_path):
         resolve_model(str(tmp_path / "a" / "b" / "c"))
     with pytest.raises(ModelError, match="has no model_index.json"):
         resolve_model(str(tmp_path))
+
+
+@pytest.mark.parametrize("class_name", [["my_pipeline", "MyPipeline"], "MyCustomPipeline", "os.system"])
+def test_custom_pipeline_class_is_refused(model_copy, class_name):
+    index = json.loads((model_copy / "model_index.json").read_text())
+    index["_class_name"] = class_name
+    (model_copy / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ModelError, match="is not a diffusers pipeline; custom pipeline code is not loaded"):
+        check_model_files(model_copy)
