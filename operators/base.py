@@ -143,7 +143,18 @@ def _kill_once_if_asked() -> None:
         os._exit(1)
 
 
-TIMING_FIELDS = [("prepare_seconds", pa.float64()), ("process_seconds", pa.float64())]
+# Fields the base class adds to every stage column: where and how long each row took.
+RUNTIME_FIELDS = [("node_id", pa.string()), ("prepare_seconds", pa.float64()), ("process_seconds", pa.float64())]
+
+
+def current_node_id() -> str | None:
+    """The Ray node this actor runs on (None outside Ray)."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    except Exception:  # Ray missing or not connected: no node to name
+        return None
 
 
 class Operator:
@@ -175,7 +186,8 @@ class Operator:
         self.model_storage_options = model_storage_options or {}
         self.max_image_pixels = max_image_pixels or DEFAULT_MAX_IMAGE_PIXELS
         self.device = config.resolved_device()
-        self.stage_type = pa.struct(self.stage_fields + TIMING_FIELDS)
+        self.stage_type = pa.struct(self.stage_fields + RUNTIME_FIELDS)
+        self.node_id = current_node_id()
         self.setup()
 
     def setup(self) -> None:
@@ -200,7 +212,8 @@ class Operator:
         raise NotImplementedError
 
     def record(self, item: Item) -> dict:
-        """The stage column's fields for one item (also called for error rows)."""
+        """The stage column's fields for one item (also called for error rows); the base class adds
+        `node_id`, `prepare_seconds` and `process_seconds`."""
         return dict(item.record)
 
     @property
@@ -261,6 +274,7 @@ class Operator:
         records = []
         for item in items:
             record = self.record(item)
+            record["node_id"] = self.node_id
             record["prepare_seconds"] = item.prepare_seconds
             record["process_seconds"] = item.process_seconds
             records.append(record)

@@ -165,14 +165,10 @@ def test_overwrite_replaces_earlier_output(ray_session, sd_model, tmp_path, mode
     assert {row["seed"] for row in rows(sink)} == {derive_seed(21, f"r{i:02d}.png", 0) for i in range(2)}
 
 
-def test_worker_node_removed_mid_job_still_commits_every_input_once(sd_model, tmp_path):
-    folder, sink = tmp_path / "in", tmp_path / "out"
-    write_folder(folder)
-    data = yaml.safe_load(job_file(tmp_path / "job.yaml", folder, sink, sd_model, steps=200).read_text())
-    data["operators"][0]["num_actors"] = 2
-    (tmp_path / "job.yaml").write_text(yaml.safe_dump(data))
+def run_on_cluster(config: Path, *flags: str) -> dict:
+    """Run a job with tests/jobs/cluster_job.py on a three-node local cluster; return its outcome."""
     finished = subprocess.run(
-        [sys.executable, "-m", "tests.jobs.node_loss_job", str(tmp_path / "job.yaml")],
+        [sys.executable, "-m", "tests.jobs.cluster_job", str(config), *flags],
         capture_output=True,
         text=True,
         timeout=420,
@@ -180,10 +176,20 @@ def test_worker_node_removed_mid_job_still_commits_every_input_once(sd_model, tm
         env={**os.environ, "RAY_ADDRESS": ""},
     )
     assert finished.returncode == 0, finished.stderr[-3000:]
-    result = [line for line in finished.stdout.splitlines() if line.startswith("NODE_LOSS_RESULT ")]
+    result = [line for line in finished.stdout.splitlines() if line.startswith("CLUSTER_JOB_RESULT ")]
     assert result, finished.stdout[-2000:] + finished.stderr[-2000:]
-    outcome = json.loads(result[-1].removeprefix("NODE_LOSS_RESULT "))
+    outcome = json.loads(result[-1].removeprefix("CLUSTER_JOB_RESULT "))
     assert outcome["finished"] and "error" not in outcome, outcome
+    return outcome
+
+
+def test_worker_node_removed_mid_job_still_commits_every_input_once(sd_model, tmp_path):
+    folder, sink = tmp_path / "in", tmp_path / "out"
+    write_folder(folder)
+    data = yaml.safe_load(job_file(tmp_path / "job.yaml", folder, sink, sd_model, steps=200).read_text())
+    data["operators"][0]["num_actors"] = 2
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(data))
+    outcome = run_on_cluster(tmp_path / "job.yaml", "--remove-worker-after", "2")
     assert 0 < outcome["removed_after_commits"] < ROWS  # the node really left mid-job
     summary = outcome["summary"]
     assert (summary["rows_out"], summary["ok"], summary["missing"], summary["duplicated"]) == (ROWS, ROWS, 0, 0)
