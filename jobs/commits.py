@@ -198,3 +198,59 @@ def _arrow(filesystem):
     from jobs.storage import arrow_filesystem
 
     return arrow_filesystem(filesystem)
+
+
+class ProgressLog:
+    """Logs committed rows at a steady interval while a job runs: scheduled jobs write to files,
+    where Ray's progress bars do not show. Reads only the commit records it has not seen."""
+
+    def __init__(self, config: SinkConfig, attempt: int, already: int, expected: int, interval: float):
+        import threading
+
+        self.filesystem, self.root = filesystem_for(config.uri, config.storage.storage_options())
+        self.prefix = f"part-a{attempt:04d}-"
+        self.already, self.expected, self.interval = already, expected, interval
+        self.seen: dict[str, int] = {}
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="restyle-progress", daemon=True)
+
+    def __enter__(self) -> ProgressLog:
+        import time
+
+        self.started = time.monotonic()
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join(timeout=10)
+
+    def committed_now(self) -> int:
+        """Rows committed so far, this attempt's included."""
+        folder = join(self.root, COMMITS)
+        names = self.filesystem.ls(folder, detail=False) if self.filesystem.exists(folder) else []
+        for path in names:
+            if self.prefix in path and path not in self.seen:
+                self.seen[path] = json.loads(self.filesystem.cat_file(path))["rows"]
+        return self.already + sum(self.seen.values())
+
+    def line(self) -> str:
+        """One progress line: committed/expected, rate, time left."""
+        import time
+
+        done = self.committed_now()
+        elapsed = time.monotonic() - self.started
+        rate = (done - self.already) / elapsed if elapsed > 0 else 0.0
+        left = f"{(self.expected - done) / rate:.0f} s" if rate > 0 else "unknown"
+        percent = 100.0 * done / self.expected if self.expected else 100.0
+        return (
+            f"progress: {done}/{self.expected} rows committed ({percent:.1f}%), {rate:.2f} rows/s, "
+            f"{elapsed:.0f} s elapsed, about {left} left"
+        )
+
+    def _run(self) -> None:
+        while not self.stop.wait(self.interval):
+            try:
+                logger.info(self.line())
+            except Exception as error:  # progress must never fail a job
+                logger.warning("progress: cannot read commit records: %s", type(error).__name__)

@@ -117,6 +117,9 @@ class RunConfig(_Frozen):
     )
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description="Local resources and reserve.")
     offline: bool = Field(True, description="Never reach a model hub; models must be local, on S3 or cached.")
+    progress_interval_seconds: float = Field(
+        30.0, ge=1, description="Seconds between progress log lines when stdout is not a terminal."
+    )
     model_storage: StorageConfig = Field(
         default_factory=StorageConfig, description="Object-storage settings for s3:// models."
     )

@@ -7,9 +7,11 @@ it decides each stage's actor pool, resources and batch size (and is what `--dry
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
+import sys
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -307,7 +309,7 @@ def run_job(config: JobConfig, rerun_failed: bool = False) -> RunResult:
     import ray
     import ray.data
 
-    from jobs.commits import SinkState, config_hash
+    from jobs.commits import ProgressLog, SinkState, config_hash
     from jobs.report import account_for_rows, write_report, write_summary
     from jobs.s3 import counted_retries, local_retries, retry_counter
     from jobs.sinks import ParquetImageSink
@@ -342,8 +344,13 @@ def run_job(config: JobConfig, rerun_failed: bool = False) -> RunResult:
         half_done = {pair for pair in done if pair[0] in set(todo)}
         if half_done:
             dataset = dataset.map_batches(drop_committed, fn_kwargs={"pairs": half_done}, batch_format="pyarrow")
-        ray.data.DataContext.get_current().enable_progress_bars = True
-        dataset.write_datasink(ParquetImageSink(config.sink, job_hash, attempt))
+        interactive = sys.stdout.isatty()
+        ray.data.DataContext.get_current().enable_progress_bars = interactive
+        progress = ProgressLog(
+            config.sink, attempt, len(done), plan.expected_rows, config.run.progress_interval_seconds
+        )
+        with progress if not interactive else contextlib.nullcontext():
+            dataset.write_datasink(ParquetImageSink(config.sink, job_hash, attempt))
     else:
         plan = plan_job(config, info, *assumed_resources(config), sizes=[op.num_actors or 0 for op in config.operators])
         logger.info("nothing to do: every input is committed in %s", config.sink.uri)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -47,7 +48,7 @@ def job_file(path: Path, folder: Path, sink: Path, model: Path, steps: int) -> P
             }
         ],
         "sink": {"uri": str(sink)},
-        "run": {"seed": 21},
+        "run": {"seed": 21, "progress_interval_seconds": 1},
     }
     path.write_text(yaml.safe_dump(config))
     return path
@@ -93,7 +94,9 @@ def test_driver_killed_half_way_then_a_rerun_finishes_with_no_loss_and_no_duplic
         os.killpg(process.pid, signal.SIGKILL)
         process.wait(timeout=60)
     before = committed(sink)
-    assert 0 < before < ROWS, (tmp_path / "run.log").read_text()[-2000:]
+    log = (tmp_path / "run.log").read_text()
+    assert 0 < before < ROWS, log[-2000:]
+    assert re.search(rf"progress: \d+/{ROWS} rows committed \(\d+\.\d%\), ", log), log[-2000:]
     assert not (sink / "_manifest.json").exists()
     # A torn leftover of the killed attempt: a shard without a commit record.
     (sink / "data" / "part-a0001-99999-000.parquet").write_bytes(b"PAR1 torn")

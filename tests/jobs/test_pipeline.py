@@ -70,3 +70,20 @@ def test_map_batches_args_use_an_actor_pool_and_explicit_resources():
     assert (args["num_gpus"], args["num_cpus"], args["batch_size"], args["batch_format"]) == (1, 1, 16, "pyarrow")
     assert "concurrency" not in args
     assert args["fn_constructor_kwargs"]["config"] is job.operators[0]
+
+
+def test_progress_log_counts_this_attempts_commit_records(tmp_path):
+    import json
+
+    from jobs.commits import ProgressLog
+    from jobs.config import SinkConfig
+
+    commits = tmp_path / "_commits"
+    commits.mkdir()
+    for name, rows in (("part-a0002-00000-000", 5), ("part-a0002-00001-000", 3), ("part-a0001-00000-000", 7)):
+        (commits / f"{name}.parquet.json").write_text(json.dumps({"rows": rows}))
+    progress = ProgressLog(SinkConfig(uri=str(tmp_path)), attempt=2, already=7, expected=20, interval=30)
+    with progress:
+        line = progress.line()
+    assert line.startswith("progress: 15/20 rows committed (75.0%), ")
+    assert progress.committed_now() == 15
