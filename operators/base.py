@@ -193,6 +193,16 @@ class Operator:
     def setup(self) -> None:
         """Load models and references; runs once per actor."""
 
+    def start_torch(self) -> None:
+        """Ready this actor process for a diffusers model: switch the Hub client offline (before it is
+        imported) when the job is offline, and give torch as many CPU threads as the actor reserved."""
+        if self.offline:
+            os.environ["HF_HUB_OFFLINE"] = "1"
+        import torch
+
+        if self.device == "cpu":
+            torch.set_num_threads(max(1, int(self.config.num_cpus)))
+
     def variant_count(self) -> int:
         """Output rows per input row; `variants()` returns this many parameter sets."""
         count = getattr(self.config, "variant_count", None)

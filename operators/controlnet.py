@@ -5,7 +5,6 @@ operator (`AutoPipelineForImage2Image` with `controlnet=` picks the matching pip
 from __future__ import annotations
 
 import logging
-import os
 from typing import Literal
 
 import numpy as np
@@ -137,13 +136,8 @@ class ControlNetImg2Img(Img2Img):
     ]
 
     def setup(self) -> None:
-        if self.offline:
-            os.environ["HF_HUB_OFFLINE"] = "1"
-        import torch
-
+        self.start_torch()
         config = self.config
-        if self.device == "cpu":
-            torch.set_num_threads(max(1, int(config.num_cpus)))
         self.model = resolve_model(config.model, config.revision, self.offline, self.model_storage_options)
         controlnets, revisions = load_controlnets(
             config.controlnets, config.resolved_dtype(), self.offline, self.model_storage_options

@@ -158,9 +158,7 @@ class DiffusionConfig(OperatorConfig):
 
     def resolved_dtype(self) -> str:
         """The torch dtype name the weights are loaded in."""
-        if self.dtype != "auto":
-            return self.dtype
-        return "float16" if self.resolved_device() == "cuda" else "float32"
+        return resolve_dtype(self.dtype, self.resolved_device())
 
     def resolved_model_batch_size(self) -> int:
         """Rows per model call (see `model_batch_size`)."""
@@ -175,6 +173,13 @@ class DiffusionConfig(OperatorConfig):
         return {
             name for template in templates if template for _, name, _, _ in string.Formatter().parse(template) if name
         } | ({self.prompt_column} if self.prompt_column else set())
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    """A config's dtype with 'auto' resolved: float16 on cuda, float32 on cpu."""
+    if dtype != "auto":
+        return dtype
+    return "float16" if device == "cuda" else "float32"
 
 
 def variant_parameters(config: DiffusionConfig, row: dict) -> list[dict]:

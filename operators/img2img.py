@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from typing import Literal
 
 import pyarrow as pa
@@ -88,14 +87,8 @@ class Img2Img(Operator):
     stage_fields = GENERATION_FIELDS
 
     def setup(self) -> None:
-        if self.offline:
-            # Before diffusers and huggingface_hub are imported in this actor process.
-            os.environ["HF_HUB_OFFLINE"] = "1"
-        import torch
-
+        self.start_torch()
         config = self.config
-        if self.device == "cpu":
-            torch.set_num_threads(max(1, int(config.num_cpus)))
         self.model = resolve_model(config.model, config.revision, self.offline, self.model_storage_options)
         self.pipeline = load_img2img_pipeline(self.model.path, config.resolved_dtype(), self.device)
         set_scheduler(self.pipeline, config.scheduler)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import os
 import string
 from dataclasses import dataclass
 from typing import Literal
@@ -25,7 +24,14 @@ from PIL import Image
 from pydantic import Field, model_validator
 
 from operators.base import Item, Operator, OperatorConfig, RowError
-from operators.diffusion import SCHEDULERS, a1111_parameters, generators, render_template, set_scheduler
+from operators.diffusion import (
+    SCHEDULERS,
+    a1111_parameters,
+    generators,
+    render_template,
+    resolve_dtype,
+    set_scheduler,
+)
 from operators.images import decode_array, decode_eight_bit_rgb, encode_array, encode_image
 from operators.models import resolve_model
 
@@ -186,9 +192,7 @@ class UpscaleConfig(OperatorConfig):
         """The torch dtype name a model method's weights are loaded in (None for classical methods)."""
         if self.method not in MODEL_METHODS:
             return None
-        if self.dtype != "auto":
-            return self.dtype
-        return "float16" if self.resolved_device() == "cuda" else "float32"
+        return resolve_dtype(self.dtype, self.resolved_device())
 
     def resolved_model_batch_size(self) -> int:
         """Tiles per model call (see `model_batch_size`)."""
@@ -429,13 +433,7 @@ class Upscale(Operator):
 
             cv2.setNumThreads(max(1, int(config.num_cpus)))
             return
-        if self.offline:
-            # Before diffusers and huggingface_hub are imported in this actor process.
-            os.environ["HF_HUB_OFFLINE"] = "1"
-        import torch
-
-        if self.device == "cpu":
-            torch.set_num_threads(max(1, int(config.num_cpus)))
+        self.start_torch()
         self.model = resolve_model(config.model, config.revision, self.offline, self.model_storage_options)
         self.pipeline = PIPELINE_LOADERS[config.method](self.model.path, config.resolved_dtype(), self.device)
         set_scheduler(self.pipeline, config.scheduler)

@@ -41,6 +41,19 @@ def png_bytes(width: int = 64, height: int = 48, color=(200, 30, 60), mode: str 
     return buffer.getvalue()
 
 
+def make_batch(images: list[bytes | None], ids: list[str] | None = None, **extra) -> pa.Table:
+    """A batch as the source hands it to the first operator: ids, image bytes, status, error, extras."""
+    ids = ids or [f"row-{index}" for index in range(len(images))]
+    columns = {
+        "id": pa.array(ids, pa.string()),
+        "image": pa.array(images, pa.binary()),
+        "status": pa.array(["ok"] * len(images), pa.string()),
+        "error": pa.array([None] * len(images), pa.string()),
+    }
+    columns.update(extra)
+    return pa.table(columns)
+
+
 def write_image_parquet(path: Path, rows: list[dict], hf_struct: bool = True) -> Path:
     """Write rows {id, image bytes, ...} as Parquet; images as HF {bytes, path} structs or plain binary."""
     columns: dict[str, list] = {key: [row.get(key) for row in rows] for key in rows[0]}

@@ -11,8 +11,7 @@ from PIL import Image
 from pydantic import ValidationError
 
 from operators.controlnet import ControlNetImg2Img, ControlNetImg2ImgConfig, ControlSource, control_image
-from tests.conftest import png_bytes
-from tests.operators.test_img2img import make_batch
+from tests.conftest import make_batch, png_bytes
 
 
 def photo(width=64, height=64) -> bytes:

@@ -12,25 +12,13 @@ from pydantic import ValidationError
 from operators.base import derive_seed
 from operators.diffusion import SCHEDULERS
 from operators.img2img import Img2Img, Img2ImgConfig
-from tests.conftest import png_bytes
+from tests.conftest import make_batch, png_bytes
 
 
 def make_config(model, **overrides) -> Img2ImgConfig:
     fields = {"kind": "img2img", "model": str(model), "prompt": "a watercolor", "num_inference_steps": 2}
     fields.update(overrides)
     return Img2ImgConfig(**fields)
-
-
-def make_batch(images: list[bytes | None], ids: list[str] | None = None, **extra) -> pa.Table:
-    ids = ids or [f"row-{index}" for index in range(len(images))]
-    columns = {
-        "id": pa.array(ids, pa.string()),
-        "image": pa.array(images, pa.binary()),
-        "status": pa.array(["ok"] * len(images), pa.string()),
-        "error": pa.array([None] * len(images), pa.string()),
-    }
-    columns.update(extra)
-    return pa.table(columns)
 
 
 @pytest.fixture(scope="module")

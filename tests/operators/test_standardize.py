@@ -30,23 +30,13 @@ from operators.standardize import (
     reference_from_arrays,
     to_grayscale,
 )
+from tests.conftest import make_batch
 
 KEEP = {"op": "percentile_clip", "low": 0, "high": 100}  # the identity step
 
 
 def make_config(*steps: dict, **overrides) -> StandardizeConfig:
     return StandardizeConfig(kind="standardize", steps=list(steps), **overrides)
-
-
-def make_batch(images: list[bytes | None], **extra) -> pa.Table:
-    columns = {
-        "id": pa.array([f"row-{index}" for index in range(len(images))], pa.string()),
-        "image": pa.array(images, pa.binary()),
-        "status": pa.array(["ok"] * len(images), pa.string()),
-        "error": pa.array([None] * len(images), pa.string()),
-    }
-    columns.update(extra)
-    return pa.table(columns)
 
 
 def run(config: StandardizeConfig, images: list[bytes | None], **kwargs) -> pa.Table:

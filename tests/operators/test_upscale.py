@@ -15,21 +15,9 @@ from pydantic import ValidationError
 
 from operators.base import derive_seed
 from operators.upscale import TiledCanvas, Upscale, UpscaleConfig, axis_starts, tile_boxes, tile_seed
-from tests.conftest import png_bytes
+from tests.conftest import make_batch, png_bytes
 
 REPOSITORY = Path(__file__).resolve().parents[2]
-
-
-def make_batch(images: list[bytes | None], ids: list[str] | None = None, **extra) -> pa.Table:
-    ids = ids or [f"row-{index}" for index in range(len(images))]
-    columns = {
-        "id": pa.array(ids, pa.string()),
-        "image": pa.array(images, pa.binary()),
-        "status": pa.array(["ok"] * len(images), pa.string()),
-        "error": pa.array([None] * len(images), pa.string()),
-    }
-    columns.update(extra)
-    return pa.table(columns)
 
 
 def encoded(pixels: np.ndarray) -> bytes:
