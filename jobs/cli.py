@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from jobs.config import ConfigError, JobConfig, load_config
@@ -35,6 +36,23 @@ def main(argv: list[str] | None = None) -> int:
         "--rerun-failed", action="store_true", help="redo only the inputs whose committed rows have status error"
     )
 
+    submit = commands.add_parser("submit", help="submit a YAML job to a Ray cluster (Ray's job submission API)")
+    submit.add_argument("config", help="job YAML file")
+    submit.add_argument(
+        "--address",
+        default=os.environ.get("RAY_ADDRESS", "http://127.0.0.1:8265"),
+        help="the cluster's dashboard address (default: RAY_ADDRESS, else http://127.0.0.1:8265)",
+    )
+    submit.add_argument("--wait", action="store_true", help="stream the job's logs and exit with its status")
+    submit.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="dotted.path=value",
+        help="override a config value before submitting; repeatable",
+    )
+
     tiny = commands.add_parser("make-tiny-models", help="build tiny random diffusers pipelines offline")
     tiny.add_argument("directory")
 
@@ -59,6 +77,11 @@ def main(argv: list[str] | None = None) -> int:
         print(make_demo_data(args.directory))
         print(make_medical_demo_data(args.directory))
         return 0
+
+    if args.command == "submit":
+        from jobs.submit import submit as submit_job
+
+        return submit_job(args.config, args.address, overrides=args.overrides, wait=args.wait)
 
     try:
         config = load_config(args.config, args.overrides)

@@ -30,13 +30,12 @@ from typing import Any, TextIO
 import yaml
 from pydantic import BaseModel, SecretStr
 
-import jobs
 from jobs.config import ConfigError, JobConfig, load_config, validate_config
 
 EXIT_CONFIG = 2
 EXIT_FAILED = 1
 
-PROJECT_ROOT = Path(jobs.__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parent.parent  # the checkout (or site-packages) holding jobs/
 SHIPPED_PACKAGES = ("jobs", "operators")  # the job cannot run without them
 SHIPPED_EXTRAS = ("configs", "pyproject.toml")  # shipped when present (absent from an installed wheel)
 JOB_CONFIG_NAME = "job.yaml"
@@ -54,17 +53,19 @@ def submit(
     address: str,
     overrides: list[str] | tuple[str, ...] = (),
     wait: bool = False,
-    out: TextIO = sys.stdout,
+    out: TextIO | None = None,
 ) -> int:
     """Validate a job config, submit it to the Ray job server at `address` (the dashboard's
     http://HEAD:8265) and print the submission id.
 
-    With `wait`, stream the job's logs to `out` until it ends and print its final status.
+    With `wait`, stream the job's logs to `out` (default: stdout) until it ends and print its final status.
     Returns 0 once submitted (with `wait`: once the job SUCCEEDED), 1 when a waited-for job
     FAILED or was STOPPED, and 2 when nothing was submitted: a bad config, inline credentials
-    (see the module docstring) or an unreachable job server. Errors go to stderr as
-    `error: ...`, in the same format as `restyle run`.
+    (see the module docstring), or a job server that is unreachable or refuses the request (a
+    cluster with token authentication needs `RAY_AUTH_MODE=token` and its token, as `ray job` does).
+    Errors go to stderr as `error: ...`, in the same format as `restyle run`.
     """
+    out = out or sys.stdout
     try:
         config = load_config(config_path, list(overrides))
         refuse_inline_secrets(config, config_path)
@@ -72,6 +73,7 @@ def submit(
         print(f"error: {error}", file=sys.stderr)
         return EXIT_CONFIG
 
+    from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
     submission_id = make_submission_id(config_path)
@@ -89,7 +91,14 @@ def submit(
     except SubmitError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_CONFIG
-    except (OSError, RuntimeError) as error:  # unreachable server (ConnectionError), or one that refused the job
+    except AuthenticationError:
+        print(
+            f"error: the Ray job server at {address} requires a token: set RAY_AUTH_MODE=token and give the "
+            "cluster's token in RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
+    except (OSError, RuntimeError, ValueError) as error:  # unreachable (ConnectionError), bad address, refused
         print(f"error: cannot submit to the Ray job server at {address}: {error}", file=sys.stderr)
         return EXIT_CONFIG
     print(submission_id, file=out, flush=True)
@@ -103,9 +112,19 @@ def submit(
             file=sys.stderr,
         )
         return 130
-    message = client.get_job_info(submission_id).message if status != "SUCCEEDED" else None
-    print(f"job {submission_id}: {status}" + (f" ({message.splitlines()[0]})" if message else ""), file=out)
+    print(f"job {submission_id}: {status}{failure_detail(client, submission_id, status)}", file=out)
     return 0 if status == "SUCCEEDED" else EXIT_FAILED
+
+
+def failure_detail(client, submission_id: str, status: str) -> str:
+    """` (exit code N)` for a job whose entrypoint failed, ` (Ray's message)` otherwise; empty on success."""
+    if status == "SUCCEEDED":
+        return ""
+    info = client.get_job_info(submission_id)
+    if info.driver_exit_code is not None:
+        return f" (exit code {info.driver_exit_code})"
+    message = (info.message or "").strip().splitlines()
+    return f" ({message[0]})" if message else ""
 
 
 def refuse_inline_secrets(config: JobConfig, config_path: str | Path) -> None:
@@ -145,7 +164,8 @@ def make_submission_id(config_path: str | Path) -> str:
 
 def stage_working_dir(config: JobConfig, staging: Path, config_path: str | Path = "config") -> Path:
     """Copy the project's code (no caches, virtual environments or outputs) into `staging` and write
-    the validated config there as `job.yaml`; return `staging`."""
+    the validated config there as `job.yaml`; return `staging`. Refuses a config with inline credentials."""
+    refuse_inline_secrets(config, config_path)
     for name in SHIPPED_PACKAGES:
         if not (PROJECT_ROOT / name).is_dir():
             raise SubmitError(f"cannot find the {name}/ package under {PROJECT_ROOT} to ship with the job")
