@@ -40,8 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     submit.add_argument("config", help="job YAML file")
     submit.add_argument(
         "--address",
-        default=os.environ.get("RAY_ADDRESS", "http://127.0.0.1:8265"),
-        help="the cluster's dashboard address (default: RAY_ADDRESS, else http://127.0.0.1:8265)",
+        default=os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS") or "http://127.0.0.1:8265",
+        help="the cluster's job server, http://HEAD:8265 (default, as for `ray job submit`: RAY_API_SERVER_ADDRESS, "
+        "then RAY_ADDRESS, else http://127.0.0.1:8265)",
     )
     submit.add_argument("--wait", action="store_true", help="stream the job's logs and exit with its status")
     submit.add_argument(
