@@ -3,8 +3,8 @@ worker node mid-job.
 
     python -m tests.jobs.cluster_job CONFIG.yaml [--gpu-worker] [--remove-worker-after N]
 
-A head (1 CPU) and two workers (2 CPUs each); with --gpu-worker the second worker advertises one
-logical GPU. Prints `CLUSTER_JOB_RESULT {json}` with the summary, the node ids and whether the
+A head (1 CPU) and two workers (2 CPUs each); with --gpu-worker the second worker has 3 CPUs and
+advertises one logical GPU. Prints `CLUSTER_JOB_RESULT {json}` with the summary, the node ids and whether the
 job finished. Used by the multi-node tests; bounded by the caller's timeout.
 """
 
@@ -39,7 +39,9 @@ def main() -> None:
         head_node_args={"num_cpus": 1, "object_store_memory": MEMORY, "include_dashboard": False},
     )
     cpu_worker = cluster.add_node(num_cpus=2, object_store_memory=MEMORY)
-    other_worker = cluster.add_node(num_cpus=2, num_gpus=1 if args.gpu_worker else 0, object_store_memory=MEMORY)
+    other_worker = cluster.add_node(
+        num_cpus=3 if args.gpu_worker else 2, num_gpus=1 if args.gpu_worker else 0, object_store_memory=MEMORY
+    )
     ray.init(address=cluster.address, log_to_driver=False)
     cluster.wait_for_nodes()
     outcome: dict = {

@@ -22,6 +22,8 @@ def test_actors_spread_and_gpu_stages_land_on_the_gpu_node(sd_model, tmp_path):
                 "steps": [{"op": "normalize"}],
                 "output_mode": "rgb",
                 "num_actors": 2,
+                # Two CPUs per actor: no node can hold both, so the pool must span two nodes.
+                "num_cpus": 2,
                 "batch_size": 1,
             },
             {
