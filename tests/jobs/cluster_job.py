@@ -71,6 +71,11 @@ def main() -> None:
         cluster.remove_node(cpu_worker, allow_graceful=False)
     job.join(timeout=240)
     outcome["finished"] = not job.is_alive()
+    # Where each actor ran (dead ones included), from the cluster's own actor table.
+    outcome["actors"] = [
+        {"class": actor.get("ActorClassName"), "node": (actor.get("Address") or {}).get("NodeID")}
+        for actor in ray._private.state.actors().values()
+    ]
     print("CLUSTER_JOB_RESULT " + json.dumps(outcome, default=str))
     sys.stdout.flush()
     ray.shutdown()

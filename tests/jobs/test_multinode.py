@@ -47,8 +47,11 @@ def test_actors_spread_and_gpu_stages_land_on_the_gpu_node(sd_model, tmp_path):
 
     table = pq.read_table(sink / "data").to_pylist()
     generated_on = Counter(row["img2img"]["node_id"] for row in table)
-    standardized_on = Counter(row["standardize"]["node_id"] for row in table)
     # Two actors of half a GPU each: both on the only node that advertises a GPU.
     assert set(generated_on) == {nodes["other_worker"]}
-    # The CPU stage's two actors were spread over more than one node.
-    assert len(standardized_on) >= 2 and set(standardized_on) <= set(nodes.values())
+    img2img_actors = [actor["node"] for actor in outcome["actors"] if "Img2Img" in (actor["class"] or "")]
+    standardize_actors = [actor["node"] for actor in outcome["actors"] if "Standardize" in (actor["class"] or "")]
+    assert len(img2img_actors) >= 2 and set(img2img_actors) == {nodes["other_worker"]}, outcome["actors"]
+    # The CPU stage's two actors were spread over two nodes.
+    assert len(set(standardize_actors)) == 2, outcome["actors"]
+    assert set(standardize_actors) <= set(nodes.values())
