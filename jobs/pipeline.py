@@ -323,7 +323,9 @@ def run_job(config: JobConfig, rerun_failed: bool = False) -> RunResult:
     committed = state.read(["id", "variant_index"])
     done = set(zip(committed.column("id").to_pylist(), committed.column("variant_index").to_pylist(), strict=True))
     per_id = Counter(row_id for row_id, _ in done)
-    todo = [row_id for row_id in info.ids if per_id[row_id] < variants_per_input(config)]
+    variants = variants_per_input(config)
+    todo = [row_id for row_id in info.ids if per_id[row_id] < variants]
+    todo_ids = set(todo)
 
     started = time.perf_counter()
     counter = counted_before = None
@@ -341,7 +343,7 @@ def run_job(config: JobConfig, rerun_failed: bool = False) -> RunResult:
             dataset = dataset.map_batches(**map_batches_args(config, index, stage))
         if config.fidelity is not None:
             dataset = dataset.map_batches(**fidelity_args(config))
-        half_done = {pair for pair in done if pair[0] in set(todo)}
+        half_done = {pair for pair in done if pair[0] in todo_ids}
         if half_done:
             dataset = dataset.map_batches(drop_committed, fn_kwargs={"pairs": half_done}, batch_format="pyarrow")
         interactive = sys.stdout.isatty()

@@ -33,7 +33,9 @@ def account_for_rows(config: JobConfig, plan, info: SourceInfo, state, wall_seco
     table = state.read(["id", "variant_index", "status"])
     pairs = list(zip(table.column("id").to_pylist(), table.column("variant_index").to_pylist(), strict=True))
     counts = Counter(pairs)
-    variants = plan.expected_rows // max(plan.input_rows, 1)
+    from jobs.pipeline import variants_per_input
+
+    variants = variants_per_input(config)
     expected = {(row_id, variant) for row_id in info.ids for variant in range(variants)}
     missing = sorted(expected - counts.keys())
     duplicated = sorted(pair for pair, count in counts.items() if count > 1)
