@@ -51,16 +51,17 @@ def hf_feature(data_type: pa.DataType) -> dict | list:
 
 def to_output_table(table: pa.Table) -> pa.Table:
     """Wrap the `image` bytes as the Hugging Face Image struct and add the `huggingface` metadata."""
+    data = table.column("image").combine_chunks().cast(pa.binary())
+    # The null mask, not the bytes themselves, decides which rows get a path.
     paths = [
-        image_file_name(row_id, variant) if data is not None else None
-        for row_id, variant, data in zip(
+        None if missing else image_file_name(row_id, variant)
+        for row_id, variant, missing in zip(
             table.column("id").to_pylist(),
             table.column("variant_index").to_pylist(),
-            table.column("image").to_pylist(),
+            data.is_null().to_pylist(),
             strict=True,
         )
     ]
-    data = table.column("image").combine_chunks().cast(pa.binary())
     images = pa.StructArray.from_arrays(
         [data, pa.array(paths, pa.string())], fields=list(IMAGE_TYPE), mask=data.is_null()
     )
