@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 
 from jobs.config import JobConfig, SinkConfig
 from jobs.storage import filesystem_for, join, open_atomically
+from operators.base import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ _ATTEMPT = re.compile(r"part-a(\d+)-")
 _POOL_FIELDS = {"num_actors", "num_cpus", "num_gpus", "batch_size", "device", "model_batch_size"}
 
 
-class SinkError(ValueError):
+class SinkError(UserError):
     """A sink that cannot be written as configured."""
 
 

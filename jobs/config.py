@@ -13,13 +13,14 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 from operators import OPERATORS
+from operators.base import UserError
 from operators.fidelity import FidelityConfig
 from operators.images import DEFAULT_MAX_IMAGE_PIXELS
 
 OperatorEntry = Annotated[Union[tuple(OPERATORS)], Field(discriminator="kind")]  # noqa: UP007
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config that does not validate; the message lists every problem, one per line."""
 
 

@@ -18,11 +18,12 @@ from dataclasses import asdict, dataclass, field
 
 from jobs.config import JobConfig
 from jobs.sources import SourceInfo, inspect_source, read_source
+from operators.base import UserError
 
 logger = logging.getLogger(__name__)
 
 
-class PlanError(ValueError):
+class PlanError(UserError):
     """A job that cannot run on the cluster it was given."""
 
 

@@ -19,7 +19,7 @@ import pyarrow.ipc
 
 from jobs.config import SourceConfig
 from jobs.storage import arrow_filesystem, filesystem_for
-from operators.base import RESERVED_COLUMNS
+from operators.base import RESERVED_COLUMNS, UserError
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ ARROW_SUFFIXES = (".arrow", ".feather", ".ipc")
 FORMAT_NAMES = {"parquet": "Parquet", "arrow": "Arrow IPC", "images": "images"}
 
 
-class SourceError(ValueError):
+class SourceError(UserError):
     """A source that cannot be read as configured."""
 
 

@@ -79,6 +79,11 @@ class OperatorConfig(BaseModel):
         return "cuda" if self.num_gpus > 0 else "cpu"
 
 
+class UserError(ValueError):
+    """A mistake the user can fix (config, source, sink, model reference, cluster request): the CLI
+    prints its message as one line and exits 2. Every such exception subclasses this one."""
+
+
 class RowError(ValueError):
     """A problem with one row's data; its message becomes that row's `error`."""
 

@@ -17,6 +17,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from operators.base import UserError
+
 logger = logging.getLogger(__name__)
 
 TRUSTED_LIBRARIES = ("diffusers", "transformers")
@@ -24,7 +26,7 @@ PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle")
 HUB_ALLOW_PATTERNS = ["*.json", "*.txt", "*.model", "*.safetensors"]
 
 
-class ModelError(ValueError):
+class ModelError(UserError):
     """A model that cannot or must not be loaded."""
 
 
