@@ -155,6 +155,7 @@ def job_config(args: argparse.Namespace, source: Path, sink: Path, model: Path) 
                     "model_batch_size": args.batch_size,
                     "num_actors": 1,
                     "num_cpus": args.threads,
+                    "torch_threads": args.threads,
                     "num_gpus": 1 if args.device == "cuda" else 0,
                     "device": args.device,
                     "dtype": args.dtype,

@@ -6,14 +6,24 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
+import tempfile
+import time
+import traceback
 
-from jobs.config import ConfigError, JobConfig, load_config
+from jobs.config import JobConfig, load_config
+from jobs.storage import redact
+from operators.base import UserError
 
 logger = logging.getLogger("restyle")
 
 EXIT_CONFIG = 2
 EXIT_FAILED = 1
+# Set to 1 to let unexpected exceptions propagate with their traceback on stderr.
+DEBUG_VARIABLE = "RESTYLE_DEBUG"
+# Where a failed command's traceback is written (default: restyle-logs/ in the temporary directory).
+LOG_DIR_VARIABLE = "RESTYLE_LOG_DIR"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,6 +44,11 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--dry-run", action="store_true", help="validate and print the plan without running")
     run.add_argument(
         "--rerun-failed", action="store_true", help="redo only the inputs whose committed rows have status error"
+    )
+    run.add_argument(
+        "--force",
+        action="store_true",
+        help="proceed in a sink holding files restyle did not write (they are kept; overwrite deletes only its own)",
     )
 
     submit = commands.add_parser("submit", help="submit a YAML job to a Ray cluster (Ray's job submission API)")
@@ -65,7 +80,14 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return _command(args)
+    except Exception as error:
+        return report_failure(error, f"{args.command} failed", "traceback in")
 
+
+def _command(args: argparse.Namespace) -> int:
+    """Run the parsed command; a `UserError` from anywhere in it becomes one `error:` line and exit 2."""
     if args.command == "make-tiny-models":
         from jobs.tiny_models import make_tiny_models
 
@@ -84,69 +106,174 @@ def main(argv: list[str] | None = None) -> int:
 
         return submit_job(args.config, args.address, overrides=args.overrides, wait=args.wait)
 
-    try:
-        config = load_config(args.config, args.overrides)
-    except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return EXIT_CONFIG
+    config = load_config(args.config, args.overrides)
     if args.dry_run:
         return dry_run(config)
-    return run_config(config, rerun_failed=args.rerun_failed)
+    return run_config(config, rerun_failed=args.rerun_failed, force=args.force)
 
 
 def dry_run(config: JobConfig) -> int:
     """Validate, resolve what can be resolved without running, and print the plan."""
-    from jobs.pipeline import PlanError, assumed_resources, plan_job
-    from jobs.sources import SourceError, SourceInfo, inspect_source
-    from operators.models import ModelError, check_model_files, is_hub_id
+    from jobs.commits import check_sink_location
+    from jobs.pipeline import PlanError, assumed_resources, plan_job, ray_address_setting, reachable_address
+    from jobs.sources import SourceInfo, inspect_source
+    from operators.models import vet_models
 
     problems = []
     try:
         info = inspect_source(config.source)
-    except (SourceError, OSError) as error:
+    except (UserError, OSError) as error:  # StorageUnreachableError is both
         problems.append(f"source: {error}")
         info = SourceInfo(ids=[])
-    for index, operator in enumerate(config.operators):
-        model = getattr(operator, "model", None)
-        if model and "://" not in model and not is_hub_id(model):
-            try:
-                from pathlib import Path
-
-                check_model_files(Path(model))
-            except (ModelError, OSError) as error:
-                problems.append(f"operators[{index}].model: {error}")
+    problems += vet_models(config.operators, config.run.offline)
     try:
-        plan = plan_job(config, info, *assumed_resources(config))
+        check_sink_location(config)
+    except UserError as error:
+        problems.append(str(error))
+    field_name, address = ray_address_setting(config)
+    if address is not None and address != "local":
+        try:
+            reachable_address(field_name, address)
+        except UserError as error:
+            problems.append(str(error))
+    try:
+        print(plan_job(config, info, *assumed_resources(config)).describe())
     except PlanError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return EXIT_CONFIG
-    print(plan.describe())
+        problems.append(str(error))
     for problem in problems:
-        print(f"error: {problem}", file=sys.stderr)
+        print(f"error: {redact(problem)}", file=sys.stderr)
     return EXIT_CONFIG if problems else 0
 
 
-def run_config(config: JobConfig, rerun_failed: bool = False) -> int:
-    """Run a validated job; print where its outputs, summary and report are."""
-    from jobs.commits import SinkError
-    from jobs.pipeline import PlanError, run_job
+def run_config(config: JobConfig, rerun_failed: bool = False, force: bool = False) -> int:
+    """Run a validated job; print where its outputs, summary and report are.
+
+    A `UserError` (bad source, sink, plan, model) is one `error:` line and exit 2; any other failure
+    of the job is one `error: job failed: TYPE: first line (full log in PATH)` line and exit 1, with
+    the traceback and Ray's log directory in that file (RESTYLE_DEBUG=1 raises it instead)."""
+    from jobs.pipeline import run_job
     from jobs.report import AccountingError
-    from jobs.sources import SourceError
 
     try:
-        result = run_job(config, rerun_failed=rerun_failed)
-    except (SourceError, SinkError, PlanError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return EXIT_CONFIG
+        result = run_job(config, rerun_failed=rerun_failed, force=force)
     except AccountingError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {redact(str(error))}", file=sys.stderr)
         return EXIT_FAILED
+    except Exception as error:
+        return report_failure(error, "job failed", "full log in")
     summary = result.summary
     print(json.dumps(summary, indent=2))
     print(f"outputs: {config.sink.uri}/data/*.parquet")
     print(f"summary: {config.sink.uri}/summary.json")
     print(f"report:  {summary['report']}")
     return 0
+
+
+def report_failure(error: Exception, what: str, log_label: str) -> int:
+    """Print one `error:` line for an exception and return the exit code: 2 for a `UserError`, else 1
+    with the traceback written to a log file (re-raised instead under RESTYLE_DEBUG=1)."""
+    user_error, cause = describe_failure(error)
+    if user_error:
+        print(f"error: {cause}", file=sys.stderr)
+        return EXIT_CONFIG
+    if os.environ.get(DEBUG_VARIABLE) == "1":
+        raise error
+    print(f"error: {what}: {cause} ({log_label} {write_failure_log(error)})", file=sys.stderr)
+    return EXIT_FAILED
+
+
+def describe_failure(error: BaseException) -> tuple[bool, str]:
+    """Whether an exception is the user's to fix (a `UserError`, also when a Ray task raised it),
+    and what to print: a `UserError`'s message, else `TYPE: first line of the message`."""
+    cause = ray_cause(error)
+    if isinstance(cause, UserError):
+        return True, redact(str(cause))
+    remote = remote_root(error)
+    if remote is not None:
+        name, message = remote
+        if _is_user_error_class(name):
+            return True, redact(message)
+        return False, redact(f"{name.rsplit('.', 1)[-1]}: {message}")
+    lines = str(cause).strip().splitlines()
+    return False, redact(f"{type(cause).__name__}: {lines[0]}" if lines else type(cause).__name__)
+
+
+def ray_cause(error: BaseException) -> BaseException:
+    """The exception behind Ray's wrappers: a task's or actor's error as the driver receives it
+    (`RayTaskError`, Ray Data's `UserCodeException`) is reported as what the task raised."""
+    for _ in range(16):
+        inner = getattr(error, "cause", None)
+        if isinstance(inner, BaseException) and inner is not error:
+            error = inner
+        elif type(error).__module__.startswith("ray.") and error.__cause__ is not None:
+            error = error.__cause__
+        else:
+            break
+    return error
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_EXCEPTION_LINE = re.compile(r"^([A-Za-z_][\w.]*): (.*)$")
+_CHAINED = re.compile(r"\n(?:The above exception was the direct cause|During handling of the above exception)")
+
+
+def remote_root(error: BaseException) -> tuple[str, str] | None:
+    """(type, first message line) of the first exception in a Ray task's remote traceback: the
+    driver gets the task's error as text (Ray Data wraps it in `UserCodeException`)."""
+    item: BaseException | None = error
+    for _ in range(16):
+        if item is None:
+            return None
+        # A task's error renders as its remote traceback (the dual `RayTaskError(X)` keeps only that).
+        text = getattr(item, "traceback_str", None) or (str(item) if type(item).__module__.startswith("ray.") else None)
+        if isinstance(text, str):
+            lines = _CHAINED.split(_ANSI.sub("", text))[0].splitlines()
+            frames = [index for index, line in enumerate(lines) if line.startswith('  File "')]
+            for line in lines[frames[-1] + 1 :] if frames else ():
+                match = _EXCEPTION_LINE.match(line)
+                if match:
+                    return match.group(1), match.group(2)
+        item = getattr(item, "cause", None) or item.__cause__
+    return None
+
+
+def _is_user_error_class(qualified_name: str) -> bool:
+    """Whether a remote exception's `module.Class` is one of restyle's `UserError` subclasses."""
+    import importlib
+
+    module_name, _, name = qualified_name.rpartition(".")
+    if not module_name.startswith(("jobs.", "operators.")):
+        return False
+    try:
+        found = getattr(importlib.import_module(module_name), name, None)
+    except ImportError:
+        return False
+    return isinstance(found, type) and issubclass(found, UserError)
+
+
+def write_failure_log(error: BaseException) -> str:
+    """Write the traceback (and where Ray keeps its workers' logs) to a new file; return its path."""
+    directory = os.environ.get(LOG_DIR_VARIABLE) or os.path.join(tempfile.gettempdir(), "restyle-logs")
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, f"restyle-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log")
+    text = "".join(traceback.format_exception(error))
+    ray_logs = _ray_log_directory()
+    if ray_logs:
+        text += f"\nRay's logs (every worker and actor of this job): {ray_logs}\n"
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write(redact(text))
+    return path
+
+
+def _ray_log_directory() -> str | None:
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return ray._private.worker._global_node.get_logs_dir_path()
+    except Exception:  # a log location is a courtesy; never let it hide the failure itself
+        return None
+    return None
 
 
 if __name__ == "__main__":

@@ -2,11 +2,18 @@
 
 Each write task writes its shard atomically (a local file is written aside and renamed; an S3
 object appears only when its upload completes), then a small commit record
-`_commits/<shard>.json` naming the shard, its row count, the config hash and the attempt. A shard
-without a record is not output: it is a crashed attempt's leftover, deleted by the next run, and
-its rows are redone. A record may `replace` older shards (`--rerun-failed` rewrites a shard without
-its error rows); replaced shards no longer count. `_manifest.json`, written last when every
+`_commits/<shard>.json` naming the shard, its row count, the config hash, the attempt and the run
+id. A shard without a record is not output: it is a crashed attempt's leftover, deleted by the next
+run, and its rows are redone; so is a record that cannot be parsed (a warning names it). Shard
+names carry the run id (`data/part-aAAAA-RRRRRRRR-TTTTT-SSS.parquet`), so two runs never write the
+same name; the sink's lease (jobs/lease.py) keeps a second run out while one is running. A record
+may `replace` older shards (`--rerun-failed` rewrites a shard without its error rows); replaced
+shards no longer count. `_manifest.json`, written last when every
 input is accounted for, lists the committed shards: while it is absent the output is incomplete.
+
+Only restyle's own outputs are ever deleted (`OUTPUT_NAMES`, shard and PNG names under `data/` and
+`images/`); `check_sink_location` refuses a sink that overlaps the source, the working directory,
+the home directory or a root, before anything is read or written.
 
 Limits: the driver holds the committed (id, variant) pairs in memory (about 100 bytes each); the
 unit of resumption is a shard, so a crash loses at most the shards being written.
@@ -14,9 +21,11 @@ unit of resumption is a shard, so a crash loses at most the shards being written
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import os
 import re
 from dataclasses import dataclass, field
 
@@ -25,15 +34,24 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from jobs.config import JobConfig, SinkConfig
+from jobs.lease import LEASE
 from jobs.storage import filesystem_for, join, open_atomically
-from operators.base import UserError
+from operators.base import UserError, library_versions
 
 logger = logging.getLogger(__name__)
 
 COMMITS = "_commits"
 MANIFEST = "_manifest.json"
+# Everything restyle writes at the top of a sink; `data/` and `images/` hold only the names below.
+OUTPUT_NAMES = ("data", "images", COMMITS, MANIFEST, "summary.json", "report.html", LEASE)
 _ATTEMPT = re.compile(r"part-a(\d+)-")
-# Fields that decide where and how fast a job runs, not what it writes.
+_SHARD_FILE = re.compile(r"part-a\d{4}-[0-9a-z]+-[0-9a-z]+-\d{3}\.parquet|part-a\d{4}-r?\d{5}-\d{3}\.parquet")
+_IMAGE_FILE = re.compile(r".+\.v\d+\.png")
+# A file `open_atomically` was writing when its process died: `.<name>.<8 hex>.tmp`.
+_TEMPORARY = re.compile(r"\..+\.[0-9a-f]{8}\.tmp")
+# Fields that decide where and how fast a job runs, not what it writes. `torch_threads` is not one:
+# on cpu it changes output bytes. `model_batch_size` (and `batch_size`, which sets it on cuda by
+# default) can change the last bits of outputs; the rows record it instead.
 _POOL_FIELDS = {"num_actors", "num_cpus", "num_gpus", "batch_size", "device", "model_batch_size"}
 
 
@@ -43,11 +61,15 @@ class SinkError(UserError):
 
 def config_hash(config: JobConfig) -> str:
     """A hash of everything that decides the output rows: source, operators (with their resolved
-    device, not their pool sizes), seed and fidelity. Storage settings and secrets are not part of it."""
+    device and torch thread count, not their pool sizes, and the installed versions of the libraries
+    that shape their bytes), seed and fidelity. Storage settings and secrets are not part of it, so
+    a resume after upgrading torch, diffusers, transformers, numpy, Pillow or OpenCV is refused
+    rather than mixing outputs of two versions."""
     operators = []
     for operator in config.operators:
         fields = operator.model_dump(mode="json", exclude=_POOL_FIELDS)
         fields["device"] = operator.resolved_device()
+        fields["versions"] = library_versions(operator.output_libraries())
         operators.append(fields)
     identity = {
         "source": config.source.model_dump(mode="json", exclude={"storage"}),
@@ -67,6 +89,12 @@ class Commit:
     config_hash: str
     attempt: int
     replaces: list[str] = field(default_factory=list)
+    run_id: str = ""
+
+
+def shard_name(attempt: int, run_id: str, task: str, index: int) -> str:
+    """A shard's path inside the sink: unique per run (run id), write task and shard index."""
+    return f"data/part-a{attempt:04d}-{run_id}-{task}-{index:03d}.parquet"
 
 
 def commit_shard(filesystem, root: str, commit: Commit) -> None:
@@ -90,9 +118,21 @@ class SinkState:
         self.config = config
         self.filesystem, self.root = filesystem_for(config.uri, config.storage.storage_options())
         self.commits: dict[str, Commit] = {}
-        records = self._list(COMMITS)
-        for path in records:
-            commit = Commit(**json.loads(self.filesystem.cat_file(path)))
+        shards = set(self._list("data"))
+        for path in self._list(COMMITS):
+            name = path.rsplit("/", 1)[-1]
+            if name.startswith(".") or not name.endswith(".json"):
+                continue  # a temporary file or probe a killed run left: removed by remove_leftovers
+            try:
+                commit = Commit(**json.loads(self.filesystem.cat_file(path)))
+                if f"{commit.shard.rsplit('/', 1)[-1]}.json" != name or not isinstance(commit.rows, int):
+                    raise ValueError("the record names another shard")
+            except (ValueError, TypeError, AttributeError) as error:
+                logger.warning("sink: ignoring the unreadable commit record %s (%s); its rows are redone", path, error)
+                continue
+            if join(self.root, commit.shard) not in shards:
+                logger.warning("sink: commit record %s names a missing shard; its rows are redone", path)
+                continue
             self.commits[commit.shard] = commit
         replaced = {old for commit in self.commits.values() for old in commit.replaces}
         self.commits = {shard: commit for shard, commit in self.commits.items() if shard not in replaced}
@@ -112,29 +152,31 @@ class SinkState:
         seen += [int(match.group(1)) for path in self._list("data") if (match := _ATTEMPT.search(path))]
         return max(seen, default=0) + 1
 
-    def check_owner(self, job_hash: str) -> None:
-        """Refuse to mix this job's rows with those of a different config, or with foreign files."""
+    def check_owner(self, job_hash: str, force: bool = False) -> None:
+        """Refuse to mix this job's rows with those of a different config, or (unless `force`) with
+        files restyle did not write."""
         hashes = {commit.config_hash for commit in self.commits.values()}
         if hashes and hashes != {job_hash}:
             raise SinkError(
                 f"sink.uri {self.config.uri} holds output of a different config (hash {sorted(hashes)[0]}, this "
                 f"config {job_hash}); results would mix. Use a new sink.uri, or sink.mode: overwrite to replace it"
             )
-        if not hashes and self.filesystem.exists(self.root):
-            foreign = [path for path in self.filesystem.ls(self.root, detail=False) if not _is_ours(path)]
+        if not hashes and not force:
+            _, foreign = survey(self.filesystem, self.root)
             if foreign:
                 raise SinkError(
-                    f"sink.uri {self.config.uri} holds files this job did not write ({len(foreign)} entries, e.g. "
-                    f"{foreign[0].rsplit('/', 1)[-1]}); choose a new uri or set sink.mode: overwrite"
+                    f"sink.uri {self.config.uri} holds files restyle did not write ({len(foreign)} entries: "
+                    f"{', '.join(foreign[:3])}); choose a new uri, or run with --force to write beside them"
                 )
 
     def remove_leftovers(self) -> int:
-        """Delete shards without a live commit (a crashed attempt's), stale records and the manifest."""
+        """Delete shards without a live commit (a crashed attempt's), stale or unreadable records,
+        temporary files and the manifest. Only called while this run holds the sink's lease."""
         live = set(self.shards)
-        leftovers = [path for path in self._list("data") if path not in live]
+        leftovers = [path for path in self._list("data") if path not in live and _is_shard_or_temporary(path)]
         for record in self._list(COMMITS):
-            shard = "data/" + record.rsplit("/", 1)[-1].removesuffix(".json")
-            if shard not in self.commits:
+            name = record.rsplit("/", 1)[-1]
+            if not name.endswith(".json") or "data/" + name.removesuffix(".json") not in self.commits:
                 leftovers.append(record)
         manifest = join(self.root, MANIFEST)
         if self.filesystem.exists(manifest):
@@ -156,10 +198,11 @@ class SinkState:
         dataset = pyarrow.dataset.dataset(self.shards, filesystem=arrow_filesystem(self.filesystem), format="parquet")
         return dataset.to_table(columns=columns, filter=pc.field("id").isin(ids) if ids is not None else None)
 
-    def drop_error_rows(self, attempt: int, job_hash: str) -> int:
+    def drop_error_rows(self, attempt: int, job_hash: str, run_id: str) -> int:
         """Rewrite each shard holding error rows without them (for `--rerun-failed`); return how many
         rows were dropped. The rewrite is committed before the old shard is removed, so a crash in
-        between leaves exactly one live copy of every row."""
+        between leaves exactly one live copy of every row. A shard of only error rows is uncommitted
+        (its record deleted first), not rewritten empty."""
         dropped = 0
         for index, shard in enumerate(sorted(self.commits)):
             table = pq.read_table(join(self.root, shard), filesystem=_arrow(self.filesystem))
@@ -168,13 +211,14 @@ class SinkState:
             if not count:
                 continue
             kept = table.filter(pc.invert(failed))
-            name = f"data/part-a{attempt:04d}-r{index:05d}-000.parquet"
-            commit = Commit(name, kept.num_rows, job_hash, attempt, replaces=[shard])
-            write_shard(self.filesystem, self.root, name, kept, commit)
-            self.filesystem.rm(join(self.root, shard))
+            if kept.num_rows:
+                name = shard_name(attempt, run_id, f"r{index:04d}", 0)
+                commit = Commit(name, kept.num_rows, job_hash, attempt, replaces=[shard], run_id=run_id)
+                write_shard(self.filesystem, self.root, name, kept, commit)
+                self.commits[name] = commit
             self.filesystem.rm(join(self.root, COMMITS, shard.rsplit("/", 1)[-1] + ".json"))
+            self.filesystem.rm(join(self.root, shard))
             del self.commits[shard]
-            self.commits[name] = commit
             dropped += count
         return dropped
 
@@ -190,9 +234,113 @@ class SinkState:
             handle.write(json.dumps(manifest, indent=2).encode())
 
 
-def _is_ours(path: str) -> bool:
-    name = path.rstrip("/").rsplit("/", 1)[-1]
-    return name in ("data", "images", COMMITS, MANIFEST, "summary.json", "report.html")
+def survey(filesystem, root: str) -> tuple[list[str], list[str]]:
+    """What the sink holds: paths restyle wrote (its outputs, records, leftovers and lease), and
+    the entries it did not write, relative to the sink (folders restyle does not use are named once)."""
+    if not filesystem.exists(root):
+        return [], []
+    ours, foreign = [], []
+    for path in sorted(filesystem.ls(root, detail=False)):
+        name = path.rstrip("/").rsplit("/", 1)[-1]
+        if name in ("data", "images", COMMITS) and filesystem.isdir(path):
+            pattern = {"data": _SHARD_FILE, "images": _IMAGE_FILE, COMMITS: re.compile(r".*")}[name]
+            for inner in sorted(filesystem.find(path)):
+                base = inner.rsplit("/", 1)[-1]
+                if pattern.fullmatch(base) or _TEMPORARY.fullmatch(base):
+                    ours.append(inner)
+                else:
+                    foreign.append(inner[len(root.rstrip("/")) + 1 :])
+        elif name in (MANIFEST, "summary.json", "report.html", LEASE) or _TEMPORARY.fullmatch(name):
+            ours.append(path)
+        else:
+            foreign.append(name)
+    return ours, foreign
+
+
+def _is_shard_or_temporary(path: str) -> bool:
+    name = path.rsplit("/", 1)[-1]
+    return bool(_SHARD_FILE.fullmatch(name) or _TEMPORARY.fullmatch(name))
+
+
+def remove_outputs(filesystem, root: str, paths: list[str]) -> None:
+    """Delete restyle's own files found by `survey` (never a folder with anything else in it)."""
+    if paths:
+        filesystem.rm(paths)
+    for folder in ("data", "images", COMMITS):
+        path = join(root, folder)
+        if _is_local(filesystem) and os.path.isdir(path):
+            for directory, _, _ in sorted(os.walk(path), reverse=True):
+                with contextlib.suppress(OSError):  # not empty: it holds something that is not ours
+                    os.rmdir(directory)
+    logger.info("sink: overwrite removed %d files of earlier output", len(paths))
+
+
+def check_sink_location(config: JobConfig) -> None:
+    """Refuse a sink that equals or contains the source, is inside the source (outputs would be read
+    as inputs next time), or equals or contains the working directory, the home directory or a
+    filesystem or bucket root. Paths are compared resolved: `~` expanded, symlinks followed."""
+    uri = config.sink.uri
+    scheme, sink = _location(uri)
+    if scheme == "s3":
+        if "/" not in sink:
+            raise SinkError(
+                f"sink.uri {uri} is a bucket root; restyle needs a prefix of its own, e.g. s3://{sink}/restyle-out"
+            )
+    else:
+        resolved = f" (resolved: {sink})" if sink != uri else ""
+        if sink == "/":
+            raise SinkError(f"sink.uri {uri} is a filesystem root{resolved}; choose a folder of its own")
+        for what, place in (("the home directory", _real("~")), ("the working directory", _real(os.getcwd()))):
+            if _inside(place, sink):
+                relation = "is" if place == sink else f"contains {place},"
+                raise SinkError(f"sink.uri {uri}{resolved} {relation} {what}; choose a folder of its own for output")
+    source_scheme, source = _location(config.source.uri)
+    if source_scheme != scheme:
+        return
+    if _inside(source, sink):
+        relation = "is the same place as" if source == sink else "contains"
+        raise SinkError(
+            f"sink.uri {uri} {relation} source.uri {config.source.uri} (resolved: {sink}, {source}); the output "
+            "would mix with the input: choose a sink.uri outside the source"
+        )
+    if _inside(sink, source):
+        raise SinkError(
+            f"sink.uri {uri} is inside source.uri {config.source.uri} (resolved: {sink}, {source}); outputs would "
+            "be read back as inputs: choose a sink.uri outside the source"
+        )
+
+
+def storage_errors() -> tuple[type[Exception], ...]:
+    """Exceptions a filesystem call raises when storage refuses or cannot be reached."""
+    errors: tuple[type[Exception], ...] = (OSError,)
+    try:
+        import botocore.exceptions
+
+        errors += (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError)
+    except ImportError:
+        pass
+    return errors
+
+
+def _location(uri: str) -> tuple[str, str]:
+    if uri.startswith("s3://"):
+        return "s3", "/".join(part for part in uri[len("s3://") :].split("/") if part)
+    path = uri[len("file://") :] if uri.startswith("file://") else uri
+    return "file", _real(path)
+
+
+def _real(path: str) -> str:
+    return os.path.realpath(os.path.expanduser(path))
+
+
+def _inside(path: str, folder: str) -> bool:
+    """Whether `path` is `folder` or inside it."""
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
+
+
+def _is_local(filesystem) -> bool:
+    protocol = filesystem.protocol
+    return "file" in (protocol if isinstance(protocol, tuple) else (protocol,))
 
 
 def _arrow(filesystem):
@@ -205,11 +353,11 @@ class ProgressLog:
     """Logs committed rows at a steady interval while a job runs: scheduled jobs write to files,
     where Ray's progress bars do not show. Reads only the commit records it has not seen."""
 
-    def __init__(self, config: SinkConfig, attempt: int, already: int, expected: int, interval: float):
+    def __init__(self, config: SinkConfig, attempt: int, already: int, expected: int, interval: float, run_id: str):
         import threading
 
         self.filesystem, self.root = filesystem_for(config.uri, config.storage.storage_options())
-        self.prefix = f"part-a{attempt:04d}-"
+        self.prefix = f"part-a{attempt:04d}-{run_id}-"
         self.already, self.expected, self.interval = already, expected, interval
         self.seen: dict[str, int] = {}
         self.stop = threading.Event()

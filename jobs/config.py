@@ -6,12 +6,15 @@ raised before Ray starts or any model loads.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
+from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
+from jobs.storage import redact
 from operators import OPERATORS
 from operators.base import UserError
 from operators.fidelity import FidelityConfig
@@ -28,6 +31,22 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+# The largest value a signed 64-bit integer (Parquet's and Arrow's int64) holds.
+MAX_INT64 = 2**63 - 1
+ACCEPTED_URIS = "a local path, file://PATH or s3://BUCKET/PREFIX"
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+def check_location(uri: str) -> str:
+    """Refuse a URI whose scheme restyle cannot read or write (gs://, https://, ...)."""
+    match = _SCHEME.match(uri)
+    if match and match.group(1).lower() not in ("file", "s3"):
+        raise ValueError(f"unsupported URI scheme {match.group(1)!r}; accepted: {ACCEPTED_URIS}")
+    if not uri.strip():
+        raise ValueError(f"must not be empty; accepted: {ACCEPTED_URIS}")
+    return uri
+
+
 class StorageConfig(_Frozen):
     """Object-storage settings. Left empty, the standard AWS chain applies (AWS_* variables,
     shared config, instance or pod identity). Secrets are never printed or logged."""
@@ -38,6 +57,26 @@ class StorageConfig(_Frozen):
     secret_access_key: SecretStr | None = Field(None, description="Secret access key.")
     session_token: SecretStr | None = Field(None, description="Session token for temporary credentials.")
     anon: bool = Field(False, description="Access public buckets without credentials.")
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _endpoint_is_a_url(cls, value: str | None) -> str | None:
+        # The value is never quoted back: a misplaced credential may sit in it.
+        if value is None:
+            return value
+        if "@" in value:
+            raise ValueError(
+                "must not hold credentials (USER:SECRET@); give them as access_key_id and secret_access_key, "
+                "or through the AWS_* environment variables"
+            )
+        try:
+            parts = urlsplit(value)
+            parts.port  # noqa: B018 (raises ValueError on a port that is not a number)
+        except ValueError:
+            parts = None
+        if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be http://HOST[:PORT] or https://HOST[:PORT]")
+        return value
 
     def storage_options(self) -> dict[str, Any]:
         """s3fs keyword arguments."""
@@ -68,17 +107,40 @@ class SourceConfig(_Frozen):
     )
     image_column: str = Field("image", description="Parquet column with encoded bytes or {bytes, path} structs.")
     id_column: str = Field("id", description="Parquet column of unique row ids (images: ids are relative paths).")
-    limit: int | None = Field(None, ge=1, description="Process only the first N rows (in id order).")
+    limit: int | None = Field(None, ge=1, le=MAX_INT64, description="Process only the first N rows (in id order).")
     read_blocks: int | None = Field(
         None,
         ge=1,
+        le=1_000_000,
         description="Blocks to read the source into (Ray's `override_num_blocks`, a hint Ray may combine for small "
         "Parquet files); output is committed a block at a time, so more blocks mean smaller steps. Default: Ray's.",
     )
     max_image_pixels: int = Field(
-        DEFAULT_MAX_IMAGE_PIXELS, ge=1, description="Larger images become error rows (decompression-bomb limit)."
+        DEFAULT_MAX_IMAGE_PIXELS,
+        ge=1,
+        le=MAX_INT64,
+        description="Larger images become error rows (decompression-bomb limit).",
+    )
+    include: list[str] | None = Field(
+        None,
+        min_length=1,
+        description="Image folders only: glob patterns on each file's path relative to the folder (e.g. "
+        "['*.png', '**/*.jpg']; `*` also crosses '/', a leading `**/` also matches the top level, case is "
+        "ignored). Files matching none are not read but counted as `skipped` and listed in the report. "
+        "Without it every file is an input, and one that is not an image becomes an error row.",
     )
     storage: StorageConfig = Field(default_factory=StorageConfig, description="Object-storage settings.")
+
+    @model_validator(mode="after")
+    def _include_needs_a_folder(self) -> SourceConfig:
+        if self.include is not None and self.format != "images":
+            raise ValueError(f"source.include applies to format 'images' only, got format {self.format!r}")
+        return self
+
+    @field_validator("uri")
+    @classmethod
+    def _readable_scheme(cls, value: str) -> str:
+        return check_location(value)
 
 
 class SinkConfig(_Frozen):
@@ -90,17 +152,24 @@ class SinkConfig(_Frozen):
         description="'resume': continue the same config's committed output (a finished job writes nothing new; "
         "a different config is refused); 'error': refuse a non-empty directory; 'overwrite': clear it first.",
     )
-    rows_per_shard: int = Field(1000, ge=1, description="Upper bound on rows in one Parquet shard.")
+    rows_per_shard: int = Field(1000, ge=1, le=1_000_000, description="Upper bound on rows in one Parquet shard.")
     write_images: bool = Field(False, description="Also write each output as a PNG under images/.")
-    report_rows: int = Field(24, ge=0, description="Rows shown in report.html (input beside output).")
+    report_rows: int = Field(24, ge=0, le=10_000, description="Rows shown in report.html (input beside output).")
     storage: StorageConfig = Field(default_factory=StorageConfig, description="Object-storage settings.")
+
+    @field_validator("uri")
+    @classmethod
+    def _readable_scheme(cls, value: str) -> str:
+        return check_location(value)
 
 
 class ResourcesConfig(_Frozen):
     """Resources of a local Ray instance, and how much to keep free for reads and writes."""
 
-    num_cpus: int | None = Field(None, ge=1, description="CPUs of the local Ray instance (default: all).")
-    num_gpus: int | None = Field(None, ge=0, description="GPUs of the local Ray instance (default: detected).")
+    num_cpus: int | None = Field(None, ge=1, le=100_000, description="CPUs of the local Ray instance (default: all).")
+    num_gpus: int | None = Field(
+        None, ge=0, le=100_000, description="GPUs of the local Ray instance (default: detected)."
+    )
     reserved_cpus: float = Field(
         1.0,
         ge=1,
@@ -112,7 +181,9 @@ class ResourcesConfig(_Frozen):
 class RunConfig(_Frozen):
     """How the job runs."""
 
-    seed: int = Field(0, ge=0, description="Run seed; each output's seed derives from it, the row id and variant.")
+    seed: int = Field(
+        0, ge=0, le=MAX_INT64, description="Run seed; each output's seed derives from it, the row id and variant."
+    )
     ray_address: str | None = Field(
         None, description="Ray cluster to join ('auto' or ray://...); default RAY_ADDRESS, else a local instance."
     )
@@ -150,16 +221,32 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> JobConfig:
     """Read a YAML job file, apply `dotted.path=value` overrides, and validate."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path} is a directory; give the path of a YAML job file") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not text (not UTF-8); give a YAML job file") from None
+    except OSError as error:
+        raise ConfigError(f"cannot read config file {path}: {error.strerror or type(error).__name__}") from None
     except yaml.YAMLError as error:
-        raise ConfigError(f"{path} is not valid YAML: {error}") from None
+        raise ConfigError(f"{path} is not valid YAML: {_one_line(error)}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{path} must hold a mapping with source, operators, sink and run")
+        got = "nothing (an empty file)" if data is None else f"a {type(data).__name__}"
+        raise ConfigError(f"{path} must hold a mapping with source, operators, sink and run; it holds {got}")
     for override in overrides:
         apply_override(data, override)
     return validate_config(data, source_name=str(path))
+
+
+def _one_line(error: yaml.YAMLError) -> str:
+    """A YAML error as one line: its problem and where (`line L, column C`)."""
+    problem = getattr(error, "problem", None)
+    mark = getattr(error, "problem_mark", None)
+    if problem and mark is not None:
+        return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
+    return " ".join(str(error).split())
 
 
 def validate_config(data: dict, source_name: str = "config") -> JobConfig:
@@ -182,17 +269,53 @@ def format_errors(error: ValidationError) -> str:
         got = (
             ""
             if problem["type"] in ("missing", "union_tag_not_found") or isinstance(given, dict)
-            else f", got {given!r}"
+            else f", got {redact(repr(given))}"
         )
         if problem["type"] in ("union_tag_invalid", "union_tag_not_found"):
             location += "." + str(problem.get("ctx", {}).get("discriminator", "kind")).strip("'")
-        if problem["loc"] and problem["loc"][-1] in _SECRET_FIELDS:
+        if got and _may_hold_a_secret(problem):
             got = ", got a value that is not shown"
-        lines.append(f"  {location or '(top level)'}: {message}{got}")
+        lines.append(f"  {location or '(top level)'}: {message}{got}{_accepted_range(problem, parent)}")
     return "\n".join(lines)
 
 
-_SECRET_FIELDS = ("access_key_id", "secret_access_key", "session_token")
+# Values inside these mappings, or under a key that looks like a credential, are never quoted
+# back, wherever they appear: a user may put a secret in the wrong field.
+_STORAGE_FIELDS = ("storage", "model_storage")
+_CREDENTIAL_NAME = re.compile(r"secret|passw|token|key|credential|auth|storage", re.IGNORECASE)
+_MAPPING_EXPECTED = ("model_type", "model_attributes_type", "dict_type")
+
+
+def _may_hold_a_secret(problem: dict) -> bool:
+    """Whether the value of a validation problem may be a misplaced credential: anything inside a
+    storage mapping, under a credential-like key, or a plain value given where a mapping is expected."""
+    names = [part for part in problem["loc"] if isinstance(part, str)]
+    return problem["type"] in _MAPPING_EXPECTED or any(
+        name in _STORAGE_FIELDS or _CREDENTIAL_NAME.search(name) for name in names
+    )
+
+
+def _accepted_range(problem: dict, parent: type[BaseModel] | None) -> str:
+    """`; accepted: whole numbers from 1 to 65536` for a number outside its field's bounds."""
+    name = problem["loc"][-1] if problem["loc"] else None
+    if not problem["type"].startswith(("greater_than", "less_than", "int_")) or not isinstance(name, str):
+        return ""
+    field = parent.model_fields.get(name) if parent is not None else None
+    if field is None:
+        return ""
+    bounds = {}
+    for constraint in field.metadata:
+        for key in ("ge", "gt", "le", "lt"):
+            if getattr(constraint, key, None) is not None:
+                bounds[key] = getattr(constraint, key)
+    low = f"{bounds['ge']}" if "ge" in bounds else f"above {bounds['gt']}" if "gt" in bounds else None
+    high = f"{bounds['le']}" if "le" in bounds else f"below {bounds['lt']}" if "lt" in bounds else None
+    kind = "whole numbers" if int in getattr(field.annotation, "__args__", (field.annotation,)) else "numbers"
+    if low and high:
+        return f"; accepted: {kind} from {low} to {high}"
+    if low or high:
+        return f"; accepted: {kind} {'from ' + low if low else 'up to ' + high}"
+    return ""
 
 
 def _walk(location: tuple) -> tuple[str, type[BaseModel] | None]:
@@ -245,9 +368,17 @@ def apply_override(data: dict, override: str) -> None:
     """Set `dotted.path=value` in a config mapping; the value is parsed as YAML, list
     items are addressed by index (`operators.0.strength=0.5`)."""
     if "=" not in override:
-        raise ConfigError(f"--set takes dotted.path=value, got {override!r}")
+        # A mistyped `--set source.storage.secret_access_key:VALUE` must not print VALUE.
+        shown = "a value that is not shown" if _CREDENTIAL_NAME.search(override) else repr(redact(override))
+        raise ConfigError(f"--set takes dotted.path=value, got {shown}")
     dotted, raw = override.split("=", 1)
-    value = yaml.safe_load(raw) if raw else ""
+    if not dotted or "" in dotted.split("."):
+        raise ConfigError(f"--set takes dotted.path=value with a path like run.seed, got path {dotted!r}")
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError as error:
+        detail = "" if _CREDENTIAL_NAME.search(dotted) else f" ({_one_line(error)})"
+        raise ConfigError(f"--set {dotted}: the value is not valid YAML{detail}; quote it if it is a string") from None
     parts = dotted.split(".")
     node: Any = data
     for depth, part in enumerate(parts):

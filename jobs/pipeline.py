@@ -11,6 +11,7 @@ import contextlib
 import logging
 import math
 import os
+import re
 import sys
 import time
 import uuid
@@ -80,7 +81,13 @@ class JobPlan:
 
 def size_pools(config: JobConfig, cpus: float, gpus: float) -> list[int]:
     """Actors per operator, leaving `run.resources.reserved_cpus` free so reads and writes
-    are never starved (a pool that takes every CPU hangs the job)."""
+    are never starved (a pool that takes every CPU hangs the job).
+
+    GPU stages get as many actors as the GPUs allow. CPU stages with `num_actors` take what they
+    ask for; the CPUs left are split evenly between the other CPU stages, each getting as many
+    actors as its share holds (at least one, or the plan is refused naming the split). An actor
+    reserves its `num_cpus` as configured, never less: a stage that should share a CPU says so
+    with a fraction (`num_cpus: 0.5`), as configs/chain.yaml does."""
     operators = config.operators
     sizes: list[int | None] = [None] * len(operators)
     for index, operator in enumerate(operators):
@@ -95,22 +102,51 @@ def size_pools(config: JobConfig, cpus: float, gpus: float) -> list[int]:
                     f"{gpus:g} GPUs; lower it, or set operators[{index}].num_actors if an autoscaler adds GPUs"
                 )
             sizes[index] = count
-    free = cpus - config.run.resources.reserved_cpus
-    free -= sum(operators[i].num_cpus * sizes[i] for i in range(len(operators)) if sizes[i] is not None)
+    reserved = config.run.resources.reserved_cpus
+    gpu_stage_cpus = sum(operators[i].num_cpus * sizes[i] for i in range(len(operators)) if sizes[i] is not None)
+    free = cpus - reserved - gpu_stage_cpus
     cpu_stages = [i for i in range(len(operators)) if sizes[i] is None]
-    for index in cpu_stages:
+    fixed = [i for i in cpu_stages if operators[i].num_actors is not None]
+    automatic = [i for i in cpu_stages if operators[i].num_actors is None]
+
+    def refuse(index: int, actors: int, detail: str, fix: str) -> PlanError:
         operator = operators[index]
-        share = free / len(cpu_stages)
-        if operator.num_actors is not None:
-            sizes[index] = operator.num_actors
-        else:
-            sizes[index] = math.floor(share / operator.num_cpus + 1e-9)
-        if sizes[index] < 1 or sizes[index] * operator.num_cpus > share + 1e-9:
-            raise PlanError(
-                f"operators[{index}] needs {operator.num_actors or 1} actor(s) x {operator.num_cpus:g} CPUs but "
-                f"the cluster has {cpus:g} CPUs, {config.run.resources.reserved_cpus:g} kept for reads and "
-                f"writes (run.resources.reserved_cpus); lower operators[{index}].num_cpus or num_actors"
+        taken = f", {gpu_stage_cpus:g} taken by GPU stages" if gpu_stage_cpus else ""
+        return PlanError(
+            f"operators[{index}] needs {actors} actor(s) x {operator.num_cpus:g} CPUs but the cluster has "
+            f"{cpus:g} CPUs, {reserved:g} kept for reads and writes (run.resources.reserved_cpus){taken}, "
+            f"leaving {max(free, 0):g} for CPU stages{detail}; {fix}, or give the job more CPUs "
+            "(run.resources.num_cpus, or a larger cluster)"
+        )
+
+    for index in fixed:
+        sizes[index] = operators[index].num_actors
+    demand = sum(operators[i].num_actors * operators[i].num_cpus for i in fixed)
+    if fixed and demand > free + 1e-9:
+        index = fixed[-1]
+        others = f", of which the stages with num_actors ask {demand:g}" if len(fixed) > 1 else ""
+        raise refuse(index, operators[index].num_actors, others, f"lower operators[{index}].num_actors or num_cpus")
+    share = (free - demand) / len(automatic) if automatic else 0.0
+    for index in automatic:
+        operator = operators[index]
+        sizes[index] = math.floor(share / operator.num_cpus + 1e-9)
+        if sizes[index] < 1:
+            stages = ", ".join(f"operators[{i}]" for i in automatic)
+            after = f" after the {demand:g} that stages with num_actors take" if demand else ""
+            split = (
+                f"{after}, split between the {len(automatic)} CPU stages sized automatically ({stages}): "
+                f"{max(share, 0):g} CPUs each"
+                if len(automatic) > 1
+                else f"{after}: {max(share, 0):g} for operators[{index}]"
+                if demand
+                else ""
             )
+            fix = (
+                f"set operators[{index}].num_cpus to {share:g} or less (a fraction shares a CPU)"
+                if share > 0
+                else "lower the num_actors or num_cpus of the other stages"
+            )
+            raise refuse(index, 1, split, fix)
     return [int(size) for size in sizes]
 
 
@@ -222,21 +258,104 @@ def fidelity_args(config: JobConfig) -> dict:
 
 
 def start_ray(config: JobConfig) -> None:
-    """Join `run.ray_address` (or RAY_ADDRESS), else start a local instance sized by `run.resources`."""
+    """Join the cluster named by `run.ray_address` (else RAY_ADDRESS, which `ray job submit` sets), else
+    start a private local instance sized by `run.resources`. Without an address nothing is joined: not a
+    cluster that `/tmp/ray/ray_current_cluster` names (a crashed `ray start` leaves it behind), not a
+    live local `ray start --head`. A start-up failure is a `ClusterError`."""
     import ray
 
     if ray.is_initialized():
         return
-    address = config.run.ray_address or os.environ.get("RAY_ADDRESS")
-    if address:
+    field_name, address = ray_address_setting(config)
+    if address is None or address == "local":
+        try:
+            ray.init(
+                address="local",
+                num_cpus=config.run.resources.num_cpus,
+                num_gpus=config.run.resources.num_gpus,
+                include_dashboard=False,
+                log_to_driver=True,
+            )
+        except Exception as error:  # Ray raises anything from OSError to RuntimeError here
+            raise ClusterError(
+                f"cannot start a local Ray instance (run.resources num_cpus={config.run.resources.num_cpus}, "
+                f"num_gpus={config.run.resources.num_gpus}): {first_line(error)}"
+            ) from None
+        return
+    gcs_address = reachable_address(field_name, address)
+    try:
         ray.init(address=address, log_to_driver=True)
-    else:
-        ray.init(
-            num_cpus=config.run.resources.num_cpus,
-            num_gpus=config.run.resources.num_gpus,
-            include_dashboard=False,
-            log_to_driver=True,
-        )
+    except Exception as error:
+        raise ClusterError(
+            f"cannot join the Ray cluster at {field_name} {mask_address(address)} ({gcs_address}): "
+            f"{first_line(error)}; {ADDRESS_FORMS}"
+        ) from None
+
+
+ADDRESS_FORMS = (
+    "accepted: 'auto' (the cluster this node runs), HOST:PORT of a head's GCS (port 6379 by default), "
+    "ray://HOST:PORT (Ray client, port 10001), or no address for a private local instance"
+)
+CONNECT_TIMEOUT_SECONDS = 10.0
+
+
+class ClusterError(UserError):
+    """A Ray cluster that cannot be joined or started: a bad or unreachable address, or bad resources."""
+
+
+def ray_address_setting(config: JobConfig) -> tuple[str, str | None]:
+    """Which setting names the cluster to join, and its value (None: start a private local instance).
+    An empty RAY_ADDRESS counts as unset."""
+    if config.run.ray_address:
+        return "run.ray_address", config.run.ray_address.strip()
+    return "RAY_ADDRESS", os.environ.get("RAY_ADDRESS", "").strip() or None
+
+
+def mask_address(address: str) -> str:
+    """The address with any user:password@ part masked."""
+    return re.sub(r"(?<=://)[^/@]*@", "***@", address)
+
+
+def first_line(error: BaseException) -> str:
+    """`Type: first line of the message`, for one-line errors."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+
+
+def reachable_address(field_name: str, address: str) -> str:
+    """HOST:PORT that `address` connects to, checked to answer within CONNECT_TIMEOUT_SECONDS (Ray itself
+    retries an address that does not answer for many minutes)."""
+    import socket
+
+    shown = mask_address(address)
+    scheme, _, rest = address.rpartition("://")
+    if scheme and scheme != "ray":
+        hint = " (that is a job server; use `restyle submit --address`)" if scheme in ("http", "https") else ""
+        raise ClusterError(f"{field_name} {shown} is not a Ray cluster address{hint}; {ADDRESS_FORMS}")
+    if address == "auto":  # what Ray would join: RAY_ADDRESS, ray_current_cluster, else a running GCS
+        try:
+            from ray._private.services import canonicalize_bootstrap_address
+
+            rest = canonicalize_bootstrap_address("auto") or ""
+        except Exception as error:
+            raise ClusterError(
+                f"{field_name} auto found no Ray cluster on this node ({first_line(error)}); {ADDRESS_FORMS}"
+            ) from None
+    hostport = rest.rsplit("@", 1)[-1].split("/", 1)[0]
+    host, colon, port = hostport.rpartition(":")
+    if not colon and scheme == "ray":
+        host, port = hostport, "10001"
+    host = host.strip("[]")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ClusterError(f"{field_name} {shown} is not a valid Ray address; {ADDRESS_FORMS}")
+    try:
+        socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_SECONDS).close()
+    except OSError as error:
+        raise ClusterError(
+            f"{field_name} {shown}: nothing answers at {host}:{port} ({type(error).__name__}: {error}); "
+            f"start the cluster or fix the address; {ADDRESS_FORMS}"
+        ) from None
+    return f"{host}:{port}"
 
 
 def cluster_resources() -> tuple[float, float]:
@@ -259,34 +378,64 @@ class RunResult:
         return {"plan": asdict(self.plan), "summary": self.summary}
 
 
-def open_sink(config: JobConfig, job_hash: str):
-    """Apply `sink.mode`, refuse output of another config, and clear a crashed attempt's leftovers."""
-    from jobs.commits import COMMITS, SinkError, SinkState
-    from jobs.storage import filesystem_for, join, open_atomically
+def open_sink(config: JobConfig, job_hash: str, run_id: str, force: bool = False):
+    """Check where the sink is, take its lease, apply `sink.mode`, refuse output of another config,
+    and clear a crashed attempt's leftovers. Returns the sink's state and the lease (renewing in the
+    background), which the caller releases."""
+    from jobs.commits import SinkError, SinkState, check_sink_location, remove_outputs, storage_errors, survey
+    from jobs.lease import LEASE, SinkBusy, SinkLease
+    from jobs.storage import filesystem_for
 
-    filesystem, root = filesystem_for(config.sink.uri, config.sink.storage.storage_options())
-    exists = filesystem.exists(root) and bool(filesystem.ls(root))
-    if exists and config.sink.mode == "overwrite":
-        filesystem.rm(root, recursive=True)
-    elif exists and config.sink.mode == "error":
+    check_sink_location(config)
+    uri, mode = config.sink.uri, config.sink.mode
+    filesystem, root = filesystem_for(uri, config.sink.storage.storage_options())
+    failures = storage_errors()
+    try:
+        entries = [path for path in filesystem.ls(root, detail=False) if path.rstrip("/").rsplit("/", 1)[-1] != LEASE]
+        foreign = survey(filesystem, root)[1] if entries and mode == "overwrite" and not force else []
+    except FileNotFoundError:
+        entries, foreign = [], []
+    except failures as error:
+        raise SinkError(f"cannot read sink.uri {uri}: {_storage_failure(error)}") from None
+    if entries and mode == "error":
         raise SinkError(
-            f"sink.uri {config.sink.uri} is not empty; choose a new uri, or set sink.mode: resume (continue "
+            f"sink.uri {uri} is not empty; choose a new uri, or set sink.mode: resume (continue "
             "the same config) or overwrite"
         )
-    probe = join(root, COMMITS, f".write-probe-{uuid.uuid4().hex[:8]}")
-    try:  # fail fast, before any work, when the sink cannot be written
-        with open_atomically(filesystem, probe) as handle:
-            handle.write(b"")
-        filesystem.rm(probe)
-    except OSError as error:
+    if foreign:
         raise SinkError(
-            f"cannot write to sink.uri {config.sink.uri} (key {probe}): {type(error).__name__}: {error}"
-            " (check sink.storage credentials and permissions)"
-        ) from None
-    state = SinkState(config.sink)
-    state.check_owner(job_hash)
-    state.remove_leftovers()
-    return state
+            f"sink.uri {uri} holds files restyle did not write ({len(foreign)} entries: {', '.join(foreign[:3])}); "
+            "overwrite deletes only restyle's own outputs: move them, choose a new uri, or run with --force to keep "
+            "them and replace the rest"
+        )
+    lease = SinkLease(filesystem, root, uri, run_id, job_hash)
+    try:  # the lease is the first write: it fails fast, before any work, when the sink cannot be written
+        lease.acquire()
+    except SinkBusy as busy:
+        raise SinkError(str(busy)) from None
+    except failures as error:
+        raise SinkError(f"cannot write to sink.uri {uri} (key {lease.path}): {_storage_failure(error)}") from None
+    try:
+        if mode == "overwrite":
+            ours = [path for path in survey(filesystem, root)[0] if not path.endswith(f"/{LEASE}")]
+            remove_outputs(filesystem, root, ours)
+        state = SinkState(config.sink)
+        state.check_owner(job_hash, force)
+        state.remove_leftovers()
+    except failures as error:
+        lease.release()
+        raise SinkError(f"cannot read or write sink.uri {uri}: {_storage_failure(error)}") from None
+    except BaseException:
+        lease.release()
+        raise
+    return state, lease.start()
+
+
+def _storage_failure(error: Exception) -> str:
+    """A storage error in one line, with no credential, and what to check."""
+    from jobs.storage import redact
+
+    return f"{type(error).__name__}: {redact(str(error))} (check sink.storage credentials, endpoint and permissions)"
 
 
 def drop_committed(batch, pairs: set[tuple[str, int]]):
@@ -302,25 +451,41 @@ def drop_committed(batch, pairs: set[tuple[str, int]]):
     return batch.filter(pa.array(keep, pa.bool_()))
 
 
-def run_job(config: JobConfig, rerun_failed: bool = False) -> RunResult:
+def run_job(config: JobConfig, rerun_failed: bool = False, force: bool = False) -> RunResult:
     """Run the job end to end, resuming from what the sink already committed, and return its plan
-    and summary. With `rerun_failed`, committed error rows are dropped and their inputs redone."""
+    and summary. With `rerun_failed`, committed error rows are dropped and their inputs redone;
+    `force` lets the job proceed in a sink holding files restyle did not write (they are kept).
+    The sink's lease is held from opening the sink to the end."""
+    from jobs.commits import config_hash
+    from jobs.s3 import local_retries
+    from operators.models import require_vetted_models
+
+    require_vetted_models(config.operators, config.run.offline)
+    local_retries_before = local_retries()
+    info = inspect_source(config.source)
+    job_hash = config_hash(config)
+    run_id = uuid.uuid4().hex[:8]
+    state, lease = open_sink(config, job_hash, run_id, force)
+    try:
+        return _run_holding_lease(config, info, job_hash, run_id, state, lease, rerun_failed, local_retries_before)
+    finally:
+        lease.release()
+
+
+def _run_holding_lease(config, info, job_hash, run_id, state, lease, rerun_failed, local_retries_before) -> RunResult:
+    """`run_job` once the sink is open and its lease held."""
     from collections import Counter
 
     import ray
     import ray.data
 
-    from jobs.commits import ProgressLog, SinkState, config_hash
-    from jobs.report import account_for_rows, write_report, write_summary
+    from jobs.commits import ProgressLog, SinkState
+    from jobs.report import AccountingError, account_for_rows, write_report, write_summary
     from jobs.s3 import counted_retries, local_retries, retry_counter
     from jobs.sinks import ParquetImageSink
 
-    local_retries_before = local_retries()
-    info = inspect_source(config.source)
-    job_hash = config_hash(config)
-    state = open_sink(config, job_hash)
     attempt = state.next_attempt()
-    dropped = state.drop_error_rows(attempt, job_hash) if rerun_failed else 0
+    dropped = state.drop_error_rows(attempt, job_hash, run_id) if rerun_failed else 0
     committed = state.read(["id", "variant_index"])
     done = set(zip(committed.column("id").to_pylist(), committed.column("variant_index").to_pylist(), strict=True))
     per_id = Counter(row_id for row_id, _ in done)
@@ -336,7 +501,12 @@ def run_job(config: JobConfig, rerun_failed: bool = False) -> RunResult:
         counted_before = counted_retries(counter)
         plan = plan_job(config, info, *cluster_resources())
         logger.info(
-            "plan (attempt %d, %d of %d inputs to do):\n%s", attempt, len(todo), info.row_count, plan.describe()
+            "plan (attempt %d, run %s, %d of %d inputs to do):\n%s",
+            attempt,
+            run_id,
+            len(todo),
+            info.row_count,
+            plan.describe(),
         )
         wanted = todo if len(todo) < info.row_count or config.source.limit is not None else None
         dataset = read_source(config.source, info, keep_source_image=config.fidelity is not None, ids=wanted)
@@ -350,20 +520,23 @@ def run_job(config: JobConfig, rerun_failed: bool = False) -> RunResult:
         interactive = sys.stdout.isatty()
         ray.data.DataContext.get_current().enable_progress_bars = interactive
         progress = ProgressLog(
-            config.sink, attempt, len(done), plan.expected_rows, config.run.progress_interval_seconds
+            config.sink, attempt, len(done), plan.expected_rows, config.run.progress_interval_seconds, run_id
         )
         with progress if not interactive else contextlib.nullcontext():
-            dataset.write_datasink(ParquetImageSink(config.sink, job_hash, attempt))
+            dataset.write_datasink(ParquetImageSink(config.sink, job_hash, attempt, run_id))
     else:
         plan = plan_job(config, info, *assumed_resources(config), sizes=[op.num_actors or 0 for op in config.operators])
         logger.info("nothing to do: every input is committed in %s", config.sink.uri)
     wall_seconds = time.perf_counter() - started
 
+    if lease.lost:
+        raise AccountingError(f"{lease.lost}; this run's output is not finalized (no _manifest.json written)")
     state = SinkState(config.sink)
     summary = account_for_rows(config, plan, info, state, wall_seconds)
     summary.update(
         config_hash=job_hash,
         attempt=attempt,
+        run_id=run_id,
         inputs_processed=len(todo),
         rows_already_committed=len(done),
         error_rows_dropped_for_rerun=dropped,

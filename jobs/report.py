@@ -21,6 +21,7 @@ from jobs.storage import arrow_filesystem, filesystem_for, join, open_atomically
 logger = logging.getLogger(__name__)
 
 THUMBNAIL_SIDE = 256
+SKIPPED_LISTED = 50  # skipped files named in report.html; summary.json counts them all
 
 
 class AccountingError(RuntimeError):
@@ -29,7 +30,17 @@ class AccountingError(RuntimeError):
 
 def account_for_rows(config: JobConfig, plan, info: SourceInfo, state, wall_seconds: float) -> dict:
     """Check that every (id, variant) the job owes appears exactly once in the committed shards
-    (`state`, a `jobs.commits.SinkState`), and count statuses."""
+    (`state`, a `jobs.commits.SinkState`) and that every committed shard is this config's, and
+    count statuses."""
+    from jobs.commits import config_hash
+
+    job_hash = config_hash(config)
+    foreign = sorted(shard for shard, commit in state.commits.items() if commit.config_hash != job_hash)
+    if foreign:
+        raise AccountingError(
+            f"{len(foreign)} committed shards of sink.uri {config.sink.uri} belong to another config (e.g. "
+            f"{foreign[0]}, hash {state.commits[foreign[0]].config_hash}; this config {job_hash})"
+        )
     table = state.read(["id", "variant_index", "status"])
     pairs = list(zip(table.column("id").to_pylist(), table.column("variant_index").to_pylist(), strict=True))
     counts = Counter(pairs)
@@ -50,6 +61,7 @@ def account_for_rows(config: JobConfig, plan, info: SourceInfo, state, wall_seco
         "ok": statuses.get("ok", 0),
         "error": statuses.get("error", 0),
         "rejected": statuses.get("rejected", 0),
+        "skipped": info.skipped_files,
         "missing": len(missing),
         "duplicated": len(duplicated),
         "unexpected": len(unexpected),
@@ -111,7 +123,7 @@ def write_report(config: JobConfig, info: SourceInfo, summary: dict, state) -> s
 td{{border:1px solid #ccc;padding:6px;vertical-align:top;font-size:13px}}img{{max-width:{THUMBNAIL_SIDE}px}}
 tr.error{{background:#fff0f0}}tr.rejected{{background:#fff8e0}}.error{{color:#a00}}</style></head><body>
 <h1>restyle report</h1><p>{summary_html}</p>
-<p>Showing {len(rows)} output rows of the first {len(shown_ids)} inputs.</p>
+{_skipped_html(info)}<p>Showing {len(rows)} output rows of the first {len(shown_ids)} inputs.</p>
 <table><tr><th>row</th><th>input</th><th>output</th><th>details</th></tr>
 {"".join(cells)}
 </table></body></html>
@@ -121,13 +133,30 @@ tr.error{{background:#fff0f0}}tr.rejected{{background:#fff8e0}}.error{{color:#a0
     return join(config.sink.uri, "report.html")
 
 
+def _skipped_html(info: SourceInfo) -> str:
+    """The files of an image folder that were not read (hidden, or outside `source.include`)."""
+    if not info.skipped:
+        return ""
+    listed = ", ".join(html.escape(path) for path in info.skipped[:SKIPPED_LISTED])
+    more = f" and {len(info.skipped) - SKIPPED_LISTED} more" if len(info.skipped) > SKIPPED_LISTED else ""
+    return (
+        f"<p class=skipped>{len(info.skipped)} files skipped (hidden, or matching no source.include pattern): "
+        f"{listed}{more}</p>"
+    )
+
+
 def _input_images(config: JobConfig, info: SourceInfo, ids: list[str]) -> dict[str, bytes | None]:
     """Encoded source images of the given ids, read selectively."""
     source = config.source
     filesystem, root = filesystem_for(source.uri, source.storage.storage_options())
     wanted = set(ids)
     if source.format == "images":
-        by_id = {row_id: path for row_id, path in zip(info.ids, info.files, strict=True) if row_id in wanted}
+        # A refused input (a link out of the folder, say) is never read, not even for a thumbnail.
+        by_id = {
+            row_id: path
+            for row_id, path in zip(info.ids, info.files, strict=True)
+            if row_id in wanted and row_id not in info.refused
+        }
         return {row_id: filesystem.cat_file(path) for row_id, path in by_id.items()}
     id_field = pc.field(source.id_column).cast(pa.string())
     if source.format == "arrow":

@@ -2,22 +2,36 @@
 
 Every S3 client retries transient errors (500, 503 SlowDown, throttling, dropped connections)
 with botocore's `standard` mode: exponential backoff with jitter, 8 attempts unless the storage
-options say otherwise. Each retry is counted: in this process, and, when Ray is running, in a
-named actor (`retry_counter()`) so the driver can report the retries of every read and write task
-in the run summary.
+options say otherwise. An endpoint that cannot be connected to at all (refused, unknown host, no
+answer within `CONNECT_TIMEOUT_SECONDS`) is given up on after `CONNECT_ATTEMPTS` attempts with
+`StorageUnreachableError`, which names the endpoint's host and nothing else of it. Each retry is
+counted: in this process, and, when Ray is running, in a named actor (`retry_counter()`) so the
+driver can report the retries of every read and write task in the run summary.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from urllib.parse import urlsplit
 
 import s3fs
+from botocore.exceptions import ConnectionError as BotocoreConnectionError
+
+from operators.base import UserError
 
 logger = logging.getLogger(__name__)
 
 RETRY_COUNTER_NAME = "restyle_storage_retries"
 DEFAULT_RETRIES = {"max_attempts": 8, "mode": "standard"}
+CONNECT_ATTEMPTS = 3
+CONNECT_TIMEOUT_SECONDS = 10
+
+
+class StorageUnreachableError(ConnectionError, UserError):
+    """No connection to the object-storage endpoint could be made. An `OSError`, so that readers and
+    sinks report it as their own error, and a `UserError` (a wrong or down endpoint is the user's to fix)."""
+
 
 _local_retries = 0
 _lock = threading.Lock()
@@ -30,14 +44,28 @@ class RetryCountingS3FileSystem(s3fs.S3FileSystem):
     def __init__(self, *args, **kwargs):
         config = dict(kwargs.pop("config_kwargs", None) or {})
         config.setdefault("retries", dict(DEFAULT_RETRIES))
+        config.setdefault("connect_timeout", CONNECT_TIMEOUT_SECONDS)
         super().__init__(*args, config_kwargs=config, **kwargs)
 
     async def set_session(self, refresh=False, kwargs={}):  # noqa: B006 (s3fs's own signature)
         client = await super().set_session(refresh=refresh, kwargs=kwargs)
         if not getattr(client, "_restyle_counts_retries", False):
             client.meta.events.register("after-call.s3", _count_retries)
+            # First, so that it ends the request before the standard handler schedules another try.
+            client.meta.events.register_first("needs-retry.s3", _give_up_on_unreachable_endpoint)
             client._restyle_counts_retries = True
         return client
+
+
+def _give_up_on_unreachable_endpoint(attempts=0, caught_exception=None, endpoint=None, **_) -> None:
+    """Stop retrying an endpoint that takes no connection; other errors keep their full retries."""
+    if isinstance(caught_exception, BotocoreConnectionError) and attempts >= CONNECT_ATTEMPTS:
+        host = urlsplit(getattr(endpoint, "host", "") or "")
+        where = f"{host.hostname}:{host.port}" if host.port else (host.hostname or "the default endpoint")
+        raise StorageUnreachableError(
+            f"cannot connect to object storage at {where} ({type(caught_exception).__name__} after "
+            f"{attempts} attempts); check storage.endpoint_url and that the server is running"
+        ) from None
 
 
 def _count_retries(parsed=None, **_) -> None:

@@ -1,11 +1,18 @@
 """The Parquet sink: Hugging Face-loadable shards with deterministic names, plus optional PNGs.
 
 Layout under the sink URI:
-  data/part-aAAAA-TTTTT-SSS.parquet   shards (AAAA: run attempt, TTTTT: write task, SSS: shard)
+  data/part-aAAAA-RRRRRRRR-TTTTT-SSS.parquet  shards (AAAA: attempt, RRRRRRRR: run id, TTTTT: write
+                                             task, SSS: shard)
   _commits/<shard>.json               a shard's commit record (see jobs/commits.py)
-  images/ID.vN.png                    with `sink.write_images`, each output as a PNG file
+  images/SLUG-HASH.vN.png             with `sink.write_images`, each output as a PNG file
   _manifest.json                      written last: every committed shard, rows, config hash
   summary.json, report.html           written by the driver when the job ends
+  _lease.json                         while a run is writing (see jobs/lease.py)
+
+A PNG's name is the id made safe (characters other than letters, digits, `.`, `_`, `-` become `_`,
+at most 80 of them) plus 16 hex digits of the SHA-256 of the full id and variant: no two outputs
+share a file, no id is too long for a filesystem, and no name is a folder of another. A PNG that
+cannot be written after a few tries makes its row `status: error` (image null), not the job fail.
 
 The `image` column is the Hugging Face `Image` struct `{bytes, path}` and the schema carries the
 `huggingface` metadata, so `datasets.load_dataset("parquet", data_files=".../data/*.parquet")`
@@ -16,41 +23,41 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
+import time
 from collections.abc import Iterable
 
 import pyarrow as pa
 from ray.data import Datasink
 from ray.data.block import Block, BlockAccessor
 
-from jobs.commits import Commit, write_shard
+from jobs.commits import Commit, shard_name, write_shard
 from jobs.config import SinkConfig
+from jobs.schema import features as hf_features
+from jobs.schema import normalize_table
 from jobs.storage import filesystem_for, join, open_atomically
 
+logger = logging.getLogger(__name__)
+
 IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
-_UNSAFE = re.compile(r"[^A-Za-z0-9._/-]")
+IMAGE_WRITE_ATTEMPTS = 3
+IMAGE_RETRY_SECONDS = 0.5
+SLUG_LENGTH = 80
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 
 
 def image_file_name(row_id: str, variant_index: int) -> str:
-    """A safe relative PNG path for one output; ids that needed escaping get a hash suffix."""
-    safe = "/".join(part for part in _UNSAFE.sub("_", row_id).split("/") if part not in ("", ".", ".."))
-    if safe != row_id:
-        safe = f"{safe or 'row'}-{hashlib.sha256(row_id.encode()).hexdigest()[:8]}"
-    return f"{safe}.v{variant_index}.png"
-
-
-def hf_feature(data_type: pa.DataType) -> dict | list:
-    """The `datasets` feature description of an Arrow type."""
-    if pa.types.is_struct(data_type):
-        return {field.name: hf_feature(field.type) for field in data_type}
-    if pa.types.is_list(data_type) or pa.types.is_large_list(data_type) or pa.types.is_fixed_size_list(data_type):
-        return {"feature": hf_feature(data_type.value_type), "_type": "List"}
-    names = {pa.float16(): "float16", pa.float32(): "float32", pa.float64(): "float64"}
-    return {"dtype": names.get(data_type, str(data_type)), "_type": "Value"}
+    """The PNG file name of one output (see module docstring): a capped slug of the id plus a hash
+    of the full id and variant, with no `/`."""
+    slug = _UNSAFE.sub("_", row_id)[:SLUG_LENGTH].lstrip(".") or "row"
+    digest = hashlib.sha256(f"{row_id}\x1f{variant_index}".encode()).hexdigest()[:16]
+    return f"{slug}-{digest}.v{variant_index}.png"
 
 
 def to_output_table(table: pa.Table) -> pa.Table:
-    """Wrap the `image` bytes as the Hugging Face Image struct and add the `huggingface` metadata."""
+    """Wrap the `image` bytes as the Hugging Face Image struct, cast every column to the type it is
+    written as (`jobs.schema`: the same for every shard) and add the `huggingface` metadata."""
     data = table.column("image").combine_chunks().cast(pa.binary())
     # The null mask, not the bytes themselves, decides which rows get a path.
     paths = [
@@ -65,10 +72,8 @@ def to_output_table(table: pa.Table) -> pa.Table:
     images = pa.StructArray.from_arrays(
         [data, pa.array(paths, pa.string())], fields=list(IMAGE_TYPE), mask=data.is_null()
     )
-    table = table.set_column(table.column_names.index("image"), "image", images)
-    features = {
-        field.name: {"_type": "Image"} if field.name == "image" else hf_feature(field.type) for field in table.schema
-    }
+    table = normalize_table(table.set_column(table.column_names.index("image"), "image", images))
+    features = {**hf_features(table.schema), "image": {"_type": "Image"}}
     metadata = {b"huggingface": json.dumps({"info": {"features": features}}).encode()}
     return table.replace_schema_metadata(metadata)
 
@@ -77,10 +82,11 @@ class ParquetImageSink(Datasink):
     """Ray Data sink writing the layout above; each write task commits its own shards, so a crash
     loses only the shards in flight. Returns the shard names each task committed."""
 
-    def __init__(self, config: SinkConfig, config_hash: str, attempt: int):
+    def __init__(self, config: SinkConfig, config_hash: str, attempt: int, run_id: str):
         self.config = config
         self.config_hash = config_hash
         self.attempt = attempt
+        self.run_id = run_id
 
     def get_name(self) -> str:
         return "RestyleParquet"
@@ -94,23 +100,53 @@ class ParquetImageSink(Datasink):
         filesystem, root = filesystem_for(self.config.uri, self.config.storage.storage_options())
         if self.config.write_images:
             # Before the shards: a committed row's image file always exists.
-            self._write_images(table, filesystem, root)
+            table = self._write_images(table, filesystem, root)
         written = []
         shard_rows = self.config.rows_per_shard
         for shard_index, offset in enumerate(range(0, table.num_rows, shard_rows)):
             shard = to_output_table(table.slice(offset, shard_rows))
-            name = f"data/part-a{self.attempt:04d}-{ctx.task_idx:05d}-{shard_index:03d}.parquet"
-            write_shard(filesystem, root, name, shard, Commit(name, shard.num_rows, self.config_hash, self.attempt))
+            name = shard_name(self.attempt, self.run_id, f"{ctx.task_idx:05d}", shard_index)
+            commit = Commit(name, shard.num_rows, self.config_hash, self.attempt, run_id=self.run_id)
+            write_shard(filesystem, root, name, shard, commit)
             written.append({"shard": name, "rows": shard.num_rows})
         return written
 
-    def _write_images(self, table: pa.Table, filesystem, root: str) -> None:
-        for row_id, variant, data in zip(
-            table.column("id").to_pylist(),
-            table.column("variant_index").to_pylist(),
-            table.column("image").to_pylist(),
-            strict=True,
+    def _write_images(self, table: pa.Table, filesystem, root: str) -> pa.Table:
+        """Write each output's PNG; a row whose file cannot be written becomes an error row."""
+        failed: dict[int, str] = {}
+        for index, (row_id, variant, data) in enumerate(
+            zip(
+                table.column("id").to_pylist(),
+                table.column("variant_index").to_pylist(),
+                table.column("image").to_pylist(),
+                strict=True,
+            )
         ):
-            if data is not None:
-                with open_atomically(filesystem, join(root, "images", image_file_name(row_id, variant))) as handle:
-                    handle.write(data)
+            if data is None:
+                continue
+            name = image_file_name(row_id, variant)
+            for attempt in range(1, IMAGE_WRITE_ATTEMPTS + 1):
+                try:
+                    with open_atomically(filesystem, join(root, "images", name)) as handle:
+                        handle.write(data)
+                    break
+                except Exception as error:  # storage or filesystem: retried, then this row's error
+                    reason = f"cannot write image file images/{name}: {type(error).__name__}: {error}"
+                    if attempt == IMAGE_WRITE_ATTEMPTS:
+                        logger.warning("row %r: %s", row_id, reason)
+                        failed[index] = reason
+                    else:
+                        time.sleep(IMAGE_RETRY_SECONDS * attempt)
+        if not failed:
+            return table
+        statuses = table.column("status").to_pylist()
+        errors = table.column("error").to_pylist()
+        images = table.column("image").to_pylist()
+        for index, reason in failed.items():
+            statuses[index], errors[index], images[index] = "error", reason, None
+        for name, values in (("status", statuses), ("error", errors), ("image", images)):
+            position = table.column_names.index(name)
+            table = table.set_column(
+                position, table.schema.field(position), pa.array(values, table.schema.field(position).type)
+            )
+        return table

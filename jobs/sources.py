@@ -3,12 +3,24 @@
 `inspect_source` runs on the driver before anything else: it checks the columns, reads the id
 column (or lists the files), and refuses duplicate or missing ids, so every input can be
 accounted for exactly once. `read_source` then yields rows in the job's form: `id` (string),
-`image` (encoded bytes), `status`, `error`, and every other source column untouched.
+`image` (encoded bytes), `status`, `error`, and every other source column, cast to the type it is
+written as (`jobs.schema`).
+
+An image folder's inputs are all its regular files, whatever their names: the read task keeps the
+bytes of those Pillow can open (multi-frame formats are decoded by their first frame later) and
+turns the others into error rows naming them. Hidden files and folders (a name starting with '.'),
+and with `source.include` the files matching none of its patterns, are not read but counted as
+skipped. A symlink whose target lies outside the folder is never read: it becomes an error row, as
+do dangling or looping links; links within the folder are read like the files they point to.
 """
 
 from __future__ import annotations
 
+import fnmatch
+import io
 import logging
+import os
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -18,12 +30,12 @@ import pyarrow.dataset
 import pyarrow.ipc
 
 from jobs.config import SourceConfig
+from jobs.schema import SchemaError, conform, output_type
 from jobs.storage import arrow_filesystem, filesystem_for
 from operators.base import RESERVED_COLUMNS, UserError
 
 logger = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff")
 ARROW_SUFFIXES = (".arrow", ".feather", ".ipc")
 FORMAT_NAMES = {"parquet": "Parquet", "arrow": "Arrow IPC", "images": "images"}
 
@@ -38,14 +50,24 @@ class SourceInfo:
 
     ids: list[str]
     passthrough_columns: list[str] = field(default_factory=list)
-    files: list[str] = field(default_factory=list)  # image folders: paths inside the filesystem
+    files: list[str] = field(default_factory=list)  # image folders: paths inside the filesystem, one per id
     root: str = ""
-    skipped_files: int = 0
+    # Image folders: ids that are not read, each with the error its row carries (e.g. a link out of the folder).
+    refused: dict[str, str] = field(default_factory=dict)
+    # Image folders: paths (relative to the folder) left out as hidden or not matching `source.include`.
+    skipped: list[str] = field(default_factory=list)
+    # Tables: the type each passthrough column is written as (`jobs.schema.output_type`).
+    column_types: dict[str, pa.DataType] = field(default_factory=dict)
 
     @property
     def row_count(self) -> int:
         """Rows the job will read."""
         return len(self.ids)
+
+    @property
+    def skipped_files(self) -> int:
+        """Files in an image folder that are not inputs."""
+        return len(self.skipped)
 
 
 def inspect_source(config: SourceConfig) -> SourceInfo:
@@ -60,15 +82,25 @@ def _inspect_table(config: SourceConfig, filesystem, root: str) -> SourceInfo:
     try:
         if config.format == "arrow":
             files, _ = _list_files(config, filesystem, root, ARROW_SUFFIXES, allow_single_file=True)
-            schema = read_arrow_file(filesystem, files[0]).schema
+            tables = [read_arrow_file(filesystem, path) for path in files]
+            schema = _unified_schema(config, [table.schema for table in tables])
+            id_type = schema.field(config.id_column).type if config.id_column in schema.names else pa.null()
+            # A file without the id column gives null ids, which are refused below.
             id_values = pa.chunked_array(
-                [read_arrow_file(filesystem, path).column(config.id_column) for path in files]
-                if config.id_column in schema.names
-                else [pa.array([])]
+                [
+                    table.column(config.id_column).cast(id_type)
+                    if config.id_column in table.schema.names
+                    else pa.nulls(table.num_rows, id_type)
+                    for table in tables
+                ],
+                id_type,
             )
         else:
-            dataset = pyarrow.dataset.dataset(root, filesystem=arrow_filesystem(filesystem), format="parquet")
-            schema = dataset.schema
+            arrow_fs = arrow_filesystem(filesystem)
+            dataset = pyarrow.dataset.dataset(root, filesystem=arrow_fs, format="parquet")
+            # Every file's schema, not only the first's: a column null in one file may be text in another.
+            schema = _unified_schema(config, [fragment.physical_schema for fragment in dataset.get_fragments()])
+            dataset = pyarrow.dataset.dataset(root, filesystem=arrow_fs, format="parquet", schema=schema)
             files = []
     except (FileNotFoundError, OSError, pa.ArrowInvalid) as error:
         raise SourceError(
@@ -89,6 +121,10 @@ def _inspect_table(config: SourceConfig, filesystem, root: str) -> SourceInfo:
         raise SourceError(
             f"source columns {clashes} clash with columns the job writes ({', '.join(RESERVED_COLUMNS)}); rename them"
         )
+    try:
+        column_types = {name: output_type(schema.field(name).type, name) for name in passthrough}
+    except SchemaError as error:
+        raise SourceError(f"source {config.uri}: {error}") from None
     if config.format == "parquet":
         id_values = dataset.to_table(columns=[config.id_column]).column(0)
     if id_values.null_count:
@@ -98,7 +134,17 @@ def _inspect_table(config: SourceConfig, filesystem, root: str) -> SourceInfo:
     ids.sort()
     if config.limit is not None:
         ids = ids[: config.limit]
-    return SourceInfo(ids=ids, passthrough_columns=passthrough, files=files, root=root)
+    return SourceInfo(ids=ids, passthrough_columns=passthrough, files=files, root=root, column_types=column_types)
+
+
+def _unified_schema(config: SourceConfig, schemas: list[pa.Schema]) -> pa.Schema:
+    """One schema for all files (null widens to any type, integers and floats to the wider one)."""
+    if not schemas:
+        raise SourceError(f"source.uri {config.uri} holds no {FORMAT_NAMES[config.format]} files")
+    try:
+        return pa.unify_schemas(schemas, promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as error:
+        raise SourceError(f"the files of source.uri {config.uri} disagree on a column's type: {error}") from None
 
 
 def _list_files(
@@ -124,11 +170,100 @@ def _list_files(
 
 
 def _inspect_folder(config: SourceConfig, filesystem, root: str) -> SourceInfo:
-    images, skipped = _list_files(config, filesystem, root, IMAGE_SUFFIXES, allow_single_file=False)
+    try:
+        if not filesystem.isdir(root):
+            raise SourceError(f"source.uri {config.uri} is not a directory")
+        if _is_local(filesystem):
+            entries = list(_walk_local_folder(root))
+        else:
+            entries = [(_relative(path, root), path, None) for path in filesystem.find(root)]
+    except OSError as error:  # PermissionError for bad credentials, among others
+        raise SourceError(f"cannot list source.uri {config.uri}: {error}{_credentials_hint(error)}") from None
+    inputs, skipped = [], []
+    for relative, path, problem in sorted(entries):
+        if not relative or relative.endswith("/"):
+            continue  # an object store's folder marker
+        if _is_hidden(relative) or (config.include is not None and not _included(relative, config.include)):
+            skipped.append(relative)
+        else:
+            inputs.append((relative, path, problem))
+    if skipped:
+        logger.info("source: %d files are not read (hidden, or matching no source.include pattern)", len(skipped))
+    if not inputs:
+        if config.include is not None:
+            raise SourceError(
+                f"no file under source.uri {config.uri} matches source.include {config.include} "
+                f"({len(skipped)} files skipped)"
+            )
+        raise SourceError(f"source.uri {config.uri} holds no files to read ({len(skipped)} hidden files skipped)")
     if config.limit is not None:
-        images = images[: config.limit]
-    ids = [_relative(path, root) for path in images]
-    return SourceInfo(ids=ids, files=images, root=root, skipped_files=skipped)
+        inputs = inputs[: config.limit]
+    return SourceInfo(
+        ids=[relative for relative, _, _ in inputs],
+        files=[path for _, path, _ in inputs],
+        root=root,
+        refused={relative: f"{problem}: {relative}" for relative, _, problem in inputs if problem},
+        skipped=skipped,
+    )
+
+
+def _walk_local_folder(root: str):
+    """Yield (path relative to root, path, problem or None) for every entry under a local folder that
+    is not a folder. Links are resolved here, so a link out of the folder is never followed."""
+    real_root = os.path.realpath(root)
+
+    def walk(directory: str, prefix: str, chain: frozenset[str]):
+        with os.scandir(directory) as listing:
+            entries = list(listing)
+        for entry in entries:
+            relative = prefix + entry.name
+            if entry.is_symlink():
+                target = os.path.realpath(entry.path)
+                if not _inside(target, real_root):
+                    yield relative, entry.path, "symlink leaves the source folder"
+                elif not os.path.exists(target):
+                    yield relative, entry.path, "symlink target does not exist"
+                elif os.path.isdir(target):
+                    if target in chain:
+                        yield relative, entry.path, "symlink loops back into a folder it is in"
+                    else:
+                        yield from walk(entry.path, relative + "/", chain | {target})
+                elif os.path.isfile(target):
+                    yield relative, entry.path, None
+                else:
+                    yield relative, entry.path, "not a regular file"
+            elif entry.is_dir(follow_symlinks=False):
+                yield from walk(entry.path, relative + "/", chain | {os.path.realpath(entry.path)})
+            elif entry.is_file(follow_symlinks=False):
+                yield relative, entry.path, None
+            else:  # a FIFO, socket or device would block or never end a read
+                yield relative, entry.path, "not a regular file"
+
+    yield from walk(root, "", frozenset({real_root}))
+
+
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def _is_hidden(relative: str) -> bool:
+    return any(part.startswith(".") for part in relative.split("/"))
+
+
+def _included(relative: str, patterns: list[str]) -> bool:
+    """Whether a relative path matches a `source.include` pattern (case ignored; `**/` may match nothing)."""
+    name = relative.lower()
+    for pattern in (pattern.lower() for pattern in patterns):
+        if fnmatch.fnmatchcase(name, pattern):
+            return True
+        if pattern.startswith("**/") and fnmatch.fnmatchcase(name, pattern[3:]):
+            return True
+    return False
+
+
+def _is_local(filesystem) -> bool:
+    protocol = filesystem.protocol
+    return "file" in (protocol if isinstance(protocol, tuple) else (protocol,))
 
 
 def read_arrow_file(filesystem, path: str) -> pa.Table:
@@ -173,16 +308,30 @@ def read_source(config: SourceConfig, info: SourceInfo, keep_source_image: bool 
         ids = info.ids
     if config.format == "images":
         wanted = set(ids) if ids is not None else None
-        files = [path for row_id, path in zip(info.ids, info.files, strict=True) if wanted is None or row_id in wanted]
-        dataset = ray.data.read_binary_files(
-            files, filesystem=arrow_fs, include_paths=True, override_num_blocks=config.read_blocks
-        )
-        return dataset.map_batches(
-            normalize_folder_batch,
-            batch_format="pyarrow",
-            fn_kwargs={"root": root, "keep_source_image": keep_source_image},
-            zero_copy_batch=True,
-        )
+        selected = [
+            (row_id, path)
+            for row_id, path in zip(info.ids, info.files, strict=True)
+            if wanted is None or row_id in wanted
+        ]
+        files = [path for row_id, path in selected if row_id not in info.refused]
+        refused = {row_id: info.refused[row_id] for row_id, _ in selected if row_id in info.refused}
+        parts = []
+        if files:
+            dataset = ray.data.read_binary_files(
+                files, filesystem=arrow_fs, include_paths=True, override_num_blocks=config.read_blocks
+            )
+            local_root = os.path.realpath(root) if _is_local(filesystem) else None
+            parts.append(
+                dataset.map_batches(
+                    normalize_folder_batch,
+                    batch_format="pyarrow",
+                    fn_kwargs={"root": root, "keep_source_image": keep_source_image, "local_root": local_root},
+                    zero_copy_batch=True,
+                )
+            )
+        if refused or not parts:
+            parts.append(ray.data.from_arrow(folder_error_rows(refused, keep_source_image)))
+        return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     if config.format == "arrow":
         dataset = ray.data.read_datasource(
             _arrow_datasource_class()(info.files, filesystem=arrow_fs), override_num_blocks=config.read_blocks
@@ -198,6 +347,7 @@ def read_source(config: SourceConfig, info: SourceInfo, keep_source_image: bool 
             "image_column": config.image_column,
             "keep_ids": keep,
             "keep_source_image": keep_source_image,
+            "column_types": info.column_types,
         },
         zero_copy_batch=True,
     )
@@ -209,8 +359,10 @@ def normalize_parquet_batch(
     image_column: str,
     keep_ids: set[str] | None = None,
     keep_source_image: bool = False,
+    column_types: dict[str, pa.DataType] | None = None,
 ) -> pa.Table:
-    """Turn a Parquet batch into the job's row form (ids as strings, image as bytes)."""
+    """Turn a Parquet batch into the job's row form (ids as strings, image as bytes, the other
+    columns cast to `column_types`, the types they are written as, and added as nulls if missing)."""
     ids = pa.array([str(value) for value in batch.column(id_column).to_pylist()], pa.string())
     if keep_ids is not None:
         batch = batch.filter(pa.array([value in keep_ids for value in ids.to_pylist()], pa.bool_()))
@@ -239,22 +391,72 @@ def normalize_parquet_batch(
     table = pa.table(columns)
     for name in passthrough.column_names:
         table = table.append_column(name, passthrough.column(name))
-    return table
+    return conform(table, column_types) if column_types else table
 
 
-def normalize_folder_batch(batch: pa.Table, root: str, keep_source_image: bool = False) -> pa.Table:
-    """Turn `read_binary_files` rows (bytes, path) into the job's row form."""
-    ids = [_relative(path, root) for path in batch.column("path").to_pylist()]
-    images = batch.column("bytes").cast(pa.binary())
+def normalize_folder_batch(
+    batch: pa.Table, root: str, keep_source_image: bool = False, local_root: str | None = None
+) -> pa.Table:
+    """Turn `read_binary_files` rows (bytes, path) into the job's row form; a file that is not an
+    image Pillow can open becomes an error row naming it. With `local_root` (the real path of a local
+    folder), a file that has become a link out of the folder since it was listed is dropped unread."""
+    paths = batch.column("path").to_pylist()
+    ids = [_relative(path, root) for path in paths]
+    images: list[bytes | None] = batch.column("bytes").cast(pa.binary()).to_pylist()
+    errors: list[str | None] = []
+    for index, (row_id, path, data) in enumerate(zip(ids, paths, images, strict=True)):
+        if local_root is not None and not _inside(os.path.realpath(path), local_root):
+            problem = "symlink leaves the source folder"
+        else:
+            problem = _not_an_image(data)
+        errors.append(f"{problem}: {row_id}" if problem else None)
+        if problem:
+            images[index] = None
+    image_array = pa.array(images, pa.binary())
     columns = {
         "id": pa.array(ids, pa.string()),
-        "image": images,
-        "status": pa.array(["ok"] * batch.num_rows, pa.string()),
-        "error": pa.array([None] * batch.num_rows, pa.string()),
+        "image": image_array,
+        "status": pa.array(["ok" if error is None else "error" for error in errors], pa.string()),
+        "error": pa.array(errors, pa.string()),
     }
     if keep_source_image:
-        columns["source_image"] = images
+        columns["source_image"] = image_array
     return pa.table(columns)
+
+
+def folder_error_rows(errors: dict[str, str], keep_source_image: bool = False) -> pa.Table:
+    """Error rows, in the job's row form, of the image-folder inputs that are not read (id -> error)."""
+    nothing = pa.nulls(len(errors), pa.binary())
+    columns = {
+        "id": pa.array(list(errors), pa.string()),
+        "image": nothing,
+        "status": pa.array(["error"] * len(errors), pa.string()),
+        "error": pa.array(list(errors.values()), pa.string()),
+    }
+    if keep_source_image:
+        columns["source_image"] = nothing
+    return pa.table(columns)
+
+
+def _not_an_image(data: bytes | None) -> str | None:
+    """Why bytes are no input for an operator, or None when Pillow recognises them (a damaged or
+    oversized image of a known format is left for decoding to describe)."""
+    from PIL import Image
+
+    if not data:
+        return "empty file"
+    if data[128:132] == b"DICM":
+        return "DICOM is not supported as an image-folder source yet"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)):
+                pass  # reads the header only
+    except Image.UnidentifiedImageError:
+        return "not an image Pillow can open"
+    except Exception:  # a known format Pillow cannot read here: decoding names the problem per row
+        return None
+    return None
 
 
 def _credentials_hint(error: Exception) -> str:

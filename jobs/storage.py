@@ -10,7 +10,9 @@ import uuid
 import fsspec
 import pyarrow.fs
 
-_URL_CREDENTIALS = re.compile(r"(://)[^/@\s]+@")
+# user:secret@ after a scheme, up to the last @ before a space or quote: a secret may hold / or @
+# (unescaped, as users paste them), so a path with an @ in it is masked too rather than risk a leak.
+_URL_CREDENTIALS = re.compile(r"(://)[^\s'\"]*@")
 
 
 def filesystem_for(uri: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -71,5 +73,5 @@ def join(root: str, *parts: str) -> str:
 
 
 def redact(text: str) -> str:
-    """Remove user:secret@ from URLs inside a message."""
+    """Remove user:secret@ from every URL inside a message."""
     return _URL_CREDENTIALS.sub(r"\1***@", text)

@@ -8,6 +8,9 @@ is that shapes, configs and file layout match the real models closely enough
 to exercise the pipeline code, in well under a second per call on a CPU.
 ``lora-sd`` is not a checkpoint but a LoRA adapter for ``sd-img2img``'s UNet,
 saved as the single safetensors file that ``load_lora_weights`` reads.
+:data:`REAL_LAYOUT_NAMES`, built only when named, reproduce the file layouts
+real checkpoints ship in (safety checker, fp16 variant, pickle beside
+safetensors, shards).
 
 Nothing is downloaded: the CLIP tokenizer is assembled from a byte-level
 vocabulary written on the fly.
@@ -39,6 +42,20 @@ TINY_MODEL_NAMES = (
     "sdxl-img2img",
     "controlnet-sdxl-canny",
     "lora-sd",
+)
+
+# Layouts real checkpoints ship in, built on request (not by default): Stable
+# Diffusion 1.5 with its safety checker and feature extractor, fp16 variant
+# files beside the plain ones, pickle weights beside safetensors ones, and
+# sharded safetensors with an index. Each is sd-img2img's architecture; where
+# a layout holds two sets of weights, the plain safetensors are sd-img2img's
+# own (same seed) and the other set is built from seed + 1, so a test can tell
+# which set was loaded from the output bytes.
+REAL_LAYOUT_NAMES = (
+    "sd15-safety-checker",
+    "sd-fp16-variant",
+    "sd-bin-beside-safetensors",
+    "sd-sharded",
 )
 
 # The file name diffusers' load_lora_weights looks for by default.
@@ -104,7 +121,8 @@ def make_tiny_models(
     requested = list(dict.fromkeys(names))
     unknown = [name for name in requested if name not in _BUILDERS]
     if unknown:
-        raise ValueError(f"unknown tiny model name(s) {unknown}; known names are {list(TINY_MODEL_NAMES)}")
+        known = list(TINY_MODEL_NAMES + REAL_LAYOUT_NAMES)
+        raise ValueError(f"unknown tiny model name(s) {unknown}; known names are {known}")
 
     root = pathlib.Path(directory).expanduser()
     root.mkdir(parents=True, exist_ok=True)
@@ -132,7 +150,7 @@ def _build_into(target: pathlib.Path, builder: Callable[[pathlib.Path, int], Non
     try:
         logger.info("building tiny model %s (seed %d)", target.name, seed)
         builder(staging, seed)
-        _check_safetensors_only(staging)
+        _check_safetensors_only(staging, pickle_allowed=target.name in _PICKLE_BESIDE_SAFETENSORS)
         try:
             # rename() replaces a missing or empty directory atomically.
             staging.rename(target)
@@ -152,9 +170,9 @@ def _build_into(target: pathlib.Path, builder: Callable[[pathlib.Path, int], Non
             shutil.rmtree(staging, ignore_errors=True)
 
 
-def _check_safetensors_only(path: pathlib.Path) -> None:
+def _check_safetensors_only(path: pathlib.Path, pickle_allowed: bool = False) -> None:
     unsafe = sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.suffix in _FORBIDDEN_WEIGHT_SUFFIXES)
-    if unsafe:
+    if unsafe and not pickle_allowed:
         raise RuntimeError(f"non-safetensors weight files were written to {path}: {unsafe}")
     if not any(path.rglob("*.safetensors")):
         raise RuntimeError(f"no .safetensors weights were written to {path}")
@@ -324,23 +342,114 @@ def _make_sd_scheduler():
     )
 
 
-def _build_sd_img2img(path: pathlib.Path, seed: int) -> None:
+def _make_sd_pipeline(seed: int, safety_checker=None, feature_extractor=None):
     from diffusers import StableDiffusionPipeline
 
     tokenizer = _make_tokenizer()
-    pipeline = StableDiffusionPipeline(
+    return StableDiffusionPipeline(
         vae=_make_sd_vae(seed),
         text_encoder=_make_text_encoder(tokenizer, seed, hidden_act="quick_gelu"),
         tokenizer=tokenizer,
         unet=_make_sd_unet(seed),
         scheduler=_make_sd_scheduler(),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+        safety_checker=safety_checker,
+        feature_extractor=feature_extractor,
+        requires_safety_checker=safety_checker is not None,
     )
+
+
+def _build_sd_img2img(path: pathlib.Path, seed: int) -> None:
     # Saved as the text-to-image class, like real SD checkpoints;
     # AutoPipelineForImage2Image maps it to the img2img pipeline on load.
+    _make_sd_pipeline(seed).save_pretrained(path, safe_serialization=True)
+
+
+# Side of the images the tiny safety checker's CLIP vision tower sees.
+_SAFETY_CHECKER_IMAGE_SIZE = 32
+
+
+def _make_safety_checker(seed: int):
+    """A tiny StableDiffusionSafetyChecker whose concept thresholds flag nothing (cosine similarity
+    never exceeds 1); a test raises or lowers `concept_embeds_weights` to make it flag."""
+    import torch
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig
+
+    config = CLIPConfig(
+        text_config={
+            "hidden_size": _TEXT_HIDDEN_SIZE,
+            "intermediate_size": 37,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 4,
+        },
+        vision_config={
+            "hidden_size": _TEXT_HIDDEN_SIZE,
+            "intermediate_size": 37,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 4,
+            "image_size": _SAFETY_CHECKER_IMAGE_SIZE,
+            "patch_size": 8,
+        },
+        projection_dim=_TEXT_HIDDEN_SIZE,
+    )
+
+    def build():
+        checker = StableDiffusionSafetyChecker(config).eval()
+        with torch.no_grad():
+            checker.concept_embeds_weights.fill_(2.0)
+            checker.special_care_embeds_weights.fill_(2.0)
+        return checker
+
+    return _seeded(seed, build)
+
+
+def _make_feature_extractor():
+    from transformers import CLIPImageProcessor
+
+    side = _SAFETY_CHECKER_IMAGE_SIZE
+    return CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+
+
+def _build_sd15_safety_checker(path: pathlib.Path, seed: int) -> None:
+    pipeline = _make_sd_pipeline(seed, _make_safety_checker(seed), _make_feature_extractor())
     pipeline.save_pretrained(path, safe_serialization=True)
+    # As SD 1.5's model_index.json names them, whichever backend class transformers picked.
+    index_path = path / "model_index.json"
+    index = json.loads(index_path.read_text())
+    index["safety_checker"] = ["stable_diffusion", "StableDiffusionSafetyChecker"]
+    index["feature_extractor"] = ["transformers", "CLIPImageProcessor"]
+    index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    config_path = path / "feature_extractor" / "preprocessor_config.json"
+    preprocessor = json.loads(config_path.read_text())
+    preprocessor["image_processor_type"] = "CLIPImageProcessor"
+    config_path.write_text(json.dumps(preprocessor, indent=2, sort_keys=True) + "\n")
+
+
+def _build_sd_fp16_variant(path: pathlib.Path, seed: int) -> None:
+    import torch
+
+    # Plain float32 files first, then the fp16 variant (other weights) beside them.
+    _make_sd_pipeline(seed).save_pretrained(path, safe_serialization=True)
+    _make_sd_pipeline(seed + 1).to(torch.float16).save_pretrained(path, safe_serialization=True, variant="fp16")
+
+
+def _build_sd_bin_beside_safetensors(path: pathlib.Path, seed: int) -> None:
+    import torch
+
+    _make_sd_pipeline(seed).save_pretrained(path, safe_serialization=True)
+    other = _make_sd_pipeline(seed + 1)
+    # Pickle copies (of other weights) beside the safetensors ones, as older repositories ship them.
+    for name in ("unet", "vae"):
+        getattr(other, name).save_pretrained(path / name, safe_serialization=False)
+    torch.save(other.text_encoder.state_dict(), path / "text_encoder" / "pytorch_model.bin")
+
+
+# Small enough that the tiny UNet, VAE and text encoder each split into several shards.
+_SHARD_SIZE = "150KB"
+
+
+def _build_sd_sharded(path: pathlib.Path, seed: int) -> None:
+    _make_sd_pipeline(seed).save_pretrained(path, safe_serialization=True, max_shard_size=_SHARD_SIZE)
 
 
 # --------------------------------------------------------------------------
@@ -720,4 +829,10 @@ _BUILDERS: dict[str, Callable[[pathlib.Path, int], None]] = {
     "sdxl-img2img": _build_sdxl_img2img,
     "controlnet-sdxl-canny": _build_controlnet_sdxl_canny,
     "lora-sd": _build_lora_sd,
+    "sd15-safety-checker": _build_sd15_safety_checker,
+    "sd-fp16-variant": _build_sd_fp16_variant,
+    "sd-bin-beside-safetensors": _build_sd_bin_beside_safetensors,
+    "sd-sharded": _build_sd_sharded,
 }
+
+_PICKLE_BESIDE_SAFETENSORS = {"sd-bin-beside-safetensors"}

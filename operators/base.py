@@ -47,10 +47,11 @@ class OperatorConfig(BaseModel):
         description="Stage name; its parameters and timings are kept per row in a column of this name. "
         "Defaults to the operator's kind.",
     )
-    batch_size: int = Field(4, ge=1, description="Rows per batch handed to one actor call.")
+    batch_size: int = Field(4, ge=1, le=65536, description="Rows per batch handed to one actor call.")
     num_actors: int | None = Field(
         None,
         ge=1,
+        le=100_000,
         description="Actors in this operator's pool. Default: as many as the cluster's resources allow "
         "while leaving room for reads and writes.",
     )
@@ -58,6 +59,14 @@ class OperatorConfig(BaseModel):
     num_gpus: float = Field(0.0, ge=0, description="GPUs each actor reserves; fractions share a GPU.")
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="Torch device; 'auto' is cuda when the actor reserves a GPU, else cpu."
+    )
+    torch_threads: int = Field(
+        1,
+        ge=1,
+        le=256,
+        description="CPU threads torch uses in each actor of this stage. Part of the config hash, since on cpu "
+        "the thread count changes output bytes (kernels split their sums differently); recorded per row. Not "
+        "derived from num_cpus, so resizing the pool never changes bytes.",
     )
 
     @field_validator("name")
@@ -72,11 +81,45 @@ class OperatorConfig(BaseModel):
         """The column name this stage's per-row record is kept under."""
         return self.name or self.kind  # type: ignore[attr-defined]
 
+    def model_references(self) -> list:
+        """The checkpoints and adapters this operator loads (`operators.models.ModelReference`), vetted
+        before the job runs; none by default."""
+        return []
+
+    def output_libraries(self) -> tuple[str, ...]:
+        """The libraries whose versions can change this operator's output bytes: in the config hash and
+        recorded per row as `versions`."""
+        return ("numpy", "pillow")
+
     def resolved_device(self) -> str:
         """The torch device the actor runs on, decided by its resources, never by the driver."""
         if self.device != "auto":
             return self.device
         return "cuda" if self.num_gpus > 0 else "cpu"
+
+
+# Distributions a library is installed as, in the order they are looked for.
+LIBRARY_DISTRIBUTIONS = {
+    "opencv": ("opencv-python-headless", "opencv-python", "opencv-contrib-python-headless", "opencv-contrib-python")
+}
+
+
+def library_versions(names) -> str:
+    """Installed versions of libraries, e.g. 'torch 2.13.0, diffusers 0.42.1', read from package
+    metadata (nothing is imported), in the order given."""
+    from importlib import metadata
+
+    versions = []
+    for name in names:
+        version = "not installed"
+        for distribution in LIBRARY_DISTRIBUTIONS.get(name, (name,)):
+            try:
+                version = metadata.version(distribution)
+                break
+            except metadata.PackageNotFoundError:
+                continue
+        versions.append(f"{name} {version}")
+    return ", ".join(versions)
 
 
 class UserError(ValueError):
@@ -148,8 +191,15 @@ def _kill_once_if_asked() -> None:
         os._exit(1)
 
 
-# Fields the base class adds to every stage column: where and how long each row took.
-RUNTIME_FIELDS = [("node_id", pa.string()), ("prepare_seconds", pa.float64()), ("process_seconds", pa.float64())]
+# Fields the base class adds to every stage column: what made the row's bytes (library versions and
+# torch's CPU thread count, null where the stage runs no torch), where, and how long it took.
+RUNTIME_FIELDS = [
+    ("versions", pa.string()),
+    ("torch_threads", pa.int32()),
+    ("node_id", pa.string()),
+    ("prepare_seconds", pa.float64()),
+    ("process_seconds", pa.float64()),
+]
 
 
 def current_node_id() -> str | None:
@@ -172,7 +222,7 @@ class Operator:
     """
 
     required_columns: ClassVar[tuple[str, ...]] = ("id", "image")
-    # The fields of this operator's stage column, without the timing fields the base adds.
+    # The fields of this operator's stage column, without the `RUNTIME_FIELDS` the base adds.
     stage_fields: ClassVar[list[tuple[str, pa.DataType]]] = []
 
     def __init__(
@@ -193,6 +243,8 @@ class Operator:
         self.device = config.resolved_device()
         self.stage_type = pa.struct(self.stage_fields + RUNTIME_FIELDS)
         self.node_id = current_node_id()
+        self.versions = library_versions(config.output_libraries())
+        self.torch_threads: int | None = None  # set by start_torch
         self.setup()
 
     def setup(self) -> None:
@@ -200,13 +252,14 @@ class Operator:
 
     def start_torch(self) -> None:
         """Ready this actor process for a diffusers model: switch the Hub client offline (before it is
-        imported) when the job is offline, and give torch as many CPU threads as the actor reserved."""
+        imported) when the job is offline, and give torch `torch_threads` CPU threads (from config, never
+        from `num_cpus`: the count changes CPU output bytes)."""
         if self.offline:
             os.environ["HF_HUB_OFFLINE"] = "1"
         import torch
 
-        if self.device == "cpu":
-            torch.set_num_threads(max(1, int(self.config.num_cpus)))
+        torch.set_num_threads(self.config.torch_threads)
+        self.torch_threads = torch.get_num_threads()
 
     def variant_count(self) -> int:
         """Output rows per input row; `variants()` returns this many parameter sets."""
@@ -228,7 +281,7 @@ class Operator:
 
     def record(self, item: Item) -> dict:
         """The stage column's fields for one item (also called for error rows); the base class adds
-        `node_id`, `prepare_seconds` and `process_seconds`."""
+        `RUNTIME_FIELDS` (versions, torch threads, node, timings)."""
         return dict(item.record)
 
     @property
@@ -289,6 +342,8 @@ class Operator:
         records = []
         for item in items:
             record = self.record(item)
+            record["versions"] = self.versions
+            record["torch_threads"] = self.torch_threads
             record["node_id"] = self.node_id
             record["prepare_seconds"] = item.prepare_seconds
             record["process_seconds"] = item.process_seconds

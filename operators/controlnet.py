@@ -13,10 +13,10 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from operators.base import Item, RowError
-from operators.diffusion import group_items, load_loras, set_scheduler
+from operators.diffusion import a1111_model_hash, group_items
 from operators.images import decode_eight_bit_rgb
-from operators.img2img import GENERATION_FIELDS, Img2Img, Img2ImgConfig, load_img2img_pipeline
-from operators.models import resolve_model
+from operators.img2img import GENERATION_FIELDS, Img2Img, Img2ImgConfig
+from operators.models import ModelReference, resolve_model
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +28,12 @@ class ControlSource(BaseModel):
 
     model: str = Field(description="ControlNet checkpoint: a local directory, an s3:// prefix, or a Hub id.")
     revision: str | None = Field(None, description="Hub revision (required for Hub ids).")
+    variant: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9_]+$",
+        description="Weight variant to load, e.g. 'fp16' for `diffusion_pytorch_model.fp16.safetensors`; "
+        "default: the plain weights.",
+    )
     conditioning_scale: float = Field(1.0, ge=0, description="Weight of this ControlNet's residuals.")
     preprocessor: Literal["canny", "grayscale", "sobel", "laplacian"] | None = Field(
         None, description="Compute the control image from the row's image with this (no weights needed)."
@@ -79,6 +85,16 @@ class ControlNetImg2ImgConfig(Img2ImgConfig):
     def template_columns(self) -> set[str]:
         return super().template_columns() | {net.column for net in self.controlnets if net.column}
 
+    def output_libraries(self) -> tuple[str, ...]:
+        preprocessed = any(net.preprocessor is not None for net in self.controlnets)
+        return super().output_libraries() + (("opencv",) if preprocessed else ())
+
+    def model_references(self) -> list[ModelReference]:
+        return super().model_references() + [
+            ModelReference(f"controlnets[{index}].model", net.model, net.revision, net.variant, "model")
+            for index, net in enumerate(self.controlnets)
+        ]
+
 
 def control_image(image: Image.Image, source: ControlSource) -> Image.Image:
     """Compute a control image from an RGB image with a weight-free preprocessor."""
@@ -110,10 +126,16 @@ def load_controlnets(sources: list[ControlSource], dtype: str, offline: bool, st
 
     models, revisions = [], []
     for source in sources:
-        resolved = resolve_model(source.model, source.revision, offline, storage_options, pipeline=False)
+        resolved = resolve_model(
+            source.model, source.revision, offline, storage_options, pipeline=False, variant=source.variant
+        )
         models.append(
             diffusers.ControlNetModel.from_pretrained(
-                str(resolved.path), dtype=getattr(torch, dtype), use_safetensors=True, local_files_only=True
+                str(resolved.path),
+                dtype=getattr(torch, dtype),
+                variant=source.variant,
+                use_safetensors=True,
+                local_files_only=True,
             )
         )
         revisions.append(resolved.revision)
@@ -138,20 +160,11 @@ class ControlNetImg2Img(Img2Img):
     def setup(self) -> None:
         self.start_torch()
         config = self.config
-        self.model = resolve_model(config.model, config.revision, self.offline, self.model_storage_options)
         controlnets, revisions = load_controlnets(
             config.controlnets, config.resolved_dtype(), self.offline, self.model_storage_options
         )
         self.controlnet_revisions = ",".join(revisions)
-        self.pipeline = load_img2img_pipeline(
-            self.model.path,
-            config.resolved_dtype(),
-            self.device,
-            controlnet=controlnets[0] if len(controlnets) == 1 else controlnets,
-        )
-        set_scheduler(self.pipeline, config.scheduler)
-        self.loras = load_loras(self.pipeline, config.loras, self.offline, self.model_storage_options)
-        self.scheduler_name = type(self.pipeline.scheduler).__name__
+        self.load_pipeline(controlnet=controlnets[0] if len(controlnets) == 1 else controlnets)
 
     def prepare(self, data: bytes | None, row: dict):
         image = super().prepare(data, row)
@@ -173,8 +186,7 @@ class ControlNetImg2Img(Img2Img):
     def process(self, items: list[Item]) -> None:
         config = self.config
         nets = len(config.controlnets)
-        # diffusers takes one control image per ControlNet per call when several are stacked.
-        size = 1 if nets > 1 else config.resolved_model_batch_size()
+        size = self.model_batch_size()
         calls = group_items(
             items,
             key=lambda item: (
@@ -198,9 +210,38 @@ class ControlNetImg2Img(Img2Img):
             }
             self.generate(group, inputs)
 
-    def parameters_text(self, item: Item) -> str:
-        text = super().parameters_text(item)
-        return text + ", ControlNet: " + "; ".join(net.describe() for net in self.config.controlnets)
+    def model_batch_size(self) -> int:
+        # diffusers takes one control image per ControlNet per call when several are stacked.
+        return 1 if len(self.config.controlnets) > 1 else self.config.resolved_model_batch_size()
+
+    def infotext_fields(self, item: Item) -> dict:
+        """Img2img's pairs plus one `ControlNet N` unit per ControlNet, as the sd-webui-controlnet
+        extension writes them."""
+        revisions = self.controlnet_revisions.split(",")
+        return {
+            **super().infotext_fields(item),
+            **{
+                f"ControlNet {index}": self.a1111_unit(net, revision)
+                for index, (net, revision) in enumerate(zip(self.config.controlnets, revisions, strict=True))
+            },
+        }
+
+    def a1111_unit(self, net: ControlSource, revision: str) -> str:
+        """One ControlNet unit as sd-webui-controlnet serialises it: `Field: value` pairs whose values
+        hold no comma or colon (the whole unit is quoted when written)."""
+        name = "".join(char for char in net.model.rstrip("/").rsplit("/", 1)[-1] if char not in ",:")
+        short_hash = a1111_model_hash(revision, digits=8)
+        fields = {
+            "Module": net.preprocessor or "none",
+            "Model": f"{name} [{short_hash}]" if short_hash else name,
+            "Weight": net.conditioning_scale,
+        }
+        if net.preprocessor == "canny":
+            fields.update({"Threshold A": net.low_threshold, "Threshold B": net.high_threshold})
+        fields.update(
+            {"Guidance Start": self.config.control_guidance_start, "Guidance End": self.config.control_guidance_end}
+        )
+        return ", ".join(f"{key}: {value}" for key, value in fields.items())
 
     def record(self, item: Item) -> dict:
         record = super().record(item)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import io
-import warnings
+import struct
+import zlib
 
 import numpy as np
 from PIL import Image, ImageOps, PngImagePlugin
@@ -39,29 +40,26 @@ def decode_image(data: bytes | None, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS)
     if data is None or len(data) == 0:
         raise ImageError("image is empty (no bytes)")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            # Pillow's own check is process-wide; it must not undercut a limit raised per job.
-            previous_limit = Image.MAX_IMAGE_PIXELS
-            Image.MAX_IMAGE_PIXELS = max(max_pixels, DEFAULT_MAX_IMAGE_PIXELS)
-            try:
-                image = Image.open(io.BytesIO(data))
-                width, height = image.size
-                if width * height > max_pixels:
-                    raise ImageError(
-                        f"image is {width}x{height} = {width * height} pixels, over the limit of "
-                        f"{max_pixels} (source.max_image_pixels)"
-                    )
-                image.load()
-                image = ImageOps.exif_transpose(image)
-            finally:
-                Image.MAX_IMAGE_PIXELS = previous_limit
+        # Pillow's own check (process-wide, with its own limit and message) is off while the header is
+        # read; the configured limit is checked here instead, before any pixel is decoded.
+        previous_limit = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            image = Image.open(io.BytesIO(data))
+            width, height = image.size
+            if width * height > max_pixels:
+                raise ImageError(
+                    f"image is {width}x{height} = {width * height} pixels, over the limit of "
+                    f"{max_pixels} (source.max_image_pixels)"
+                )
+            image.load()
+            image = ImageOps.exif_transpose(image)
+        finally:
+            Image.MAX_IMAGE_PIXELS = previous_limit
     except ImageError:
         raise
     except Image.UnidentifiedImageError:  # its own message names the buffer by memory address
         raise ImageError("cannot decode image: UnidentifiedImageError: cannot identify image format") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        raise ImageError(f"image refused as a decompression bomb: {error}") from None
     except Exception as error:  # Pillow raises many types for broken files
         raise ImageError(f"cannot decode image: {type(error).__name__}: {error}") from None
     return image
@@ -161,8 +159,9 @@ def decode_array(data: bytes | None, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS)
         raise ImageError(f"cannot convert image mode {image.mode} to RGB: {error}") from None
 
 
-def encode_array(array: np.ndarray) -> bytes:
-    """Encode a uint8 or uint16 array, (H, W) or (H, W, 3) RGB, as PNG with every bit kept.
+def encode_array(array: np.ndarray, pnginfo_text: str | None = None) -> bytes:
+    """Encode a uint8 or uint16 array, (H, W) or (H, W, 3) RGB, as PNG with every bit kept; the PNG
+    carries `pnginfo_text` in a `parameters` text chunk, as `encode_image` writes it.
 
     8-bit arrays and 16-bit grayscale go through Pillow (modes L, RGB, I;16); 16-bit RGB, which
     Pillow cannot write, through OpenCV.
@@ -175,10 +174,29 @@ def encode_array(array: np.ndarray) -> bytes:
         written, buffer = cv2.imencode(".png", np.ascontiguousarray(array[..., ::-1]))
         if not written:
             raise ValueError(f"OpenCV could not encode a {array.shape} uint16 array as PNG")
-        return buffer.tobytes()
+        encoded = buffer.tobytes()
+        return encoded if pnginfo_text is None else add_png_text(encoded, "parameters", pnginfo_text)
     buffer = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(array)).save(buffer, format="PNG")
+    info = None
+    if pnginfo_text is not None:
+        info = PngImagePlugin.PngInfo()
+        info.add_text("parameters", pnginfo_text)
+    Image.fromarray(np.ascontiguousarray(array)).save(buffer, format="PNG", pnginfo=info)
     return buffer.getvalue()
+
+
+def add_png_text(png: bytes, key: str, text: str) -> bytes:
+    """Insert a text chunk right after a PNG's IHDR chunk, as Pillow's `PngInfo.add_text` writes it:
+    tEXt when the text is Latin-1, uncompressed iTXt (UTF-8) otherwise."""
+    if not png.startswith(PNG_SIGNATURE) or png[12:16] != b"IHDR":
+        raise ValueError("add_png_text takes PNG bytes that start with an IHDR chunk")
+    try:
+        kind, body = b"tEXt", key.encode("latin-1") + b"\0" + text.encode("latin-1")
+    except UnicodeEncodeError:
+        kind, body = b"iTXt", key.encode("latin-1") + b"\0\0\0\0\0" + text.encode("utf-8")
+    chunk = struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    ihdr_end = 8 + 8 + struct.unpack(">I", png[8:12])[0] + 4
+    return png[:ihdr_end] + chunk + png[ihdr_end:]
 
 
 def _holds_sixteen_bit_color(data: bytes) -> bool:

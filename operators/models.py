@@ -2,8 +2,9 @@
 
 A model is named by a local directory, an `s3://` prefix (copied once per node into a local
 cache) or a Hugging Face Hub id with a pinned revision. Whatever the origin, the local copy is
-checked before loading: only safetensors weights, and no component whose code lives outside
-diffusers and transformers, so nothing from a checkpoint is ever executed.
+checked before loading: only safetensors weights (of the chosen variant, sharded or not; pickle
+files beside them are never read), and no component whose code lives outside diffusers (its pipeline
+modules included) and transformers, so nothing from a checkpoint is ever executed.
 """
 
 from __future__ import annotations
@@ -12,10 +13,12 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from operators.base import UserError
 
@@ -24,6 +27,12 @@ logger = logging.getLogger(__name__)
 TRUSTED_LIBRARIES = ("diffusers", "transformers")
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle")
 HUB_ALLOW_PATTERNS = ["*.json", "*.txt", "*.model", "*.safetensors"]
+WEIGHT_SUFFIXES = PICKLE_SUFFIXES + (".safetensors",)
+# Repository ids as the Hub spells them: owner/name, word characters, '-' and '.'.
+HUB_ID = re.compile(r"\w(?:[\w\-.]*\w)?/\w(?:[\w\-.]*\w)?")
+# Shard numbering and shard index names, as diffusers and transformers write them (with or without a variant).
+SHARD = re.compile(r"-\d{5}-of-\d{5}")
+SHARD_INDEX = re.compile(r"(?P<base>.+)\.safetensors\.index(?:\.(?P<variant>[^.]+))?\.json")
 
 
 class ModelError(UserError):
@@ -39,14 +48,91 @@ class ResolvedModel:
     revision: str
 
 
+@dataclass(frozen=True)
+class ModelReference:
+    """A checkpoint an operator config names: which field, where it lives, and how it is loaded
+    ('pipeline': a diffusers pipeline directory, 'model': a single model such as a ControlNet,
+    'lora': a LoRA adapter file)."""
+
+    field: str
+    uri: str
+    revision: str | None = None
+    variant: str | None = None
+    kind: Literal["pipeline", "model", "lora"] = "pipeline"
+    weight_name: str | None = None
+    safety_checker: bool | None = None
+
+
+def vet_models(operators: list, offline: bool = True) -> list[str]:
+    """Check every model and LoRA the operators name, as far as it can be checked on this machine,
+    before anything runs: local paths exist and hold a vetted checkpoint (safetensors only, no custom
+    code, the asked variant), LoRA files are .safetensors, Hub ids carry a revision (and, offline,
+    are in the Hub cache). s3:// prefixes and Hub downloads are checked when the actors stage them.
+    Returns one line per problem, naming the field."""
+    problems = []
+    for index, operator in enumerate(operators):
+        for reference in operator.model_references():
+            try:
+                vet_reference(reference, offline)
+            except (ModelError, OSError) as error:
+                problems.append(f"operators[{index}].{reference.field}: {one_line(error)}")
+    return problems
+
+
+def require_vetted_models(operators: list, offline: bool = True) -> None:
+    """`vet_models`, raising one ModelError that lists every problem (before a job starts Ray)."""
+    problems = vet_models(operators, offline)
+    if problems:
+        raise ModelError("; ".join(problems))
+
+
+def vet_reference(reference: ModelReference, offline: bool = True) -> None:
+    """Vet one reference without staging or downloading anything; raises ModelError."""
+    uri = reference.uri
+    if uri.startswith("s3://"):
+        return
+    if is_hub_id(uri) and reference.revision is not None and not offline:
+        return
+    if reference.kind == "lora":
+        from operators.diffusion import LoraAdapter, resolve_lora
+
+        lora = LoraAdapter(model=uri, weight_name=reference.weight_name, revision=reference.revision)
+        resolve_lora(lora, offline, {})
+        return
+    pipeline = reference.kind == "pipeline"
+    if is_hub_id(uri):
+        path = resolve_model(uri, reference.revision, offline, pipeline=pipeline, variant=reference.variant).path
+    else:
+        path = local_model_path(uri)
+        check_files(path, pipeline, reference.variant)
+    if pipeline:
+        ships_safety_checker(path, reference.safety_checker)
+
+
+def ships_safety_checker(path: Path, wanted: bool | None = None) -> bool:
+    """Whether a vetted pipeline checkpoint has a safety checker; `wanted=True` refuses one without."""
+    index = read_json(path / "model_index.json")
+    spec = index.get("safety_checker") if isinstance(index, dict) else None
+    ships = isinstance(spec, list) and bool(spec) and spec[0] is not None
+    if wanted and not ships:
+        raise ModelError(f"safety_checker is true, but checkpoint {path} has no safety checker")
+    return ships
+
+
 def default_cache_dir() -> Path:
     """Where staged checkpoints live on each node (`RESTYLE_CACHE`, else ~/.cache/restyle)."""
     return Path(os.environ.get("RESTYLE_CACHE", Path.home() / ".cache" / "restyle")) / "models"
 
 
 def is_hub_id(uri: str) -> bool:
-    """A Hub id is `owner/name` with no scheme and no local directory of that name."""
-    return "://" not in uri and uri.count("/") == 1 and not Path(uri).exists()
+    """A Hub id is `owner/name` (as the Hub spells repository ids) with no local path of that name."""
+    return (
+        HUB_ID.fullmatch(uri) is not None
+        and ".." not in uri
+        and "--" not in uri
+        and len(uri) <= 96
+        and not Path(uri).exists()
+    )
 
 
 def resolve_model(
@@ -56,15 +142,19 @@ def resolve_model(
     storage_options: dict | None = None,
     cache_dir: Path | None = None,
     pipeline: bool = True,
+    variant: str | None = None,
 ) -> ResolvedModel:
     """Make the checkpoint named by `uri` available locally and vet it: a whole pipeline
-    (`model_index.json`) or, with `pipeline=False`, a single model (`config.json`, e.g. a ControlNet)."""
+    (`model_index.json`) or, with `pipeline=False`, a single model (`config.json`, e.g. a ControlNet).
+    `variant` (e.g. "fp16") names the weight files that will be loaded."""
     if uri.startswith("s3://"):
         path = stage_files(uri, storage_options or {}, cache_dir)
         resolved = ResolvedModel(path, uri, revision or model_fingerprint(path))
     elif is_hub_id(uri):
         if revision is None:
-            raise ModelError(f"model {uri!r} is a Hub id; pin it with a revision (commit sha or tag)")
+            raise ModelError(
+                f"model {uri!r} is no local directory, so it is a Hub id; pin it with a revision (commit sha or tag)"
+            )
         from huggingface_hub import snapshot_download
 
         try:
@@ -73,60 +163,178 @@ def resolve_model(
             )
         except Exception as error:
             hint = " (offline mode is on: stage the model in the Hub cache first)" if offline else ""
-            raise ModelError(f"cannot fetch model {uri}@{revision}: {error}{hint}") from None
+            raise ModelError(f"cannot fetch model {uri}@{revision}: {one_line(error)}{hint}") from None
         resolved = ResolvedModel(path, uri, revision)
     else:
-        path = Path(uri).expanduser()
-        if not path.is_dir():
-            raise ModelError(f"model {uri!r} is neither a local directory, an s3:// prefix nor a Hub id (owner/name)")
-        resolved = ResolvedModel(path, uri, revision or model_fingerprint(path))
-    if pipeline:
-        check_model_files(resolved.path)
-    else:
-        check_weights_are_safetensors(resolved.path)
+        path = local_model_path(uri)
+        check_files(path, pipeline, variant)
+        return ResolvedModel(path, uri, revision or model_fingerprint(path))
+    check_files(resolved.path, pipeline, variant)
     return resolved
 
 
-def check_model_files(path: Path) -> None:
-    """Refuse checkpoints that would need pickle weights or code from outside the trusted libraries."""
+def local_model_path(uri: str) -> Path:
+    """The local checkpoint directory `uri` names, or a ModelError saying why there is none."""
+    path = Path(uri).expanduser()
+    if not path.exists():
+        raise ModelError(
+            f"model {uri!r} does not exist: no local directory {path.absolute()}, and it is neither an s3:// "
+            "prefix nor a Hub id (owner/name)"
+        )
+    if not path.is_dir():
+        raise ModelError(f"model {uri!r} is a file; give the checkpoint's directory (diffusers layout)")
+    return path
+
+
+def check_files(path: Path, pipeline: bool = True, variant: str | None = None) -> None:
+    """Vet a local checkpoint: a pipeline directory, or (`pipeline=False`) a single model's."""
+    if pipeline:
+        check_model_files(path, variant)
+        return
+    if not (path / "config.json").is_file():
+        raise ModelError(f"{path} has no config.json; it is not a diffusers model directory")
+    check_weights_are_safetensors(path, variant, required=True)
+
+
+def one_line(error: BaseException) -> str:
+    """An exception's message on one line (library messages often span several)."""
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def read_json(path: Path) -> object:
+    """A checkpoint's JSON file, or a ModelError naming it."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise ModelError(f"{path} is not valid JSON: {one_line(error)}") from None
+
+
+def check_model_files(path: Path, variant: str | None = None) -> None:
+    """Refuse checkpoints that would need pickle weights or code from outside diffusers (its pipeline
+    modules included) and transformers."""
     index_path = path / "model_index.json"
     if not index_path.is_file():
         raise ModelError(f"{path} has no model_index.json; it is not a diffusers pipeline directory")
-    index = json.loads(index_path.read_text())
+    index = read_json(index_path)
+    if not isinstance(index, dict):
+        raise ModelError(f"{index_path} must hold a JSON object, got {type(index).__name__}")
     class_name = index.get("_class_name")
     if not isinstance(class_name, str) or not class_name.isidentifier() or not _is_diffusers_pipeline(class_name):
         raise ModelError(
             f"{index_path}: _class_name {class_name!r} is not a diffusers pipeline; custom pipeline code is not loaded"
         )
-    for component, spec in index.items():
-        if component.startswith("_") or not isinstance(spec, list) or spec[0] is None:
+    components = set(_pipeline_components(class_name)) | {
+        key for key, value in index.items() if isinstance(value, list) and not key.startswith("_")
+    }
+    found_variant = variant is None
+    for component in sorted(components & set(index)):
+        spec = index[component]
+        if (
+            not isinstance(spec, list)
+            or len(spec) != 2
+            or not all(part is None or isinstance(part, str) for part in spec)
+        ):
+            raise ModelError(
+                f"{index_path}: component {component!r} must be [library, class] (or [null, null]), got {spec!r}"
+            )
+        library, component_class = spec
+        if library is None or component_class is None:
             continue
-        library = spec[0]
-        if library not in TRUSTED_LIBRARIES:
+        if not _is_trusted_library(library, component_class):
             raise ModelError(
                 f"{index_path}: component {component!r} names code from {library!r}; only "
-                f"{', '.join(TRUSTED_LIBRARIES)} components are loaded (no remote or custom code)"
+                f"{', '.join(TRUSTED_LIBRARIES)} components and diffusers pipeline modules are loaded "
+                "(no remote or custom code)"
             )
         if (path / component).is_dir():
-            check_weights_are_safetensors(path / component)
+            found_variant |= check_weights_are_safetensors(path / component, variant)
+    if not found_variant:
+        raise ModelError(f"{path} has no weight files of variant {variant!r} (such as unet/*.{variant}.safetensors)")
 
 
-def check_weights_are_safetensors(directory: Path) -> None:
-    """Refuse a model directory whose weights exist only in pickle formats."""
+def weight_variant(name: str) -> str | None:
+    """The variant of a weight file name: 'fp16' for `model.fp16.safetensors`,
+    `diffusion_pytorch_model.fp16-00001-of-00002.safetensors` or the older
+    `diffusion_pytorch_model-00001-of-00002.fp16.safetensors`; None for plain names."""
+    stem = SHARD.sub("", name.rsplit(".", 1)[0])
+    parts = stem.split(".")
+    return parts[-1] if len(parts) > 1 else None
+
+
+def check_weights_are_safetensors(directory: Path, variant: str | None = None, required: bool = False) -> bool:
+    """Refuse a model directory whose weights (of `variant`, if it has files of that variant, else the
+    plain ones) exist only in pickle formats, or whose shard index is broken. Pickle files beside
+    safetensors ones are ignored: loading passes `use_safetensors=True`. Returns whether files of
+    `variant` were found; with `required`, their absence is an error."""
     if not directory.is_dir():
         raise ModelError(f"{directory} is not a model directory")
-    files = [file.name for file in directory.iterdir()]
-    has_weights = any(name.endswith(PICKLE_SUFFIXES + (".safetensors",)) for name in files)
-    if has_weights and not any(name.endswith(".safetensors") for name in files):
+    names = sorted(file.name for file in directory.iterdir() if file.is_file())
+    weights = [name for name in names if name.endswith(WEIGHT_SUFFIXES)]
+    has_variant = variant is not None and any(weight_variant(name) == variant for name in weights)
+    if variant is not None and required and not has_variant:
         raise ModelError(
-            f"{directory} holds only pickle weights ({', '.join(sorted(files))}); only .safetensors weights are loaded"
+            f"{directory} has no weight files of variant {variant!r}; it holds {', '.join(weights) or 'no weights'}"
         )
+    chosen = [name for name in weights if weight_variant(name) == (variant if has_variant else None)]
+    if weights and not chosen:
+        variants = sorted({str(weight_variant(name)) for name in weights})
+        raise ModelError(
+            f"{directory} has only variant weights ({', '.join(weights)}); set variant to one of {variants}"
+        )
+    if chosen and not any(name.endswith(".safetensors") for name in chosen):
+        label = f"{variant} " if has_variant else ""
+        raise ModelError(
+            f"{directory} holds only pickle {label}weights ({', '.join(chosen)}); only .safetensors weights are loaded"
+        )
+    for name in names:
+        if SHARD_INDEX.fullmatch(name):
+            _check_shard_index(directory / name, set(names))
+    return has_variant
+
+
+def _check_shard_index(index_path: Path, files: set[str]) -> None:
+    index = read_json(index_path)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ModelError(f"{index_path} must hold a JSON object with a non-empty weight_map")
+    for shard in sorted(set(map(str, weight_map.values()))):
+        if not shard.endswith(".safetensors") or "/" in shard or "\\" in shard:
+            raise ModelError(f"{index_path} names shard {shard!r}; shards must be .safetensors files beside it")
+        if shard not in files:
+            raise ModelError(f"{index_path} names shard {shard!r}, which is missing")
 
 
 def _is_diffusers_pipeline(name: str) -> bool:
     import diffusers
 
     return name.endswith("Pipeline") and hasattr(diffusers, name)
+
+
+def _pipeline_components(class_name: str) -> list[str]:
+    """The component names a diffusers pipeline class takes (its __init__ modules)."""
+    import diffusers
+
+    pipeline_class = getattr(diffusers, class_name)
+    expected, _optional = pipeline_class._get_signature_keys(pipeline_class)
+    return sorted(expected)
+
+
+def _is_trusted_library(library: str, class_name: str) -> bool:
+    """diffusers and transformers themselves, or a diffusers pipeline module (`stable_diffusion` for
+    `StableDiffusionSafetyChecker`), resolved as diffusers' own loader resolves it."""
+    if library in TRUSTED_LIBRARIES:
+        return True
+    if not library.isidentifier() or not class_name.isidentifier():
+        return False
+    import types
+
+    from diffusers import pipelines
+
+    module = getattr(pipelines, library, None)
+    if not isinstance(module, types.ModuleType) or module.__name__ != f"diffusers.pipelines.{library}":
+        return False
+    component_class = getattr(module, class_name, None)
+    return isinstance(component_class, type) and component_class.__module__.startswith("diffusers.")
 
 
 def model_fingerprint(path: Path) -> str:

@@ -28,6 +28,7 @@ import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from operators.base import Item, Operator, OperatorConfig, RowError
+from operators.diffusion import a1111_parameters
 from operators.images import DEFAULT_MAX_IMAGE_PIXELS, ImageError, decode_array, encode_array
 
 if TYPE_CHECKING:
@@ -176,6 +177,10 @@ class StandardizeConfig(OperatorConfig):
         description="Channels of the output, converted after the last step: 'grayscale' takes the "
         "luminance (ITU-R BT.601 weights), 'rgb' repeats a gray plane three times.",
     )
+
+    def output_libraries(self) -> tuple[str, ...]:
+        """Libraries whose versions can change the standardized bytes."""
+        return ("numpy", "opencv", "pillow")
 
     @model_validator(mode="after")
     def _runs_on_cpu(self) -> StandardizeConfig:
@@ -482,6 +487,20 @@ def apply_step(array: np.ndarray, step: StepConfig, references: dict[str, Refere
     raise TypeError(f"unknown step {step!r}")
 
 
+def describe_steps(config: StandardizeConfig) -> str:
+    """The steps and output conversions as one line, e.g. 'percentile_clip(low=1.0, high=99.0);
+    clahe(clip_limit=2.0, tile_grid_size=8)', credentials removed from references."""
+    from jobs.storage import redact
+
+    parts = []
+    for step in config.steps:
+        fields = step.model_dump(exclude={"op"})
+        parts.append(f"{step.op}({', '.join(f'{name}={value}' for name, value in fields.items())})")
+    if (config.output_dtype, config.output_mode) != ("keep", "keep"):
+        parts.append(f"output(dtype={config.output_dtype}, mode={config.output_mode})")
+    return redact("; ".join(parts))
+
+
 class Standardize(Operator):
     """Ray Data actor for `standardize`: reads references once, then runs the steps on each row.
 
@@ -507,6 +526,7 @@ class Standardize(Operator):
         self.distance_histogram = self.references[matches[-1].reference] if matches else None
         self.reference_label = redact(matches[-1].reference) if matches else None
         self.steps_text = redact(json.dumps([step.model_dump() for step in self.config.steps], separators=(",", ":")))
+        self.a1111_steps = describe_steps(self.config)
 
     def prepare(self, data: bytes | None, row: dict) -> np.ndarray:
         return decode_array(data, self.max_image_pixels)
@@ -538,9 +558,18 @@ class Standardize(Operator):
         record["output_channels"] = channel_count(array)
         if reference is not None:
             record["histogram_distance"] = histogram_distance(array, reference)
-        item.output = encode_array(array)
         item.size = (array.shape[1], array.shape[0])
         item.record = record
+        item.output = encode_array(array, self.parameters_text(item, array))
+
+    def parameters_text(self, item: Item, array: np.ndarray) -> str:
+        """The AUTOMATIC1111 `parameters` text of one output: the steps, the size and the bit depth."""
+        fields = {
+            "Standardize": self.a1111_steps,
+            "Size": f"{item.size[0]}x{item.size[1]}",
+            "Bit depth": 8 * array.dtype.itemsize,
+        }
+        return a1111_parameters("", None, fields)
 
     def record(self, item: Item) -> dict:
         return {"steps": self.steps_text, "reference": self.reference_label, **item.record}

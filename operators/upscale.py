@@ -26,6 +26,7 @@ from pydantic import Field, model_validator
 from operators.base import Item, Operator, OperatorConfig, RowError
 from operators.diffusion import (
     SCHEDULERS,
+    a1111_model_hash,
     a1111_parameters,
     generators,
     render_template,
@@ -33,7 +34,7 @@ from operators.diffusion import (
     set_scheduler,
 )
 from operators.images import decode_array, decode_eight_bit_rgb, encode_array, encode_image
-from operators.models import resolve_model
+from operators.models import ModelReference, resolve_model
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ PROMPT_METHODS = ("sd_x4", "latent_x2")
 FIELD_METHODS = {
     "model": MODEL_METHODS,
     "revision": MODEL_METHODS,
+    "variant": MODEL_METHODS,
     "model_batch_size": MODEL_METHODS,
     "num_inference_steps": MODEL_METHODS,
     "prompt": PROMPT_METHODS,
@@ -83,6 +85,15 @@ METHOD_SCHEDULERS = {
 
 OPENCV_INTERPOLATION = {"lanczos": "INTER_LANCZOS4", "bicubic": "INTER_CUBIC"}
 
+# The `Postprocess upscaler` each method is written as in the AUTOMATIC1111 parameters text.
+A1111_UPSCALERS = {
+    "lanczos": "Lanczos",
+    "bicubic": "Bicubic",
+    "sd_x4": "SD x4",
+    "latent_x2": "SD latent x2",
+    "ldm": "LDSR",
+}
+
 
 class UpscaleConfig(OperatorConfig):
     """Config of the `upscale` operator: one super-resolved output per input row.
@@ -103,6 +114,11 @@ class UpscaleConfig(OperatorConfig):
         "(owner/name). Required for sd_x4, latent_x2 and ldm; refused for lanczos and bicubic.",
     )
     revision: str | None = Field(None, description="Hub commit or tag (required for Hub ids); recorded per row.")
+    variant: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9_]+$",
+        description="Weight variant of a model method, e.g. 'fp16' (diffusers' `variant`); default: the plain weights.",
+    )
     scale: float | None = Field(
         None, gt=1, le=16, description="Resize factor of lanczos and bicubic (default 2); model methods have their own."
     )
@@ -200,6 +216,18 @@ class UpscaleConfig(OperatorConfig):
             return self.model_batch_size
         return 1 if self.resolved_device() == "cpu" else 4
 
+    def model_references(self) -> list[ModelReference]:
+        """The checkpoint of a model method, for vetting before the job runs."""
+        if self.model is None:
+            return []
+        return [ModelReference("model", self.model, self.revision, self.variant, "pipeline")]
+
+    def output_libraries(self) -> tuple[str, ...]:
+        """Libraries whose versions can change the upscaled bytes."""
+        if self.method in CLASSICAL_METHODS:
+            return ("numpy", "opencv", "pillow")
+        return ("torch", "diffusers", "transformers", "numpy", "pillow")
+
     def template_columns(self) -> set[str]:
         """Columns the prompt templates refer to."""
         templates = [self.prompt, self.negative_prompt]
@@ -213,6 +241,7 @@ UPSCALE_FIELDS = [
     ("method", pa.string()),
     ("model", pa.string()),
     ("model_revision", pa.string()),
+    ("model_variant", pa.string()),
     ("prompt", pa.string()),
     ("negative_prompt", pa.string()),
     ("noise_level", pa.int32()),
@@ -228,6 +257,8 @@ UPSCALE_FIELDS = [
     ("tile_overlap", pa.int32()),
     ("dtype", pa.string()),
     ("device", pa.string()),
+    # Most tiles per model call (model methods): batched kernels round differently per batch size.
+    ("model_batch_size", pa.int32()),
 ]
 
 
@@ -340,30 +371,30 @@ def tile_seed(seed: int, tile_index: int) -> int:
 # --------------------------------------------------------------------------
 
 
-def _load_pipeline(class_name: str, path, dtype: str, device: str):
+def _load_pipeline(class_name: str, path, dtype: str, device: str, variant: str | None = None):
     import diffusers
     import torch
 
     pipeline = getattr(diffusers, class_name).from_pretrained(
-        str(path), dtype=getattr(torch, dtype), use_safetensors=True, local_files_only=True
+        str(path), dtype=getattr(torch, dtype), variant=variant, use_safetensors=True, local_files_only=True
     )
     pipeline.set_progress_bar_config(disable=True)
     return pipeline.to(device)
 
 
-def load_sd_x4_pipeline(path, dtype: str, device: str):
+def load_sd_x4_pipeline(path, dtype: str, device: str, variant: str | None = None):
     """Load a StableDiffusionUpscalePipeline from a local, vetted checkpoint."""
-    return _load_pipeline("StableDiffusionUpscalePipeline", path, dtype, device)
+    return _load_pipeline("StableDiffusionUpscalePipeline", path, dtype, device, variant)
 
 
-def load_latent_x2_pipeline(path, dtype: str, device: str):
+def load_latent_x2_pipeline(path, dtype: str, device: str, variant: str | None = None):
     """Load a StableDiffusionLatentUpscalePipeline from a local, vetted checkpoint."""
-    return _load_pipeline("StableDiffusionLatentUpscalePipeline", path, dtype, device)
+    return _load_pipeline("StableDiffusionLatentUpscalePipeline", path, dtype, device, variant)
 
 
-def load_ldm_pipeline(path, dtype: str, device: str):
+def load_ldm_pipeline(path, dtype: str, device: str, variant: str | None = None):
     """Load an LDMSuperResolutionPipeline from a local, vetted checkpoint."""
-    return _load_pipeline("LDMSuperResolutionPipeline", path, dtype, device)
+    return _load_pipeline("LDMSuperResolutionPipeline", path, dtype, device, variant)
 
 
 PIPELINE_LOADERS = {"sd_x4": load_sd_x4_pipeline, "latent_x2": load_latent_x2_pipeline, "ldm": load_ldm_pipeline}
@@ -434,8 +465,12 @@ class Upscale(Operator):
             cv2.setNumThreads(max(1, int(config.num_cpus)))
             return
         self.start_torch()
-        self.model = resolve_model(config.model, config.revision, self.offline, self.model_storage_options)
-        self.pipeline = PIPELINE_LOADERS[config.method](self.model.path, config.resolved_dtype(), self.device)
+        self.model = resolve_model(
+            config.model, config.revision, self.offline, self.model_storage_options, variant=config.variant
+        )
+        self.pipeline = PIPELINE_LOADERS[config.method](
+            self.model.path, config.resolved_dtype(), self.device, config.variant
+        )
         set_scheduler(self.pipeline, config.scheduler)
         self.scheduler_name = type(self.pipeline.scheduler).__name__
         if config.noise_level is not None and config.noise_level > self.pipeline.config.max_noise_level:
@@ -486,8 +521,8 @@ class Upscale(Operator):
             item.error = f"resize to {size[0]}x{size[1]} failed: {error}"
             return
         item.size = size
-        item.output = encode_array(output)
         item.record = {"scale": size[0] / width, "tiles": 1}
+        item.output = encode_array(output, self.parameters_text(item))
 
     def upscale_with_model(self, items: list[Item]) -> None:
         """Upscale rows tile by tile; consecutive tiles of one size share a model call."""
@@ -584,31 +619,34 @@ class Upscale(Operator):
         item.output = encode_image(output, "png", self.parameters_text(item))
 
     def parameters_text(self, item: Item) -> str:
-        """The AUTOMATIC1111 `parameters` text of one output."""
+        """The AUTOMATIC1111 `parameters` text of one output. Classical methods write what
+        AUTOMATIC1111's extras tab writes (`Postprocess upscale by`, `Postprocess upscaler`) and the
+        size; model methods write a generation's fields as well."""
         config = self.config
-        prompt = item.parameters.get("prompt", "")
-        extra = {"Upscaler": config.method}
-        if config.noise_level is not None:
-            extra["Noise level"] = config.noise_level
-        if config.eta is not None:
-            extra["Eta"] = config.eta
+        upscale = {
+            "Postprocess upscale by": config.scale if config.method in CLASSICAL_METHODS else self.model_scale,
+            "Postprocess upscaler": A1111_UPSCALERS[config.method],
+        }
+        if config.method in CLASSICAL_METHODS:
+            return a1111_parameters("", None, {**upscale, "Size": f"{item.size[0]}x{item.size[1]}"})
+        fields = {
+            "Steps": config.num_inference_steps,
+            "Sampler": SCHEDULERS.get(self.scheduler_name, self.scheduler_name),
+            # The LDM pipeline runs unguided, which AUTOMATIC1111 writes as CFG scale 1.
+            "CFG scale": config.guidance_scale if config.guidance_scale is not None else 1.0,
+            "Seed": item.seed,
+            "Size": f"{item.size[0]}x{item.size[1]}",
+            "Model hash": a1111_model_hash(self.model.revision),
+            "Model": config.model,
+            **upscale,
+            "Noise level": config.noise_level,
+            "Eta": config.eta,
+        }
         if item.record["tiles"] > 1:
-            extra.update(
+            fields.update(
                 {"Tiles": item.record["tiles"], "Tile size": config.tile_size, "Tile overlap": config.tile_overlap}
             )
-        return a1111_parameters(
-            prompt,
-            item.parameters.get("negative_prompt"),
-            config.num_inference_steps,
-            SCHEDULERS.get(self.scheduler_name, self.scheduler_name),
-            # The LDM pipeline runs unguided, which AUTOMATIC1111 writes as CFG scale 1.
-            config.guidance_scale if config.guidance_scale is not None else 1.0,
-            item.seed,
-            item.size[0],
-            item.size[1],
-            config.model,
-            extra=extra,
-        )
+        return a1111_parameters(item.parameters.get("prompt", ""), item.parameters.get("negative_prompt"), fields)
 
     def record(self, item: Item) -> dict:
         config = self.config
@@ -618,6 +656,7 @@ class Upscale(Operator):
             "method": config.method,
             "model": config.model,
             "model_revision": self.model.revision if self.model else None,
+            "model_variant": config.variant,
             "prompt": item.parameters.get("prompt"),
             "negative_prompt": item.parameters.get("negative_prompt"),
             "noise_level": config.noise_level,
@@ -633,4 +672,5 @@ class Upscale(Operator):
             "tile_overlap": config.tile_overlap if tiled else None,
             "dtype": config.resolved_dtype(),
             "device": self.device if tiled else None,
+            "model_batch_size": config.resolved_model_batch_size() if tiled else None,
         }

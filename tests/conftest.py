@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
 import io
 import os
+import shutil
 import socket
+import tempfile
 from pathlib import Path
 
 import pyarrow as pa
@@ -16,6 +19,14 @@ from PIL import Image
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 
+# Every Ray this test run starts (in process, in subprocesses, `ray start`) keeps its files, and any
+# `ray_current_cluster` it writes, in a short private dir, removed at exit: a failed or killed test
+# leaves nothing in /tmp/ray that a later `ray.init()` or `restyle run` would read.
+RAY_TMPDIR = tempfile.mkdtemp(prefix="rs-", dir="/tmp")
+os.environ["RAY_TMPDIR"] = RAY_TMPDIR
+os.environ.pop("RAY_ADDRESS", None)
+atexit.register(shutil.rmtree, RAY_TMPDIR, ignore_errors=True)
+
 FAKE_ACCESS_KEY = "AKIATESTRESTYLE00001"
 FAKE_SECRET_KEY = "restyleFakeSecret/DoNotLeak+0123456789abcd"
 
@@ -26,6 +37,15 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
     from jobs.tiny_models import make_tiny_models
 
     return make_tiny_models(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="session")
+def real_layouts(tmp_path_factory) -> dict[str, Path]:
+    """Tiny checkpoints in the layouts real ones ship in (safety checker, fp16 variant, .bin beside
+    .safetensors, shards), built once per test session by the tests that use them."""
+    from jobs.tiny_models import REAL_LAYOUT_NAMES, make_tiny_models
+
+    return make_tiny_models(tmp_path_factory.mktemp("layouts"), REAL_LAYOUT_NAMES)
 
 
 @pytest.fixture(scope="session")
@@ -76,10 +96,11 @@ def write_image_parquet(path: Path, rows: list[dict], hf_struct: bool = True) ->
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """One local Ray instance for every job test (2 CPUs, as on the CI machine)."""
+    """One private local Ray instance for every job test (2 CPUs, as on the CI machine): never one
+    that `ray_current_cluster` or a live `ray start` names, and its files live in RAY_TMPDIR."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
 

@@ -5,13 +5,16 @@ worker node mid-job.
 
 A head (1 CPU) and two workers (2 CPUs each); with --gpu-worker the second worker has 3 CPUs and
 advertises one logical GPU. Prints `CLUSTER_JOB_RESULT {json}` with the summary, the node ids and whether the
-job finished. Used by the multi-node tests; bounded by the caller's timeout.
+job finished. Used by the multi-node tests; bounded by the caller's timeout. The cluster ends with this
+process (or when its parent dies), and its Ray files, `ray_current_cluster` included, stay out of /tmp/ray.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import sys
 import threading
 import time
@@ -23,6 +26,7 @@ from ray.cluster_utils import Cluster
 
 from jobs.config import validate_config
 from jobs.pipeline import run_job
+from tests.jobs.ray_heads import die_with_parent, private_temp_dir
 
 MEMORY = 150 * 1024 * 1024
 
@@ -34,10 +38,34 @@ def main() -> None:
     parser.add_argument("--remove-worker-after", type=int, default=None, metavar="COMMITS")
     args = parser.parse_args()
     config = validate_config(yaml.safe_load(Path(args.config).read_text()))
+    die_with_parent()
+    # `Cluster` writes the head's address to ray_current_cluster in Ray's temp root: keep that root
+    # private (the suite sets RAY_TMPDIR; run alone, a dir of its own), never /tmp/ray.
+    temp_root = None if os.environ.get("RAY_TMPDIR") else private_temp_dir()
+    if temp_root:
+        os.environ["RAY_TMPDIR"] = temp_root
+    try:
+        run(args, config)
+    finally:
+        if temp_root:
+            shutil.rmtree(temp_root, ignore_errors=True)
+
+
+def run(args: argparse.Namespace, config) -> None:
+    """Start the cluster, run the job on it, print the outcome, and shut everything down."""
     cluster = Cluster(
         initialize_head=True,
         head_node_args={"num_cpus": 1, "object_store_memory": MEMORY, "include_dashboard": False},
     )
+    try:
+        run_on(cluster, args, config)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def run_on(cluster: Cluster, args: argparse.Namespace, config) -> None:
+    """Add the workers, run the job, and print CLUSTER_JOB_RESULT."""
     cpu_worker = cluster.add_node(num_cpus=2, object_store_memory=MEMORY)
     other_worker = cluster.add_node(
         num_cpus=3 if args.gpu_worker else 2, num_gpus=1 if args.gpu_worker else 0, object_store_memory=MEMORY
@@ -78,8 +106,6 @@ def main() -> None:
     ]
     print("CLUSTER_JOB_RESULT " + json.dumps(outcome, default=str))
     sys.stdout.flush()
-    ray.shutdown()
-    cluster.shutdown()
 
 
 if __name__ == "__main__":

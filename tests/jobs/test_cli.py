@@ -64,3 +64,35 @@ def test_dry_run_reports_what_it_cannot_resolve(tmp_path, capsys, no_ray):
     assert "stage 0 'img2img'" in captured.out
     assert "error: source: cannot read Parquet at source.uri" in captured.err
     assert "error: operators[0].model:" in captured.err and "has no model_index.json" in captured.err
+
+
+def test_a_user_error_from_anywhere_in_the_job_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
+    from operators.base import UserError
+
+    def fail(config, **_):
+        raise UserError("run.ray_address 'ray://nowhere:10001' cannot be reached; accepted: ...")
+
+    monkeypatch.setattr(jobs.pipeline, "run_job", fail)
+    path = tmp_path / "job.yaml"
+    path.write_text("source: {uri: in}\nsink: {uri: out}\noperators:\n  - {kind: img2img, model: m, prompt: p}\n")
+    assert main(["run", str(path)]) == 2
+    assert capsys.readouterr().err == "error: run.ray_address 'ray://nowhere:10001' cannot be reached; accepted: ...\n"
+
+
+def test_an_unexpected_error_is_one_line_with_its_traceback_in_a_log(tmp_path, capsys, monkeypatch):
+    def fail(config, **_):
+        raise KeyError("http://AKIAXYZ:hidden@host is not a known key")
+
+    monkeypatch.setattr(jobs.pipeline, "run_job", fail)
+    monkeypatch.setenv("RESTYLE_LOG_DIR", str(tmp_path / "logs"))
+    path = tmp_path / "job.yaml"
+    path.write_text("source: {uri: in}\nsink: {uri: out}\noperators:\n  - {kind: img2img, model: m, prompt: p}\n")
+    assert main(["run", str(path)]) == 1
+    err = capsys.readouterr().err
+    prefix = "error: job failed: KeyError: 'http://***@host is not a known key' (full log in "
+    assert err.startswith(prefix) and err.count("\n") == 1 and "hidden" not in err, err
+    log = Path(err[len(prefix) :].strip().removesuffix(")"))
+    assert log.parent == tmp_path / "logs" and "Traceback" in log.read_text() and "hidden" not in log.read_text()
+    monkeypatch.setenv("RESTYLE_DEBUG", "1")  # developers see the exception itself
+    with pytest.raises(KeyError):
+        main(["run", str(path)])

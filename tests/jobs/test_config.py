@@ -106,3 +106,61 @@ def test_errors_inside_nested_unions_name_the_step():
     text = error_text(data)
     assert "operators[0].steps[0].clip: unknown field; accepted: clip_limit, op, tile_grid_size, got 3" in text
     assert "operators[0].steps[1].op: Input tag 'sharpen'" in text and "'histogram_match'" in text
+
+
+def test_locations_and_endpoints_that_work_are_accepted():
+    data = base_config()
+    for uri in ("in", "/data/in", "file:///data/in", "s3://bucket/prefix", "relative/dir@2x"):
+        data["source"]["uri"] = uri
+        assert validate_config(data).source.uri == uri
+    for endpoint in ("http://127.0.0.1:9000", "https://s3.eu-west-1.amazonaws.com", "http://minio/"):
+        data["source"]["storage"] = {"endpoint_url": endpoint}
+        assert validate_config(data).source.storage.endpoint_url == endpoint
+
+
+def test_unsupported_schemes_and_endpoints_are_refused_naming_what_is_accepted():
+    data = base_config()
+    data["source"]["uri"] = "gs://bucket/in"
+    data["sink"]["uri"] = "hdfs://name/out"
+    text = error_text(data)
+    assert "source.uri: unsupported URI scheme 'gs'; accepted: a local path, file://PATH or s3://BUCKET/PREFIX" in text
+    assert "sink.uri: unsupported URI scheme 'hdfs'" in text
+    for endpoint in ("not a url", "ftp://host", "http://host:port", "http://"):
+        data = base_config()
+        data["sink"]["storage"] = {"endpoint_url": endpoint}
+        assert "sink.storage.endpoint_url: must be http://HOST[:PORT] or https://HOST[:PORT]" in error_text(data)
+
+
+def test_integers_are_bounded_and_the_range_is_named():
+    text = error_text({**base_config(batch_size=10**15), "run": {"seed": 2**63}})
+    assert "operators[0].batch_size: Input should be less than or equal to 65536" in text
+    assert "accepted: whole numbers from 1 to 65536" in text
+    assert "run.seed: Input should be less than or equal to 9223372036854775807" in text
+    assert "sink.rows_per_shard" in error_text({**base_config(), "sink": {"uri": "out", "rows_per_shard": 10**7}})
+    assert "operators[0].num_actors" in error_text(base_config(num_actors=1.5))
+
+
+def test_misplaced_credentials_are_never_quoted():
+    data = base_config()
+    data["source"]["storage"] = "AKIA:SHOULD-NOT-SHOW"
+    data["sink"]["password"] = "SHOULD-NOT-SHOW"
+    data["run"] = {"model_storage": {"endpoint_url": "http://AKIA:SHOULD/NOT@SHOW:9000", "token": "SHOULD-NOT-SHOW"}}
+    text = error_text(data)
+    assert "SHOULD" not in text and "AKIA" not in text
+    assert "source.storage: Input should be a valid dictionary or instance of StorageConfig, got a value that" in text
+    assert "sink.password: unknown field" in text and "run.model_storage.token: unknown field" in text
+    assert "run.model_storage.endpoint_url: must not hold credentials (USER:SECRET@)" in text
+
+
+def test_unreadable_and_malformed_config_files_and_overrides(tmp_path):
+    with pytest.raises(ConfigError, match="is a directory"):
+        load_config(tmp_path)
+    binary = tmp_path / "job.yaml"
+    binary.write_bytes(b"\x89PNG\r\n\x1a\n\xff")
+    with pytest.raises(ConfigError, match="is not text"):
+        load_config(binary)
+    binary.write_text("")
+    with pytest.raises(ConfigError, match=r"it holds nothing \(an empty file\)"):
+        load_config(binary)
+    with pytest.raises(ConfigError, match=r"--set run.seed: the value is not valid YAML \(.* at line 1, column 2\)"):
+        apply_override(base_config(), "run.seed=[")

@@ -13,6 +13,7 @@ from PIL import Image
 from jobs.commits import SinkError
 from jobs.config import validate_config
 from jobs.pipeline import run_job
+from jobs.sinks import image_file_name
 from operators.base import derive_seed
 from tests.conftest import png_bytes, write_image_parquet
 
@@ -87,7 +88,7 @@ def test_rows_carry_seed_parameters_and_passthrough(first_run, sd_model):
     assert row["img2img"]["model"] == str(sd_model)
     assert row["img2img"]["strength"] == 0.5 and row["img2img"]["negative_prompt"] == "text"
     assert row["img2img"]["process_seconds"] > 0 and row["img2img"]["prepare_seconds"] > 0
-    assert row["image"]["path"] == "c.v1.png"
+    assert row["image"]["path"] == image_file_name("c", 1)
     assert rows[("missing", 0)]["error"] == "image has no bytes in this row (path-only references are not read)"
     assert rows[("truncated", 1)]["error"].startswith("cannot decode image")
     assert rows[("truncated", 1)]["image"] is None
@@ -108,8 +109,8 @@ def test_output_loads_with_hugging_face_datasets(first_run):
 def test_image_files_carry_generation_parameters(first_run):
     sink, _ = first_run
     files = sorted(path.relative_to(sink / "images").as_posix() for path in (sink / "images").rglob("*.png"))
-    assert files == sorted(f"{row_id}.v{v}.png" for row_id in GOOD_IDS for v in (0, 1))
-    text = Image.open(sink / "images" / "a.v0.png").text["parameters"]
+    assert files == sorted(image_file_name(row_id, v) for row_id in GOOD_IDS for v in (0, 1))
+    text = Image.open(sink / "images" / image_file_name("a", 0)).text["parameters"]
     assert text.startswith("a pastel drawing\nNegative prompt: text\nSteps: 2, ")
     assert f"Seed: {derive_seed(42, 'a', 0)}, Size: 48x40, " in text
 
@@ -185,7 +186,8 @@ def test_image_folder_source(ray_session, sd_model, tmp_path):
     )
     result = run_job(config)
     table = pq.read_table(sink / "data").sort_by("id")
-    assert table.column("id").to_pylist() == ["one.png", "sub/broken.webp", "sub/two.JPG"]
-    assert table.column("status").to_pylist() == ["ok", "error", "ok"]
-    assert result.summary["rows_in"] == 3
+    assert table.column("id").to_pylist() == ["notes.txt", "one.png", "sub/broken.webp", "sub/two.JPG"]
+    assert table.column("status").to_pylist() == ["error", "ok", "error", "ok"]
+    assert table.column("error").to_pylist()[0] == "not an image Pillow can open: notes.txt"
+    assert result.summary["rows_in"] == 4
     assert pa.types.is_struct(table.schema.field("image").type)

@@ -80,9 +80,13 @@ def test_progress_log_counts_this_attempts_commit_records(tmp_path):
 
     commits = tmp_path / "_commits"
     commits.mkdir()
-    for name, rows in (("part-a0002-00000-000", 5), ("part-a0002-00001-000", 3), ("part-a0001-00000-000", 7)):
+    names = (("part-a0002-run00002-00000-000", 5), ("part-a0002-run00002-00001-000", 3))
+    names += (("part-a0001-run00001-00000-000", 7), ("part-a0002-other002-00000-000", 11))
+    for name, rows in names:
         (commits / f"{name}.parquet.json").write_text(json.dumps({"rows": rows}))
-    progress = ProgressLog(SinkConfig(uri=str(tmp_path)), attempt=2, already=7, expected=20, interval=30)
+    progress = ProgressLog(
+        SinkConfig(uri=str(tmp_path)), attempt=2, already=7, expected=20, interval=30, run_id="run00002"
+    )
     with progress:
         line = progress.line()
     assert line.startswith("progress: 15/20 rows committed (75.0%), ")

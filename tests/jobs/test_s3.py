@@ -22,6 +22,7 @@ from PIL import Image
 from jobs.commits import SinkError
 from jobs.config import SourceConfig, StorageConfig, validate_config
 from jobs.pipeline import run_job
+from jobs.sinks import image_file_name
 from jobs.sources import SourceError, inspect_source, read_source
 from operators.base import derive_seed
 from operators.models import ModelError, model_fingerprint, resolve_model
@@ -119,13 +120,13 @@ def test_parquet_job_reads_and_writes_s3(ray_session, s3_bucket, sd_model, tmp_p
         assert row["seed"] == derive_seed(RUN_SEED, row_id, 0)
         assert (row["width"], row["height"]) == (64, 48)
         assert row["caption"] == f"caption {index}"
-        assert row["image"]["path"] == f"{row_id}.v0.png"
+        assert row["image"]["path"] == image_file_name(row_id, 0)
         assert row["img2img"]["model_revision"] == model_fingerprint(sd_model)
 
     image_keys = list_keys(client, bucket, "out/images/")
-    assert image_keys == [f"out/images/{row_id}.v0.png" for row_id in ids]
+    assert image_keys == sorted(f"out/images/{image_file_name(row_id, 0)}" for row_id in ids)
     for row_id in ids:
-        png = get_bytes(client, bucket, f"out/images/{row_id}.v0.png")
+        png = get_bytes(client, bucket, f"out/images/{image_file_name(row_id, 0)}")
         assert png == by_id[row_id]["image"]["bytes"]
         assert png.startswith(b"\x89PNG\r\n\x1a\n")
 
@@ -148,13 +149,13 @@ def test_parquet_job_reads_and_writes_s3(ray_session, s3_bucket, sd_model, tmp_p
 def test_image_folder_ids_are_paths_relative_to_the_prefix(ray_session, s3_bucket):
     bucket, storage, client = s3_bucket
     images = upload_image_folder(client, bucket, "photos")
-    source = SourceConfig(uri=f"s3://{bucket}/photos", format="images", storage=storage)
+    source = SourceConfig(uri=f"s3://{bucket}/photos", format="images", storage=storage, include=["*.png", "*.jpg"])
 
     info = inspect_source(source)
 
     assert info.ids == ["a.png", "sub/b.png", "sub/c.jpg"]
     assert info.files == [f"{bucket}/photos/{row_id}" for row_id in info.ids]
-    assert info.skipped_files == 1
+    assert info.skipped == ["notes.txt"]
     rows = read_source(source, info).take_all()
     assert sorted(row["id"] for row in rows) == info.ids
     assert {row["id"]: row["image"] for row in rows} == images
@@ -212,11 +213,17 @@ def test_credentials_stay_out_of_config_outputs_and_logs(ray_session, s3_bucket,
     result = run_job(config)
 
     assert result.summary["ok"] == 3
-    assert sorted(row["id"] for row in read_output_rows(client, bucket, "out")) == ["a.png", "sub/b.png", "sub/c.jpg"]
+    # Without source.include the text file is an input too, and an error row.
+    assert sorted(row["id"] for row in read_output_rows(client, bucket, "out")) == [
+        "a.png",
+        "notes.txt",
+        "sub/b.png",
+        "sub/c.jpg",
+    ]
     assert FAKE_SECRET_KEY not in json.dumps(result.summary)
     keys = list_keys(client, bucket, "out/")
     assert {"out/summary.json", "out/report.html"} <= set(keys)
-    assert any(re.fullmatch(r"out/data/part-a\d{4}-\d{5}-\d{3}\.parquet", key) for key in keys)
+    assert any(re.fullmatch(r"out/data/part-a\d{4}-[0-9a-f]{8}-\d{5}-\d{3}\.parquet", key) for key in keys)
     for key in keys:
         data = get_bytes(client, bucket, key)
         assert FAKE_SECRET_KEY.encode() not in data, key

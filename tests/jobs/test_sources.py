@@ -1,12 +1,20 @@
-"""Sources: column checks, id rules, Parquet, Arrow IPC (as `datasets.save_to_disk` writes it)."""
+"""Sources: column checks, id rules, Parquet, Arrow IPC (as `datasets.save_to_disk` writes it), and
+image folders (images by content, error rows for other files and for links out of the folder,
+`include` and hidden files counted as skipped)."""
 
 from __future__ import annotations
 
+import io
+import json
+
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.ipc
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
-from jobs.config import SourceConfig
+from jobs.config import SourceConfig, validate_config
 from jobs.sources import SourceError, inspect_source, read_source
 from tests.conftest import png_bytes, write_image_parquet
 
@@ -80,3 +88,212 @@ def test_hugging_face_save_to_disk_arrow_shards(ray_session, tmp_path):
         ("z", "three", "ok"),
     ]
     assert read[0]["image"] == png_bytes(8, 8)
+
+
+def encoded(image_format: str, color=(10, 200, 30), size=(12, 10), frames: int = 1) -> bytes:
+    """An image in the given Pillow format; GIFs get `frames` frames of different colours."""
+    buffer = io.BytesIO()
+    first = Image.new("RGB", size, color)
+    more = [Image.new("RGB", size, (index * 40, 0, 0)) for index in range(1, frames)]
+    first.save(buffer, format=image_format, save_all=bool(more), append_images=more)
+    return buffer.getvalue()
+
+
+def image_folder(root) -> dict[str, bytes]:
+    """A folder of images Pillow opens whatever their name, plus a text file; returns every file by id."""
+    files = {
+        "anim.gif": encoded("GIF", frames=3),
+        "flat.bmp": encoded("BMP"),
+        "sub/no-suffix": encoded("PNG", color=(1, 2, 3)),
+        "sub/photo.JPG": encoded("JPEG"),
+        "notes.txt": b"not an image",
+    }
+    for row_id, data in files.items():
+        (root / row_id).parent.mkdir(parents=True, exist_ok=True)
+        (root / row_id).write_bytes(data)
+    return files
+
+
+def read_rows(config: SourceConfig) -> dict[str, dict]:
+    return {row["id"]: row for row in read_source(config, inspect_source(config)).take_all()}
+
+
+def test_folder_images_are_recognised_by_content_and_other_files_become_error_rows(ray_session, tmp_path):
+    files = image_folder(tmp_path)
+    (tmp_path / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    (tmp_path / ".cache").mkdir()
+    (tmp_path / ".cache" / "thumb.png").write_bytes(encoded("PNG"))
+    config = SourceConfig(uri=str(tmp_path), format="images")
+
+    info = inspect_source(config)
+    rows = read_rows(config)
+
+    assert info.ids == ["anim.gif", "flat.bmp", "notes.txt", "sub/no-suffix", "sub/photo.JPG"]
+    # Hidden files and folders are never inputs, but they are counted and named.
+    assert info.skipped == [".DS_Store", ".cache/thumb.png"]
+    assert sorted(rows) == info.ids
+    assert {row_id: rows[row_id]["status"] for row_id in rows} == {
+        "anim.gif": "ok",
+        "flat.bmp": "ok",
+        "notes.txt": "error",
+        "sub/no-suffix": "ok",
+        "sub/photo.JPG": "ok",
+    }
+    assert rows["notes.txt"]["error"] == "not an image Pillow can open: notes.txt"
+    assert rows["notes.txt"]["image"] is None
+    assert {row_id: rows[row_id]["image"] for row_id in rows if row_id != "notes.txt"} == {
+        row_id: data for row_id, data in files.items() if row_id != "notes.txt"
+    }
+
+
+def test_dicom_file_in_a_folder_is_an_error_row_that_says_so(ray_session, tmp_path):
+    (tmp_path / "a.png").write_bytes(encoded("PNG"))
+    (tmp_path / "scan.dcm").write_bytes(b"\x00" * 128 + b"DICM" + b"\x02\x00\x00\x00")
+    rows = read_rows(SourceConfig(uri=str(tmp_path), format="images"))
+    assert rows["scan.dcm"]["status"] == "error"
+    assert rows["scan.dcm"]["error"] == "DICOM is not supported as an image-folder source yet: scan.dcm"
+    assert rows["a.png"]["status"] == "ok"
+
+
+def test_include_filter_reads_only_matching_files_and_counts_the_rest(tmp_path):
+    image_folder(tmp_path)
+    (tmp_path / "sub" / "deeper").mkdir()
+    (tmp_path / "sub" / "deeper" / "x.gif").write_bytes(encoded("GIF"))
+    (tmp_path / ".hidden.gif").write_bytes(encoded("GIF"))
+    config = SourceConfig(uri=str(tmp_path), format="images", include=["*.GIF", "**/*.jpg"])
+
+    info = inspect_source(config)
+
+    # `*` crosses folders, `**/` also matches at the top, and matching ignores case.
+    assert info.ids == ["anim.gif", "sub/deeper/x.gif", "sub/photo.JPG"]
+    assert info.skipped == [".hidden.gif", "flat.bmp", "notes.txt", "sub/no-suffix"]
+    assert info.skipped_files == 4
+    with pytest.raises(SourceError, match=r"no file under source.uri .* matches source.include \['\*.png'\]"):
+        inspect_source(SourceConfig(uri=str(tmp_path / "sub"), format="images", include=["*.png"]))
+
+
+def test_symlinks_leaving_the_folder_are_error_rows_and_never_read(ray_session, tmp_path):
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    secret = encoded("PNG", color=(123, 45, 67))
+    (outside / "secret.png").write_bytes(secret)
+    (outside / "more.png").write_bytes(secret)
+    kept = encoded("PNG", color=(9, 9, 9))
+    (root / "real.png").write_bytes(kept)
+    (root / "sub").mkdir()
+    (root / "leak.png").symlink_to(outside / "secret.png")
+    (root / "sub" / "up.png").symlink_to("../../outside/secret.png")
+    (root / "folder-link").symlink_to(outside, target_is_directory=True)
+    (root / "alias.png").symlink_to("real.png")
+    (root / "sub" / "same").symlink_to(root / "sub", target_is_directory=True)
+    (root / "gone.png").symlink_to(root / "missing.png")
+    config = SourceConfig(uri=str(root), format="images")
+
+    info = inspect_source(config)
+    rows = read_rows(config)
+
+    assert info.ids == ["alias.png", "folder-link", "gone.png", "leak.png", "real.png", "sub/same", "sub/up.png"]
+    assert {row_id: (row["status"], row["error"]) for row_id, row in rows.items()} == {
+        "alias.png": ("ok", None),
+        "real.png": ("ok", None),
+        "folder-link": ("error", "symlink leaves the source folder: folder-link"),
+        "leak.png": ("error", "symlink leaves the source folder: leak.png"),
+        "sub/up.png": ("error", "symlink leaves the source folder: sub/up.png"),
+        "sub/same": ("error", "symlink loops back into a folder it is in: sub/same"),
+        "gone.png": ("error", "symlink target does not exist: gone.png"),
+    }
+    assert rows["alias.png"]["image"] == rows["real.png"]["image"] == kept
+    assert all(row["image"] is None for row_id, row in rows.items() if row["status"] == "error")
+    assert not any(secret == row["image"] for row in rows.values())
+
+
+def test_folder_error_rows_follow_the_resume_id_list(ray_session, tmp_path):
+    image_folder(tmp_path)
+    (tmp_path / "leak.png").symlink_to("/etc/hostname")
+    config = SourceConfig(uri=str(tmp_path), format="images")
+    info = inspect_source(config)
+    rows = read_source(config, info, ids=["flat.bmp", "leak.png"]).take_all()
+    assert sorted((row["id"], row["status"]) for row in rows) == [("flat.bmp", "ok"), ("leak.png", "error")]
+    only_refused = read_source(config, info, ids=["leak.png"], keep_source_image=True).take_all()
+    assert [(row["id"], row["status"], row["source_image"]) for row in only_refused] == [("leak.png", "error", None)]
+
+
+def test_folder_job_counts_errors_and_skipped_files_and_never_publishes_a_linked_outside_file(ray_session, tmp_path):
+    from jobs.pipeline import run_job
+
+    folder, outside, sink = tmp_path / "in", tmp_path / "outside", tmp_path / "out"
+    folder.mkdir()
+    outside.mkdir()
+    image_folder(folder)
+    (folder / "skip.jpg").write_bytes(encoded("JPEG"))
+    (folder / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    secret = encoded("PNG", color=(250, 1, 2), size=(20, 20))
+    (outside / "private.png").write_bytes(secret)
+    (folder / "leak.gif").symlink_to(outside / "private.png")
+    (folder / "same.bmp").symlink_to("flat.bmp")
+    config = validate_config(
+        {
+            "source": {"uri": str(folder), "format": "images", "include": ["*.gif", "*.bmp", "*.txt", "sub/*"]},
+            "operators": [{"kind": "standardize", "steps": [{"op": "normalize"}], "output_mode": "rgb"}],
+            "sink": {"uri": str(sink), "write_images": True},
+        }
+    )
+
+    result = run_job(config)
+
+    summary = json.loads((sink / "summary.json").read_text())
+    assert summary == {**summary, "rows_in": 7, "rows_out": 7, "ok": 5, "error": 2, "skipped": 2, "missing": 0}
+    table = pq.read_table(sink / "data").sort_by("id")
+    statuses = dict(
+        zip(table.column("id").to_pylist(), zip(table.column("status").to_pylist(), table.column("error").to_pylist()))
+    )
+    assert statuses == {
+        "anim.gif": ("ok", None),
+        "flat.bmp": ("ok", None),
+        "leak.gif": ("error", "symlink leaves the source folder: leak.gif"),
+        "notes.txt": ("error", "not an image Pillow can open: notes.txt"),
+        "same.bmp": ("ok", None),
+        "sub/no-suffix": ("ok", None),
+        "sub/photo.JPG": ("ok", None),
+    }
+    report = (sink / "report.html").read_text()
+    assert "2 files skipped (hidden, or matching no source.include pattern): .DS_Store, skip.jpg</p>" in report
+    assert result.summary["skipped"] == 2
+    # The linked file's pixels appear nowhere: no output row, PNG or report thumbnail holds them.
+    assert table.filter(pc.equal(table.column("id"), "leak.gif")).column("image").to_pylist() == [None]
+    # Five PNGs for the five ok rows, none for the link.
+    assert len(list((sink / "images").rglob("*.png"))) == 5
+    assert report.count("data:image/png;base64,") == 10  # input and output of the five ok rows only
+
+
+def test_a_file_that_became_a_link_out_of_the_folder_after_listing_is_not_passed_on(tmp_path):
+    from jobs.sources import normalize_folder_batch
+
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    (outside / "private.png").write_bytes(encoded("PNG"))
+    (root / "a.png").write_bytes(encoded("PNG"))
+    (root / "b.png").symlink_to(outside / "private.png")
+    batch = pa.table(
+        {
+            "bytes": [encoded("PNG"), (outside / "private.png").read_bytes()],
+            "path": [str(root / "a.png"), str(root / "b.png")],
+        }
+    )
+    rows = normalize_folder_batch(batch, str(root), keep_source_image=True, local_root=str(root.resolve()))
+    assert rows.column("status").to_pylist() == ["ok", "error"]
+    assert rows.column("error").to_pylist() == [None, "symlink leaves the source folder: b.png"]
+    assert rows.column("image").to_pylist()[1] is None and rows.column("source_image").to_pylist()[1] is None
+
+
+def test_arrow_files_without_the_id_column_are_refused(tmp_path):
+    for name, table in (
+        ("a.arrow", pa.table({"id": ["x"], "image": [png_bytes(8, 8)]})),
+        ("b.arrow", pa.table({"image": [png_bytes(8, 8)]})),
+    ):
+        with pa.ipc.new_file(tmp_path / name, table.schema) as writer:
+            writer.write_table(table)
+    with pytest.raises(SourceError, match="source.id_column 'id' has 1 null ids"):
+        inspect_source(SourceConfig(uri=str(tmp_path), format="arrow"))

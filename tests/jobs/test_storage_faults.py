@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from jobs.commits import SinkError
 from jobs.config import validate_config
 from jobs.pipeline import run_job
 from tests.conftest import FAKE_ACCESS_KEY, FAKE_SECRET_KEY, png_bytes, write_image_parquet
@@ -152,10 +153,31 @@ def test_persistent_403_on_the_sink_fails_fast_naming_bucket_and_key(s3_bucket, 
         )
     output = finished.stdout + finished.stderr
     assert finished.returncode != 0
-    assert f"cannot write to sink.uri s3://{bucket}/out (key {bucket}/out/_commits/.write-probe-" in finished.stderr
+    assert finished.returncode == 2
+    lease = f"{bucket}/out/_lease.json"
+    assert f"cannot write to sink.uri s3://{bucket}/out (key {lease}): PermissionError" in finished.stderr
     assert "Ray" not in finished.stderr.split("error:", 1)[0] or "Started a local Ray" not in output
     assert FAKE_SECRET_KEY not in output and FAKE_ACCESS_KEY not in output
     assert "DoNotLeak" not in output
+    assert "Contents" not in client.list_objects_v2(Bucket=bucket, Prefix="out/")
+
+
+def test_403_on_reading_the_sink_is_one_sink_error_before_any_work(s3_bucket, s3_server, sd_model, tmp_path):
+    bucket, storage, client = s3_bucket
+    upload_source(client, bucket, tmp_path)
+
+    def deny_sink_reads(method, path, number):
+        sink = path.startswith(f"/{bucket}/out") or (path.startswith(f"/{bucket}?") and "prefix=out" in path)
+        return (403, "AccessDenied") if sink and method in ("GET", "HEAD") else None
+
+    with FaultProxy(s3_server, deny_sink_reads) as proxy:
+        config = validate_config(job_mapping(bucket, {**storage, "endpoint_url": proxy.url}, sd_model))
+        with pytest.raises(SinkError) as refused:
+            run_job(config)
+    assert proxy.injected >= 1
+    message = str(refused.value)
+    assert message.startswith(f"cannot read sink.uri s3://{bucket}/out: PermissionError: ") and "\n" not in message
+    assert FAKE_SECRET_KEY not in message and FAKE_ACCESS_KEY not in message
     assert "Contents" not in client.list_objects_v2(Bucket=bucket, Prefix="out/")
 
 

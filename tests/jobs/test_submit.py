@@ -9,15 +9,10 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import signal
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-import psutil
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -25,47 +20,11 @@ import yaml
 from jobs.config import load_config, validate_config
 from jobs.submit import stage_working_dir, submit
 from tests.conftest import FAKE_SECRET_KEY, free_port, png_bytes, write_image_parquet
+from tests.jobs.ray_heads import environment, private_temp_dir, start_process, stop_ray_process
 
 IDS = ["p0", "p1", "p2"]
 HEAD_START_SECONDS = 90
-HEAD_STOP_SECONDS = 20
 SUBMISSION_ID = r"restyle-{stem}-[0-9a-f]{{8}}"
-
-
-def head_processes(head: subprocess.Popen, temp_dir: str) -> list[psutil.Process]:
-    """The head's `ray start` process, its descendants, and any process started in its temp dir
-    (a job's driver runs in a session of its own)."""
-    found = {}
-    try:
-        root = psutil.Process(head.pid)
-        for process in [root, *root.children(recursive=True)]:
-            found[process.pid] = process
-    except psutil.NoSuchProcess:
-        pass
-    for process in psutil.process_iter(["cmdline", "cwd"]):
-        if any(temp_dir in part for part in process.info["cmdline"] or ()) or temp_dir in (process.info["cwd"] or ""):
-            found[process.pid] = process
-    return list(found.values())
-
-
-def stop_head(head: subprocess.Popen, temp_dir: str) -> None:
-    """Stop `ray start --block` (which shuts its node down), then kill whatever of it is left."""
-    started = head_processes(head, temp_dir)
-    head.send_signal(signal.SIGTERM)
-    try:
-        head.wait(timeout=HEAD_STOP_SECONDS)
-    except subprocess.TimeoutExpired:
-        pass
-    started += head_processes(head, temp_dir)
-    for process in started:
-        try:
-            process.kill()
-        except psutil.NoSuchProcess:
-            pass
-    head.wait(timeout=HEAD_STOP_SECONDS)
-    gone, alive = psutil.wait_procs(started, timeout=HEAD_STOP_SECONDS)
-    assert not alive, f"processes of the test head survived: {alive}"
-    shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -74,10 +33,10 @@ def ray_head():
     server's address."""
     from ray.job_submission import JobSubmissionClient
 
-    temp_dir = tempfile.mkdtemp(prefix="rsub-", dir="/tmp")  # short: Ray's socket paths are length-limited
+    temp_dir = private_temp_dir()
     dashboard_port = free_port()
     bin_dir = Path(sys.executable).parent
-    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    env = environment(temp_dir)
     # Ray enables token auth for a head when ~/.ray/auth_token exists; this process's client would only
     # send the token had it been started with RAY_AUTH_MODE=token, so this loopback head runs without.
     env["RAY_AUTH_MODE"] = "disabled"
@@ -103,8 +62,7 @@ def ray_head():
         f"--temp-dir={temp_dir}",
     ]
     log_path = Path(temp_dir) / "ray-start.log"
-    with open(log_path, "w") as log:
-        head = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    head = start_process(command, env, str(log_path))
     address = f"http://127.0.0.1:{dashboard_port}"
     try:
         deadline = time.monotonic() + HEAD_START_SECONDS
@@ -118,7 +76,7 @@ def ray_head():
                 time.sleep(1)
         yield address
     finally:
-        stop_head(head, temp_dir)
+        stop_ray_process(head, temp_dir)
         import ray
 
         if ray.is_initialized():  # the suite's own session outlived the head
@@ -181,7 +139,8 @@ def test_a_bad_config_exits_2_before_contacting_the_cluster(source, sd_model, tm
     assert submit(config, "http://127.0.0.1:9", overrides=["operators.0.strength=1.4"]) == 2
     captured = capsys.readouterr()
     assert captured.err == (
-        f"error: {config} is invalid:\n  operators[0].strength: Input should be less than or equal to 1, got 1.4\n"
+        f"error: {config} is invalid:\n  operators[0].strength: Input should be less than or equal to 1, got 1.4; "
+        "accepted: numbers from 0 to 1\n"
     )
     assert captured.out == ""
 

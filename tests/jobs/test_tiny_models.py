@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from jobs.tiny_models import LORA_WEIGHT_NAME, TINY_MODEL_NAMES, make_tiny_models
+from jobs.tiny_models import LORA_WEIGHT_NAME, REAL_LAYOUT_NAMES, TINY_MODEL_NAMES, make_tiny_models
 
 # Every saved component of each pipeline; optional ones (safety checker,
 # watermarker, IP-adapter image encoder) are saved as null.
@@ -420,3 +420,25 @@ def test_refuses_to_overwrite_unrelated_directory(tmp_path):
     assert stray.read_text() == "not a model"
     # The staging directory is cleaned up, not left beside the target.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["controlnet-canny"]
+
+
+def test_real_layouts_are_built_only_on_request_and_ship_as_real_checkpoints(models, real_layouts):
+    assert not set(REAL_LAYOUT_NAMES) & set(models)
+    index = json.loads((real_layouts["sd15-safety-checker"] / "model_index.json").read_text())
+    assert index["safety_checker"] == ["stable_diffusion", "StableDiffusionSafetyChecker"]
+    assert index["feature_extractor"] == ["transformers", "CLIPImageProcessor"]
+    assert index["requires_safety_checker"] is True
+    assert (real_layouts["sd15-safety-checker"] / "safety_checker" / "model.safetensors").is_file()
+    assert (real_layouts["sd15-safety-checker"] / "feature_extractor" / "preprocessor_config.json").is_file()
+    for component, weights in (("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model")):
+        folder = real_layouts["sd-fp16-variant"] / component
+        assert {p.name for p in folder.glob("*.safetensors")} == {
+            f"{weights}.safetensors",
+            f"{weights}.fp16.safetensors",
+        }
+        assert (real_layouts["sd-bin-beside-safetensors"] / component / f"{weights}.bin").is_file()
+        assert (real_layouts["sd-sharded"] / component / f"{weights}.safetensors.index.json").is_file()
+    assert (real_layouts["sd-bin-beside-safetensors"] / "text_encoder" / "pytorch_model.bin").is_file()
+    assert (real_layouts["sd-sharded"] / "text_encoder" / "model.safetensors.index.json").is_file()
+    for name in ("sd15-safety-checker", "sd-fp16-variant", "sd-sharded"):
+        assert not [p for p in real_layouts[name].rglob("*") if p.suffix in UNSAFE_WEIGHT_SUFFIXES]

@@ -61,7 +61,12 @@ def test_generates_and_records_the_control(operator, tiny_models):
     assert stage["controlnet_revisions"].startswith("sha256:")
     assert (stage["control_guidance_start"], stage["control_guidance_end"]) == (0.0, 0.8)
     text = Image.open(io.BytesIO(out.column("image")[0].as_py())).text["parameters"]
-    assert text.endswith(f"ControlNet: {tiny_models['controlnet-canny']}[canny(100,200)]x1")
+    unit = (
+        f"Module: canny, Model: controlnet-canny [{stage['controlnet_revisions'][7:15]}], Weight: 1.0, "
+        "Threshold A: 100, Threshold B: 200, Guidance Start: 0.0, Guidance End: 0.8"
+    )
+    # One unit per ControlNet, as sd-webui-controlnet writes it, quoted as AUTOMATIC1111 quotes values.
+    assert text.endswith(f'Denoising strength: 0.5, ControlNet 0: "{unit}"')
 
 
 def test_control_image_from_a_column_changes_the_output(tiny_models):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 
 import pyarrow as pa
@@ -250,7 +251,13 @@ def test_lora_adapter_is_loaded_once_and_changes_the_output(tiny_models, sd_mode
     assert plain.column("image").to_pylist() != styled.column("image").to_pylist()
     record = styled.column("img2img")[0].as_py()
     assert record["loras"] == f"{tiny_models['lora-sd']}/pytorch_lora_weights.safetensors:1"
-    assert "Lora: " in Image.open(io.BytesIO(styled.column("image")[0].as_py())).text["parameters"]
+    # As AUTOMATIC1111 writes a LoRA: a tag in the prompt, and its hash (sha256 of the tensor data
+    # after the safetensors header, 12 digits) under the adapter's name in `Lora hashes`.
+    data = (tiny_models["lora-sd"] / "pytorch_lora_weights.safetensors").read_bytes()
+    short_hash = hashlib.sha256(data[8 + int.from_bytes(data[:8], "little") :]).hexdigest()[:12]
+    lines = Image.open(io.BytesIO(styled.column("image")[0].as_py())).text["parameters"].split("\n")
+    assert lines[0] == "a watercolor <lora:lora-sd:1.0>"
+    assert lines[1].endswith(f', Lora hashes: "lora-sd: {short_hash}"')
 
 
 def test_lora_must_be_safetensors(sd_model, tmp_path):

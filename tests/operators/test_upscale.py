@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 from pydantic import ValidationError
 
-from operators.base import derive_seed
+from operators.base import derive_seed, library_versions
 from operators.upscale import TiledCanvas, Upscale, UpscaleConfig, axis_starts, tile_boxes, tile_seed
 from tests.conftest import make_batch, png_bytes
 
@@ -70,14 +70,16 @@ def test_sd_x4_quadruples_and_writes_parameters(sd_x4):
     image = decoded(out)
     assert image.format == "PNG" and image.mode == "RGB" and image.size == (128, 128)
     seed = derive_seed(11, "cat", 0)
+    stage = out.column("upscale")[0].as_py()
+    revision = stage.pop("model_revision")
+    assert revision.startswith("sha256:")
     assert image.text["parameters"].split("\n") == [
         "a sharp photo",
         "Negative prompt: blurry",
-        f"Steps: 2, Sampler: DDIM, CFG scale: 9.0, Seed: {seed}, Size: 128x128, "
-        f"Model: {sd_x4.config.model}, Upscaler: sd_x4, Noise level: 20, Eta: 0.0",
+        f"Steps: 2, Sampler: DDIM, CFG scale: 9.0, Seed: {seed}, Size: 128x128, Model hash: {revision[7:17]}, "
+        f"Model: {sd_x4.config.model}, Postprocess upscale by: 4, Postprocess upscaler: SD x4, Noise level: 20, "
+        "Eta: 0.0",
     ]
-    stage = out.column("upscale")[0].as_py()
-    assert stage.pop("model_revision").startswith("sha256:")
     assert stage.pop("prepare_seconds") >= 0 and stage.pop("process_seconds") >= 0
     assert isinstance(stage.pop("node_id"), str | None)  # None outside Ray, the driver node inside it
     assert stage == {
@@ -98,6 +100,10 @@ def test_sd_x4_quadruples_and_writes_parameters(sd_x4):
         "tile_overlap": 32,
         "dtype": "float32",
         "device": "cpu",
+        "model_batch_size": 1,
+        "model_variant": None,
+        "versions": library_versions(("torch", "diffusers", "transformers", "numpy", "pillow")),
+        "torch_threads": 1,
     }
 
 
@@ -126,8 +132,9 @@ def test_ldm_takes_no_prompt_and_records_none(tiny_models):
     out = operator(make_batch([png_bytes(16, 16)]))
     stage = out.column("upscale")[0].as_py()
     assert (stage["prompt"], stage["guidance_scale"], stage["noise_level"], stage["eta"]) == (None, None, None, 0.5)
-    lines = decoded(out).text["parameters"].split("\n")
-    assert lines[0] == "" and ", CFG scale: 1.0, " in lines[1] and lines[1].endswith("Upscaler: ldm, Eta: 0.5")
+    text = decoded(out).text["parameters"]
+    assert text.startswith("Steps: 2, Sampler: ") and ", CFG scale: 1.0, " in text and "\n" not in text
+    assert text.endswith("Postprocess upscale by: 4, Postprocess upscaler: LDSR, Eta: 0.5")
 
 
 def test_tiled_sd_x4_is_seamless_size_and_deterministic(tiny_models):
@@ -239,7 +246,8 @@ def test_bicubic_on_rgb_and_grayscale():
     )
     assert out.column("status").to_pylist() == ["ok", "ok", "ok"]
     rgb, gray, rgba = decoded(out, 0), decoded(out, 1), decoded(out, 2)
-    assert (rgb.mode, rgb.size, "parameters" in rgb.text) == ("RGB", (45, 30), False)
+    assert (rgb.mode, rgb.size) == ("RGB", (45, 30))
+    assert rgb.text["parameters"] == "Postprocess upscale by: 1.5, Postprocess upscaler: Bicubic, Size: 45x30"
     assert np.array_equal(np.asarray(rgb), np.full((30, 45, 3), (200, 30, 60), dtype=np.uint8))
     assert (gray.mode, gray.size) == ("L", (15, 15))
     assert np.array_equal(np.asarray(gray), np.full((15, 15), 77, dtype=np.uint8))
@@ -258,6 +266,8 @@ def test_lanczos_keeps_16_bit_rgb():
     result = cv2.imdecode(np.frombuffer(out.column("image")[0].as_py(), np.uint8), cv2.IMREAD_UNCHANGED)[..., ::-1]
     assert result.dtype == np.uint16 and result.shape == (36, 48, 3)
     assert np.array_equal(result, np.broadcast_to(np.array([1000, 30000, 65000], np.uint16), (36, 48, 3)))
+    # OpenCV writes the PNG; the parameters chunk is inserted after its header, where Pillow reads it.
+    assert decoded(out).text["parameters"] == "Postprocess upscale by: 3.0, Postprocess upscaler: Lanczos, Size: 48x36"
 
 
 def test_classical_refuses_float_images():
