@@ -102,7 +102,12 @@ def _inspect_table(config: SourceConfig, filesystem, root: str) -> SourceInfo:
             schema = _unified_schema(config, [fragment.physical_schema for fragment in dataset.get_fragments()])
             dataset = pyarrow.dataset.dataset(root, filesystem=arrow_fs, format="parquet", schema=schema)
             files = []
-    except (FileNotFoundError, OSError, pa.ArrowInvalid) as error:
+    except FileNotFoundError:
+        raise SourceError(
+            f"cannot read {FORMAT_NAMES[config.format]} at source.uri {config.uri}: it does not exist "
+            f"(resolved: {root})"
+        ) from None
+    except (OSError, pa.ArrowInvalid) as error:
         raise SourceError(
             f"cannot read {FORMAT_NAMES[config.format]} at source.uri {config.uri}: {error}{_credentials_hint(error)}"
         ) from None

@@ -340,7 +340,7 @@ def lora_short_hash(path: Path) -> str:
 
 def resolve_lora(lora: LoraAdapter, offline: bool, storage_options: dict) -> tuple[Path, str | None]:
     """A local directory and weight file name for a LoRA adapter; refuses pickle weights."""
-    from operators.models import ModelError, is_hub_id, stage_files
+    from operators.models import ModelError, is_hub_id, refuse_unsupported_scheme, stage_files
 
     uri = lora.model
     if uri.startswith("s3://"):
@@ -356,6 +356,7 @@ def resolve_lora(lora: LoraAdapter, offline: bool, storage_options: dict) -> tup
             )
         )
     else:
+        refuse_unsupported_scheme("LoRA", uri)
         path = Path(uri).expanduser()
         if not path.exists():
             raise ModelError(

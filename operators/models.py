@@ -175,6 +175,7 @@ def resolve_model(
 
 def local_model_path(uri: str) -> Path:
     """The local checkpoint directory `uri` names, or a ModelError saying why there is none."""
+    refuse_unsupported_scheme("model", uri)
     path = Path(uri).expanduser()
     if not path.exists():
         raise ModelError(
@@ -184,6 +185,16 @@ def local_model_path(uri: str) -> Path:
     if not path.is_dir():
         raise ModelError(f"model {uri!r} is a file; give the checkpoint's directory (diffusers layout)")
     return path
+
+
+def refuse_unsupported_scheme(what: str, uri: str) -> None:
+    """A ModelError for a URI whose scheme restyle does not read (anything but s3:// and file://)."""
+    scheme = uri.split("://", 1)[0] if "://" in uri else None
+    if scheme is not None and scheme not in ("s3", "file"):
+        raise ModelError(
+            f"{what} {re.sub(r'(?<=://)[^/@]*@', '***@', uri)!r}: unsupported URI scheme {scheme!r}; accepted: a "
+            "local directory, s3://BUCKET/PREFIX or a Hub id (owner/name)"
+        )
 
 
 def check_files(path: Path, pipeline: bool = True, variant: str | None = None) -> None:

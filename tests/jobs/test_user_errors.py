@@ -88,6 +88,18 @@ CASES = [
     ("unknown-format", job(source={"uri": "in", "format": "dicom"}), [], "source.format: Input should be"),
     ("unknown-mode", job(sink={"uri": "out", "mode": "append"}), [], "sink.mode: Input should be"),
     ("typo-top-level", {**job(), "operator": []}, [], "operator: unknown field; accepted: fidelity, operators"),
+    (
+        "gs-model",
+        job(operators=[{"kind": "img2img", "model": "gs://bucket/model", "prompt": "x"}]),
+        ["--dry-run"],
+        "operators[0].model: model 'gs://bucket/model': unsupported URI scheme 'gs'; accepted: a local directory",
+    ),
+    (
+        "gs-lora",
+        job(operators=[{"kind": "img2img", "model": "gs://b/m", "prompt": "x", "loras": [{"model": "gs://b/l"}]}]),
+        [],
+        "operators[0].loras[0]: LoRA 'gs://b/l': unsupported URI scheme 'gs'",
+    ),
     ("sink-is-home-dry-run", job(sink={"uri": "~"}), ["--dry-run"], "sink.uri ~ (resolved: "),
     ("sink-inside-source-dry-run", job(sink={"uri": "in/out"}), ["--dry-run"], "is inside source.uri in"),
     (
