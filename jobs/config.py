@@ -107,19 +107,23 @@ class SourceConfig(_Frozen):
     )
     image_column: str = Field("image", description="Parquet column with encoded bytes or {bytes, path} structs.")
     id_column: str = Field("id", description="Parquet column of unique row ids (images: ids are relative paths).")
-    limit: int | None = Field(None, ge=1, le=MAX_INT64, description="Process only the first N rows (in id order).")
+    limit: int | None = Field(
+        None, ge=1, le=MAX_INT64, description="Process only the first N rows (in id order).", strict=True
+    )
     read_blocks: int | None = Field(
         None,
         ge=1,
         le=1_000_000,
         description="Blocks to read the source into (Ray's `override_num_blocks`, a hint Ray may combine for small "
         "Parquet files); output is committed a block at a time, so more blocks mean smaller steps. Default: Ray's.",
+        strict=True,
     )
     max_image_pixels: int = Field(
         DEFAULT_MAX_IMAGE_PIXELS,
         ge=1,
         le=MAX_INT64,
         description="Larger images become error rows (decompression-bomb limit).",
+        strict=True,
     )
     include: list[str] | None = Field(
         None,
@@ -152,9 +156,13 @@ class SinkConfig(_Frozen):
         description="'resume': continue the same config's committed output (a finished job writes nothing new; "
         "a different config is refused); 'error': refuse a non-empty directory; 'overwrite': clear it first.",
     )
-    rows_per_shard: int = Field(1000, ge=1, le=1_000_000, description="Upper bound on rows in one Parquet shard.")
+    rows_per_shard: int = Field(
+        1000, ge=1, le=1_000_000, description="Upper bound on rows in one Parquet shard.", strict=True
+    )
     write_images: bool = Field(False, description="Also write each output as a PNG under images/.")
-    report_rows: int = Field(24, ge=0, le=10_000, description="Rows shown in report.html (input beside output).")
+    report_rows: int = Field(
+        24, ge=0, le=10_000, description="Rows shown in report.html (input beside output).", strict=True
+    )
     storage: StorageConfig = Field(default_factory=StorageConfig, description="Object-storage settings.")
 
     @field_validator("uri")
@@ -166,9 +174,11 @@ class SinkConfig(_Frozen):
 class ResourcesConfig(_Frozen):
     """Resources of a local Ray instance, and how much to keep free for reads and writes."""
 
-    num_cpus: int | None = Field(None, ge=1, le=100_000, description="CPUs of the local Ray instance (default: all).")
+    num_cpus: int | None = Field(
+        None, ge=1, le=100_000, description="CPUs of the local Ray instance (default: all).", strict=True
+    )
     num_gpus: int | None = Field(
-        None, ge=0, le=100_000, description="GPUs of the local Ray instance (default: detected)."
+        None, ge=0, le=100_000, description="GPUs of the local Ray instance (default: detected).", strict=True
     )
     reserved_cpus: float = Field(
         1.0,
@@ -182,7 +192,11 @@ class RunConfig(_Frozen):
     """How the job runs."""
 
     seed: int = Field(
-        0, ge=0, le=MAX_INT64, description="Run seed; each output's seed derives from it, the row id and variant."
+        0,
+        ge=0,
+        le=MAX_INT64,
+        description="Run seed; each output's seed derives from it, the row id and variant.",
+        strict=True,
     )
     ray_address: str | None = Field(
         None, description="Ray cluster to join ('auto' or ray://...); default RAY_ADDRESS, else a local instance."

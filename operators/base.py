@@ -47,13 +47,14 @@ class OperatorConfig(BaseModel):
         description="Stage name; its parameters and timings are kept per row in a column of this name. "
         "Defaults to the operator's kind.",
     )
-    batch_size: int = Field(4, ge=1, le=65536, description="Rows per batch handed to one actor call.")
+    batch_size: int = Field(4, ge=1, le=65536, description="Rows per batch handed to one actor call.", strict=True)
     num_actors: int | None = Field(
         None,
         ge=1,
         le=100_000,
         description="Actors in this operator's pool. Default: as many as the cluster's resources allow "
         "while leaving room for reads and writes.",
+        strict=True,
     )
     num_cpus: float = Field(1.0, gt=0, description="CPUs each actor reserves.")
     num_gpus: float = Field(0.0, ge=0, description="GPUs each actor reserves; fractions share a GPU.")
@@ -67,6 +68,7 @@ class OperatorConfig(BaseModel):
         description="CPU threads torch uses in each actor of this stage. Part of the config hash, since on cpu "
         "the thread count changes output bytes (kernels split their sums differently); recorded per row. Not "
         "derived from num_cpus, so resizing the pool never changes bytes.",
+        strict=True,
     )
 
     @field_validator("name")

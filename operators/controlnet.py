@@ -41,8 +41,8 @@ class ControlSource(BaseModel):
     column: str | None = Field(
         None, description="Read the control image from this column (encoded bytes or {bytes, path}): depth, pose..."
     )
-    low_threshold: int = Field(100, ge=0, le=255, description="Canny lower hysteresis threshold.")
-    high_threshold: int = Field(200, ge=0, le=255, description="Canny upper hysteresis threshold.")
+    low_threshold: int = Field(100, ge=0, le=255, description="Canny lower hysteresis threshold.", strict=True)
+    high_threshold: int = Field(200, ge=0, le=255, description="Canny upper hysteresis threshold.", strict=True)
 
     @model_validator(mode="after")
     def _one_control_source(self) -> ControlSource:

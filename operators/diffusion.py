@@ -49,10 +49,10 @@ class SizePolicy(_Frozen):
     """How an input's dimensions become the generated image's dimensions."""
 
     max_side: int | None = Field(
-        None, ge=8, description="Scale down (aspect kept) so the longest side is at most this."
+        None, ge=8, description="Scale down (aspect kept) so the longest side is at most this.", strict=True
     )
     multiple_of: int = Field(
-        8, ge=1, description="Round each side to a multiple of this (8 for SD/SDXL, 16 for SD3 and Flux)."
+        8, ge=1, description="Round each side to a multiple of this (8 for SD/SDXL, 16 for SD3 and Flux).", strict=True
     )
 
 
@@ -139,7 +139,7 @@ class DiffusionConfig(OperatorConfig):
     prompt: str | None = Field(None, description="Prompt for every row; a template may use {column} of the row.")
     prompt_column: str | None = Field(None, description="Column holding each row's prompt.")
     negative_prompt: str | None = Field(None, description="Negative prompt (a template may use {column}).")
-    num_inference_steps: int = Field(30, ge=1, le=1000, description="Denoising steps.")
+    num_inference_steps: int = Field(30, ge=1, le=1000, description="Denoising steps.", strict=True)
     guidance_scale: float = Field(7.5, ge=0, description="Classifier-free guidance scale.")
     scheduler: Literal[tuple(SCHEDULERS)] | None = Field(  # type: ignore[valid-type]
         None, description="Scheduler class name; default is the checkpoint's own."
@@ -147,7 +147,9 @@ class DiffusionConfig(OperatorConfig):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         "auto", description="Torch dtype of the weights; 'auto' is float16 on cuda, float32 on cpu."
     )
-    variants: int = Field(1, ge=1, description="Outputs per input row and sweep combination, each its own seed.")
+    variants: int = Field(
+        1, ge=1, description="Outputs per input row and sweep combination, each its own seed.", strict=True
+    )
     sweep: Sweep | None = Field(None, description="Parameter lists expanded into more variants.")
     loras: list[LoraAdapter] = Field(default_factory=list, description="LoRA adapters applied to the pipeline.")
     model_batch_size: int | None = Field(
@@ -156,6 +158,7 @@ class DiffusionConfig(OperatorConfig):
         description="Rows per model call. Default: 1 on cpu, which makes every output's bytes independent of "
         "how rows were batched (batched kernels round differently per batch size); on cuda, every "
         "compatible row of a batch in one call, which keeps the GPU busy.",
+        strict=True,
     )
 
     @model_validator(mode="after")

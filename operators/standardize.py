@@ -130,7 +130,7 @@ class ClaheStep(StepConfig):
     op: Literal["clahe"] = Field(description="Step kind.")
     clip_limit: float = Field(2.0, gt=0, description="Contrast limit relative to a flat histogram.")
     tile_grid_size: int = Field(
-        8, ge=1, le=64, description="Tiles per side; 16-bit CLAHE keeps 65536 table entries per tile."
+        8, ge=1, le=64, description="Tiles per side; 16-bit CLAHE keeps 65536 table entries per tile.", strict=True
     )
 
 
@@ -138,8 +138,8 @@ class ResizeStep(StepConfig):
     """Resize to exactly width x height."""
 
     op: Literal["resize"] = Field(description="Step kind.")
-    width: int = Field(ge=1, description="Output width in pixels.")
-    height: int = Field(ge=1, description="Output height in pixels.")
+    width: int = Field(ge=1, description="Output width in pixels.", strict=True)
+    height: int = Field(ge=1, description="Output height in pixels.", strict=True)
     mode: Literal["fit", "fill", "stretch"] = Field(
         "fit",
         description="'fit' scales to fit inside and pads, centered; 'fill' scales to cover and crops, "

@@ -137,9 +137,14 @@ class UpscaleConfig(OperatorConfig):
         le=350,
         description="Noise added to the low-resolution input by sd_x4 (default 20); at most the checkpoint's "
         "max_noise_level (350 for the released model).",
+        strict=True,
     )
     num_inference_steps: int | None = Field(
-        None, ge=1, le=1000, description="Denoising steps of a model method (default: 75 sd_x4/latent_x2, 100 ldm)."
+        None,
+        ge=1,
+        le=1000,
+        description="Denoising steps of a model method (default: 75 sd_x4/latent_x2, 100 ldm).",
+        strict=True,
     )
     guidance_scale: float | None = Field(
         None, ge=0, description="Classifier-free guidance scale of sd_x4 and latent_x2 (default 9.0)."
@@ -157,15 +162,20 @@ class UpscaleConfig(OperatorConfig):
         512,
         ge=8,
         description="Model methods: input pixels per tile side; a larger input is upscaled tile by tile.",
+        strict=True,
     )
     tile_overlap: int = Field(
-        32, ge=0, description="Model methods: input pixels neighbouring tiles share; less than tile_size / 2."
+        32,
+        ge=0,
+        description="Model methods: input pixels neighbouring tiles share; less than tile_size / 2.",
+        strict=True,
     )
     model_batch_size: int | None = Field(
         None,
         ge=1,
         description="Tiles per model call (of one row, or of consecutive untiled rows of one size). Default: 1 "
         "on cpu, which makes every output's bytes independent of batching; 4 on cuda.",
+        strict=True,
     )
 
     @model_validator(mode="before")

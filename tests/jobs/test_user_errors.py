@@ -73,6 +73,13 @@ CASES = [
     ),
     ("endpoint-not-a-url", job(source=storage(endpoint_url="not a url")), [], "source.storage.endpoint_url: must be"),
     ("endpoint-no-scheme", job(source=storage(endpoint_url="minio:9000")), [], "must be http://HOST[:PORT]"),
+    ("batch-size-bool", job(), ["--set", "operators.0.batch_size=true"], "valid integer, got True; accepted: whole"),
+    (
+        "steps-float",
+        job(operators=[{"kind": "img2img", "model": "m", "prompt": "p", "num_inference_steps": 2.5}]),
+        [],
+        "operators[0].num_inference_steps: Input should be a valid integer, got 2.5",
+    ),
     ("batch-size-huge", job(), ["--set", "operators.0.batch_size=1.0e+23"], "whole numbers from 1 to 65536"),
     ("batch-size-1e15", job(), ["--set", "operators.0.batch_size=1.0e+15"], "operators[0].batch_size"),
     ("batch-size-text", job(), ["--set", "operators.0.batch_size=1e23"], "operators[0].batch_size"),
