@@ -343,7 +343,7 @@ def lora_short_hash(path: Path) -> str:
 
 def resolve_lora(lora: LoraAdapter, offline: bool, storage_options: dict) -> tuple[Path, str | None]:
     """A local directory and weight file name for a LoRA adapter; refuses pickle weights."""
-    from operators.models import ModelError, is_hub_id, refuse_unsupported_scheme, stage_files
+    from operators.models import ModelError, existing_local_path, is_hub_id, stage_files
 
     uri = lora.model
     if uri.startswith("s3://"):
@@ -359,13 +359,7 @@ def resolve_lora(lora: LoraAdapter, offline: bool, storage_options: dict) -> tup
             )
         )
     else:
-        refuse_unsupported_scheme("LoRA", uri)
-        path = Path(uri).expanduser()
-        if not path.exists():
-            raise ModelError(
-                f"LoRA {uri!r} does not exist: no local file or directory {path.absolute()}, and it is neither an "
-                "s3:// prefix nor a Hub id (owner/name)"
-            )
+        path = existing_local_path("LoRA", uri, "file or directory")
         if path.is_file():
             if path.suffix != ".safetensors":
                 raise ModelError(f"LoRA {uri} is not a .safetensors file; only safetensors weights are loaded")

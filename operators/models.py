@@ -175,15 +175,22 @@ def resolve_model(
 
 def local_model_path(uri: str) -> Path:
     """The local checkpoint directory `uri` names, or a ModelError saying why there is none."""
-    refuse_unsupported_scheme("model", uri)
+    path = existing_local_path("model", uri, "directory")
+    if not path.is_dir():
+        raise ModelError(f"model {uri!r} is a file; give the checkpoint's directory (diffusers layout)")
+    return path
+
+
+def existing_local_path(what: str, uri: str, kind: str) -> Path:
+    """The local path `uri` names (`~` expanded), or a ModelError naming the unsupported scheme or the
+    missing `kind` ("directory", "file or directory")."""
+    refuse_unsupported_scheme(what, uri)
     path = Path(uri).expanduser()
     if not path.exists():
         raise ModelError(
-            f"model {uri!r} does not exist: no local directory {path.absolute()}, and it is neither an s3:// "
+            f"{what} {uri!r} does not exist: no local {kind} {path.absolute()}, and it is neither an s3:// "
             "prefix nor a Hub id (owner/name)"
         )
-    if not path.is_dir():
-        raise ModelError(f"model {uri!r} is a file; give the checkpoint's directory (diffusers layout)")
     return path
 
 
