@@ -90,9 +90,15 @@ def stop_ray_process(process: subprocess.Popen, temp_dir: str) -> None:
     assert not alive, f"Ray processes of the test survived: {alive}"
 
 
+# Set by `ray.init` in the calling process, or naming a cluster: never passed on to a child.
+RAY_INIT_VARIABLES = ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_CLIENT_MODE", "PYTHONBREAKPOINT")
+
+
 def environment(ray_tmpdir: str, **extra: str) -> dict:
-    """This environment without RAY_ADDRESS, with Ray's temp root in `ray_tmpdir`."""
-    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    """This environment without RAY_ADDRESS, with Ray's temp root in `ray_tmpdir`. Also without what
+    `ray.init` puts into its own process's environment (the suite's Ray session sets RAY_AUTH_MODE=token,
+    which a driver joining a head started without token auth must not inherit)."""
+    env = {key: value for key, value in os.environ.items() if key not in RAY_INIT_VARIABLES}
     env["RAY_TMPDIR"] = ray_tmpdir
     env.update(extra)
     return env
