@@ -29,6 +29,7 @@ import os
 import re
 from dataclasses import dataclass, field
 
+import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -44,9 +45,10 @@ COMMITS = "_commits"
 MANIFEST = "_manifest.json"
 # Everything restyle writes at the top of a sink; `data/` and `images/` hold only the names below.
 OUTPUT_NAMES = ("data", "images", COMMITS, MANIFEST, "summary.json", "report.html", LEASE)
-_ATTEMPT = re.compile(r"part-a(\d+)-")
-_SHARD_FILE = re.compile(r"part-a\d{4}-[0-9a-z]+-[0-9a-z]+-\d{3}\.parquet|part-a\d{4}-r?\d{5}-\d{3}\.parquet")
-_IMAGE_FILE = re.compile(r".+\.v\d+\.png")
+_ATTEMPT = re.compile(r"part-a(\d{4,})-")
+_SHARD_FILE = re.compile(r"part-a\d{4,}-[0-9a-z]+-[0-9a-z]+-\d{3}\.parquet|part-a\d{4,}-r?\d{5}-\d{3}\.parquet")
+# Exactly what `jobs.sinks.image_file_name` makes: a user's `logo.v2.png` is not ours.
+_IMAGE_FILE = re.compile(r"[A-Za-z0-9._-]{1,80}-[0-9a-f]{16}\.v\d+\.png")
 # A file `open_atomically` was writing when its process died: `.<name>.<8 hex>.tmp`.
 _TEMPORARY = re.compile(r"\..+\.[0-9a-f]{8}\.tmp")
 # Fields that decide where and how fast a job runs, not what it writes. `torch_threads` is not one:
@@ -125,8 +127,10 @@ class SinkState:
                 continue  # a temporary file or probe a killed run left: removed by remove_leftovers
             try:
                 commit = Commit(**json.loads(self.filesystem.cat_file(path)))
-                if f"{commit.shard.rsplit('/', 1)[-1]}.json" != name or not isinstance(commit.rows, int):
+                if f"{commit.shard.rsplit('/', 1)[-1]}.json" != name:
                     raise ValueError("the record names another shard")
+                if not _well_typed(commit):
+                    raise ValueError("a field has the wrong type")
             except (ValueError, TypeError, AttributeError) as error:
                 logger.warning("sink: ignoring the unreadable commit record %s (%s); its rows are redone", path, error)
                 continue
@@ -138,8 +142,8 @@ class SinkState:
         self.commits = {shard: commit for shard, commit in self.commits.items() if shard not in replaced}
 
     def _list(self, folder: str) -> list[str]:
-        path = join(self.root, folder)
-        return sorted(self.filesystem.find(path)) if self.filesystem.exists(path) else []
+        """The files directly in one of the sink's folders (restyle never writes deeper)."""
+        return _files_in(self.filesystem, join(self.root, folder))
 
     @property
     def shards(self) -> list[str]:
@@ -149,7 +153,9 @@ class SinkState:
     def next_attempt(self) -> int:
         """One more than any attempt seen in commits or leftover shards."""
         seen = [commit.attempt for commit in self.commits.values()]
-        seen += [int(match.group(1)) for path in self._list("data") if (match := _ATTEMPT.search(path))]
+        seen += [
+            int(match.group(1)) for path in self._list("data") if (match := _ATTEMPT.match(path.rsplit("/", 1)[-1]))
+        ]
         return max(seen, default=0) + 1
 
     def check_owner(self, job_hash: str, force: bool = False) -> None:
@@ -242,19 +248,50 @@ def survey(filesystem, root: str) -> tuple[list[str], list[str]]:
     ours, foreign = [], []
     for path in sorted(filesystem.ls(root, detail=False)):
         name = path.rstrip("/").rsplit("/", 1)[-1]
-        if name in ("data", "images", COMMITS) and filesystem.isdir(path):
+        if name in ("data", "images", COMMITS) and filesystem.isdir(path) and not _is_link(filesystem, path):
             pattern = {"data": _SHARD_FILE, "images": _IMAGE_FILE, COMMITS: re.compile(r".*")}[name]
-            for inner in sorted(filesystem.find(path)):
-                base = inner.rsplit("/", 1)[-1]
-                if pattern.fullmatch(base) or _TEMPORARY.fullmatch(base):
+            files = set(_files_in(filesystem, path))
+            for inner in sorted(filesystem.ls(path, detail=False)):
+                base = inner.rstrip("/").rsplit("/", 1)[-1]
+                if inner in files and (pattern.fullmatch(base) or _TEMPORARY.fullmatch(base)):
                     ours.append(inner)
-                else:
-                    foreign.append(inner[len(root.rstrip("/")) + 1 :])
+                else:  # anything else, subfolders and links included, is not restyle's
+                    foreign.append(inner.rstrip("/")[len(root.rstrip("/")) + 1 :])
         elif name in (MANIFEST, "summary.json", "report.html", LEASE) or _TEMPORARY.fullmatch(name):
             ours.append(path)
         else:
             foreign.append(name)
     return ours, foreign
+
+
+def _files_in(filesystem, folder: str) -> list[str]:
+    """Regular files directly in `folder` (no subfolders, no symlinks), sorted; none if it is absent."""
+    try:
+        entries = filesystem.ls(folder, detail=True)
+    except FileNotFoundError:
+        return []
+    return sorted(
+        entry["name"]
+        for entry in entries
+        if entry.get("type") == "file" and not entry.get("islink") and entry["name"].rstrip("/") != folder.rstrip("/")
+    )
+
+
+def _is_link(filesystem, path: str) -> bool:
+    return _is_local(filesystem) and os.path.islink(path)
+
+
+def _well_typed(commit: Commit) -> bool:
+    """Whether a parsed commit record's fields have the types restyle writes."""
+    return (
+        isinstance(commit.shard, str)
+        and isinstance(commit.rows, int)
+        and isinstance(commit.config_hash, str)
+        and isinstance(commit.attempt, int)
+        and isinstance(commit.replaces, list)
+        and all(isinstance(old, str) for old in commit.replaces)
+        and isinstance(commit.run_id, str)
+    )
 
 
 def _is_shard_or_temporary(path: str) -> bool:
@@ -323,10 +360,11 @@ def storage_errors() -> tuple[type[Exception], ...]:
 
 
 def _location(uri: str) -> tuple[str, str]:
+    """(scheme, resolved path) of the place `filesystem_for` opens for `uri`."""
     if uri.startswith("s3://"):
         return "s3", "/".join(part for part in uri[len("s3://") :].split("/") if part)
     path = uri[len("file://") :] if uri.startswith("file://") else uri
-    return "file", _real(path)
+    return "file", _real(fsspec.filesystem("file")._strip_protocol(os.path.expanduser(path)))
 
 
 def _real(path: str) -> str:

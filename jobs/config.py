@@ -37,11 +37,18 @@ ACCEPTED_URIS = "a local path, file://PATH or s3://BUCKET/PREFIX"
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
 
+# `file:/x` or `local:x`: fsspec reads a protocol there although there is no `//`.
+_BARE_PROTOCOL = re.compile(r"^(file|local):(?!//)", re.IGNORECASE)
+
+
 def check_location(uri: str) -> str:
     """Refuse a URI whose scheme restyle cannot read or write (gs://, https://, ...)."""
     match = _SCHEME.match(uri)
-    if match and match.group(1).lower() not in ("file", "s3"):
+    if match and match.group(1) not in ("file", "s3"):
         raise ValueError(f"unsupported URI scheme {match.group(1)!r}; accepted: {ACCEPTED_URIS}")
+    bare = _BARE_PROTOCOL.match(uri)
+    if bare:
+        raise ValueError(f"{bare.group(0)!r} without '//' is ambiguous; accepted: {ACCEPTED_URIS}")
     if not uri.strip():
         raise ValueError(f"must not be empty; accepted: {ACCEPTED_URIS}")
     return uri

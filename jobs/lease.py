@@ -24,8 +24,10 @@ import os
 import socket
 import threading
 import time
+from pathlib import Path
 
 from jobs.storage import join
+from operators.base import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -34,9 +36,54 @@ LEASE_SECONDS_VARIABLE = "RESTYLE_LEASE_SECONDS"
 DEFAULT_LEASE_SECONDS = 120.0
 
 
+LEASE_SECONDS_RANGE = (5.0, 3600.0)
+
+
+class LeaseSettingError(UserError):
+    """A RESTYLE_LEASE_SECONDS that is not a number of seconds in range."""
+
+
 def lease_seconds() -> float:
     """How long a lease lasts without renewal (renewed every quarter of it)."""
-    return float(os.environ.get(LEASE_SECONDS_VARIABLE) or DEFAULT_LEASE_SECONDS)
+    raw = os.environ.get(LEASE_SECONDS_VARIABLE) or str(DEFAULT_LEASE_SECONDS)
+    low, high = LEASE_SECONDS_RANGE
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = float("nan")
+    if not low <= seconds <= high:  # also refuses nan
+        raise LeaseSettingError(f"{LEASE_SECONDS_VARIABLE} is {raw!r}; accepted: seconds from {low:g} to {high:g}")
+    return seconds
+
+
+class LeaseLost(RuntimeError):
+    """A write task found that its run no longer holds the sink's lease: it commits nothing."""
+
+
+def require_lease(filesystem, root: str, run_id: str) -> None:
+    """Raise `LeaseLost` unless the sink's lease names `run_id`. Write tasks call this before each
+    commit, so a run whose lease was taken over (it stalled past the expiry) cannot commit beside
+    the run that took it."""
+    path = join(root, LEASE)
+    try:
+        if "file" in (filesystem.protocol if isinstance(filesystem.protocol, tuple) else (filesystem.protocol,)):
+            import fcntl
+
+            with open(path, "rb") as handle:
+                fcntl.flock(handle, fcntl.LOCK_SH)  # the holder rewrites it under LOCK_EX
+                data = handle.read()
+        else:
+            data = filesystem.cat_file(path)
+        holder = json.loads(data)
+    except FileNotFoundError:
+        holder = {}
+    except ValueError:
+        holder = {"unreadable": True}
+    if not isinstance(holder, dict) or holder.get("run_id") != run_id:
+        raise LeaseLost(
+            f"run {run_id} no longer holds the lease of the sink ({describe_holder(holder or {})}); "
+            "nothing more is committed by this run"
+        )
 
 
 class SinkLease:
@@ -62,6 +109,7 @@ class SinkLease:
         return {
             "host": socket.gethostname(),
             "pid": os.getpid(),
+            "machine": machine_id(),
             "run_id": self.run_id,
             "config_hash": self.config_hash,
             "started": _iso(self.started),
@@ -272,11 +320,28 @@ def _parse(data: bytes, mtime: float, seconds: float) -> dict:
     return {"expires": mtime + seconds}
 
 
+def machine_id() -> str:
+    """This boot of this machine and this process-id namespace: a host name alone does not tell two
+    containers (or two laptops of one name) apart, and a pid means something only within both."""
+    parts = []
+    for read in (
+        lambda: Path("/proc/sys/kernel/random/boot_id").read_text().strip(),
+        lambda: str(os.stat("/proc/self/ns/pid").st_ino),
+    ):
+        try:
+            parts.append(read())
+        except OSError:
+            parts.append("?")
+    return ":".join(parts)
+
+
 def _stale(record: dict, now: float) -> bool:
-    """Expired, or held by a process of this host that no longer exists."""
+    """Expired, or held by a process of this machine (same boot, same pid namespace) that no longer
+    exists."""
     if record.get("expires", 0) < now:
         return True
-    if record.get("host") == socket.gethostname() and isinstance(record.get("pid"), int):
+    same_machine = record.get("machine") == machine_id() and "?" not in machine_id()
+    if same_machine and record.get("host") == socket.gethostname() and isinstance(record.get("pid"), int):
         if record["pid"] == os.getpid():
             return False  # this process: an earlier run in it that failed to release
         try:

@@ -34,6 +34,7 @@ from ray.data.block import Block, BlockAccessor
 
 from jobs.commits import Commit, shard_name, write_shard
 from jobs.config import SinkConfig
+from jobs.lease import require_lease
 from jobs.schema import features as hf_features
 from jobs.schema import normalize_table
 from jobs.storage import filesystem_for, join, open_atomically
@@ -107,6 +108,7 @@ class ParquetImageSink(Datasink):
             shard = to_output_table(table.slice(offset, shard_rows))
             name = shard_name(self.attempt, self.run_id, f"{ctx.task_idx:05d}", shard_index)
             commit = Commit(name, shard.num_rows, self.config_hash, self.attempt, run_id=self.run_id)
+            require_lease(filesystem, root, self.run_id)
             write_shard(filesystem, root, name, shard, commit)
             written.append({"shard": name, "rows": shard.num_rows})
         return written

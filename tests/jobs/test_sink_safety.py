@@ -14,7 +14,7 @@ import pytest
 
 from jobs.commits import Commit, SinkError, SinkState, check_sink_location, config_hash, write_shard
 from jobs.config import validate_config
-from jobs.lease import LEASE, SinkLease
+from jobs.lease import LEASE, LeaseLost, LeaseSettingError, SinkBusy, SinkLease, lease_seconds
 from jobs.pipeline import open_sink, run_job
 from jobs.sinks import ParquetImageSink, image_file_name
 from jobs.storage import filesystem_for
@@ -169,8 +169,14 @@ def write_rows(sink_dir, ids, monkeypatch=None):
             "error": pa.array([None] * len(ids), pa.string()),
         }
     )
-    sink = ParquetImageSink(config.sink, "hash", 1, "run00001")
-    written = sink.write([table], types.SimpleNamespace(task_idx=0))
+    filesystem, root = filesystem_for(str(sink_dir))
+    lease = SinkLease(filesystem, root, str(sink_dir), "run00001", "hash", seconds=60)
+    lease.acquire()
+    try:
+        sink = ParquetImageSink(config.sink, "hash", 1, "run00001")
+        written = sink.write([table], types.SimpleNamespace(task_idx=0))
+    finally:
+        lease.release()
     return pq.read_table(sink_dir / written[0]["shard"]).to_pylist()
 
 
@@ -264,6 +270,85 @@ def test_lease_of_a_killed_process_on_this_host_is_taken_over(tmp_path):
     rerun.acquire()
     assert json.loads(io.BytesIO((tmp_path / LEASE).read_bytes()).read())["run_id"] == "run00002"
     rerun.release()
+
+
+def test_lease_of_a_dead_pid_on_another_machine_of_the_same_host_name_waits_for_expiry(tmp_path):
+    # Two containers with one host name: a pid from the other's namespace says nothing here.
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    filesystem, root = filesystem_for(str(tmp_path))
+    other = SinkLease(filesystem, root, "out", "run00001", "h", seconds=600)
+    other.acquire()
+    record = json.loads((tmp_path / LEASE).read_text())
+    (tmp_path / LEASE).write_text(json.dumps({**record, "pid": int(dead.stdout), "machine": "another:boot"}))
+    with pytest.raises(SinkBusy, match="run run00001"):
+        SinkLease(filesystem, root, "out", "run00002", "h", seconds=600).acquire()
+
+
+def test_a_write_task_whose_run_lost_the_lease_commits_nothing(tmp_path):
+    config = job(tmp_path / "in", tmp_path / "out")
+    filesystem, root = filesystem_for(str(tmp_path / "out"))
+    taker = SinkLease(filesystem, root, "out", "run00002", "h", seconds=60)
+    taker.acquire()  # run00001 stalled past its expiry and run00002 took the sink over
+    table = pa.table(
+        {
+            "id": pa.array(["a"], pa.string()),
+            "variant_index": pa.array([0], pa.int64()),
+            "image": pa.array([png_bytes(8, 8)], pa.binary()),
+            "status": pa.array(["ok"], pa.string()),
+            "error": pa.array([None], pa.string()),
+        }
+    )
+    with pytest.raises(LeaseLost, match=r"run run00001 no longer holds the lease of the sink \(host "):
+        ParquetImageSink(config.sink, "h", 1, "run00001").write([table], types.SimpleNamespace(task_idx=0))
+    assert not (tmp_path / "out" / "_commits").exists() and not (tmp_path / "out" / "data").exists()
+    taker.release()
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "abc", "nan", "1e9"])
+def test_a_bad_lease_time_is_one_line(value, monkeypatch):
+    monkeypatch.setenv("RESTYLE_LEASE_SECONDS", value)
+    with pytest.raises(
+        LeaseSettingError, match=f"RESTYLE_LEASE_SECONDS is '{value}'; accepted: seconds from 5 to 3600"
+    ):
+        lease_seconds()
+
+
+def test_overwrite_and_resume_keep_user_files_that_look_like_outputs(tmp_path):
+    # A user's PNG named like a variant, and a backup copy of a shard in a subfolder of data/.
+    source, sink = image_folder(tmp_path / "in"), tmp_path / "out"
+    sink.mkdir()
+    fake_output(sink)
+    (sink / "data" / "mine.csv").unlink()
+    (sink / "notes.txt").unlink()
+    (sink / "images" / "logo.v2.png").write_bytes(b"mine")
+    (sink / "data" / "backup").mkdir()
+    (sink / "data" / "backup" / "part-a0001-1a2b3c4d-00000-000.parquet").write_bytes(b"mine")
+    config = job(source, sink, mode="overwrite")
+    with pytest.raises(SinkError, match=r"\(2 entries: data/backup, images/logo.v2.png\)"):
+        open_sink(config, config_hash(config), "run00001")
+    for mode in ("resume", "overwrite"):
+        state, lease = open_sink(job(source, sink, mode=mode), config_hash(config), "run00002", force=True)
+        lease.release()
+        assert (sink / "images" / "logo.v2.png").read_bytes() == b"mine"
+        assert (sink / "data" / "backup" / "part-a0001-1a2b3c4d-00000-000.parquet").read_bytes() == b"mine"
+
+
+@pytest.mark.parametrize("uri", ["file:{source}", "file:", "FILE:/x", "local:{source}", "S3://bucket/out"])
+def test_protocols_without_slashes_are_refused_before_they_reach_the_sink_checks(uri, tmp_path):
+    from jobs.config import ConfigError
+
+    source = image_folder(tmp_path / "in")
+    with pytest.raises(ConfigError, match="sink.uri: "):
+        validate_config(
+            {
+                "source": {"uri": str(source), "format": "images"},
+                "operators": [{"kind": "standardize", "steps": [{"op": "normalize"}]}],
+                "sink": {"uri": uri.format(source=source)},
+            }
+        )
 
 
 def test_accounting_refuses_committed_shards_of_another_config(tmp_path):
