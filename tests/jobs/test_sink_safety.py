@@ -256,17 +256,21 @@ def test_local_lease_is_exclusive_renewed_by_its_holder_and_taken_over_when_stal
     assert not (tmp_path / "out" / LEASE).exists()
 
 
-def test_lease_of_a_killed_process_on_this_host_is_taken_over(tmp_path):
+def lease_of_a_dead_process(folder, **fields):
+    """A lease of run00001 as a driver killed mid-job leaves it: its pid no longer exists."""
     import subprocess
     import sys
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    filesystem, root = filesystem_for(str(tmp_path))
-    crashed = SinkLease(filesystem, root, "out", "run00001", "h", seconds=600)
-    crashed.acquire()
-    record = json.loads((tmp_path / LEASE).read_text())
-    (tmp_path / LEASE).write_text(json.dumps({**record, "pid": int(dead.stdout)}))
-    rerun = SinkLease(filesystem, root, "out", "run00002", "h", seconds=600)
+    filesystem, root = filesystem_for(str(folder))
+    SinkLease(filesystem, root, "out", "run00001", "h", seconds=600).acquire()
+    record = json.loads((folder / LEASE).read_text())
+    (folder / LEASE).write_text(json.dumps({**record, "pid": int(dead.stdout), **fields}))
+    return SinkLease(filesystem, root, "out", "run00002", "h", seconds=600)
+
+
+def test_lease_of_a_killed_process_on_this_host_is_taken_over(tmp_path):
+    rerun = lease_of_a_dead_process(tmp_path)
     rerun.acquire()
     assert json.loads(io.BytesIO((tmp_path / LEASE).read_bytes()).read())["run_id"] == "run00002"
     rerun.release()
@@ -274,17 +278,9 @@ def test_lease_of_a_killed_process_on_this_host_is_taken_over(tmp_path):
 
 def test_lease_of_a_dead_pid_on_another_machine_of_the_same_host_name_waits_for_expiry(tmp_path):
     # Two containers with one host name: a pid from the other's namespace says nothing here.
-    import subprocess
-    import sys
-
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    filesystem, root = filesystem_for(str(tmp_path))
-    other = SinkLease(filesystem, root, "out", "run00001", "h", seconds=600)
-    other.acquire()
-    record = json.loads((tmp_path / LEASE).read_text())
-    (tmp_path / LEASE).write_text(json.dumps({**record, "pid": int(dead.stdout), "machine": "another:boot"}))
+    rerun = lease_of_a_dead_process(tmp_path, machine="another:boot")
     with pytest.raises(SinkBusy, match="run run00001"):
-        SinkLease(filesystem, root, "out", "run00002", "h", seconds=600).acquire()
+        rerun.acquire()
 
 
 def test_a_write_task_whose_run_lost_the_lease_commits_nothing(tmp_path):
