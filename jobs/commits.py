@@ -415,9 +415,12 @@ class ProgressLog:
     def committed_now(self) -> int:
         """Rows committed so far, this attempt's included."""
         folder = join(self.root, COMMITS)
-        names = self.filesystem.ls(folder, detail=False) if self.filesystem.exists(folder) else []
+        # refresh: s3fs would otherwise answer from its cached listing and progress would never move.
+        names = self.filesystem.ls(folder, detail=False, refresh=True) if self.filesystem.exists(folder) else []
         for path in names:
-            if self.prefix in path and path not in self.seen:
+            name = path.rsplit("/", 1)[-1]
+            # A record being written (`.<name>.<hex>.tmp`) holds this run's prefix too: only whole records count.
+            if name.startswith(self.prefix) and name.endswith(".json") and path not in self.seen:
                 self.seen[path] = json.loads(self.filesystem.cat_file(path))["rows"]
         return self.already + sum(self.seen.values())
 

@@ -84,6 +84,8 @@ def test_progress_log_counts_this_attempts_commit_records(tmp_path):
     names += (("part-a0001-run00001-00000-000", 7), ("part-a0002-other002-00000-000", 11))
     for name, rows in names:
         (commits / f"{name}.parquet.json").write_text(json.dumps({"rows": rows}))
+    # A record a write task is writing right now: not counted (and not parsed) until it is whole.
+    (commits / ".part-a0002-run00002-00002-000.parquet.json.0123abcd.tmp").write_text('{"ro')
     progress = ProgressLog(
         SinkConfig(uri=str(tmp_path)), attempt=2, already=7, expected=20, interval=30, run_id="run00002"
     )
