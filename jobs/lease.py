@@ -163,9 +163,12 @@ class SinkLease:
                     if handle is not None and current.get("run_id") == self.run_id:
                         os.unlink(self.path)
                 return
-            current, _ = self._read_remote()
+            current, etag = self._read_remote()
             if current is not None and current.get("run_id") == self.run_id:
-                self.filesystem.rm(self.path)
+                # Conditional on what was just read: a run that took the lease over in between keeps it.
+                bucket, key = self.path.split("/", 1)
+                self.filesystem.call_s3("delete_object", Bucket=bucket, Key=key, IfMatch=etag)
+                self.filesystem.invalidate_cache(self.path)
         except Exception as error:  # the lease then expires on its own
             logger.warning("sink: cannot remove the lease %s: %s: %s", self.path, type(error).__name__, error)
 

@@ -416,3 +416,26 @@ def test_overwrite_on_s3_refuses_foreign_keys_and_with_force_deletes_only_its_ow
     _, lease = open_sink(config, config_hash(config), "run00002", force=True)
     lease.release()
     assert keys() == ["out/data/mine.csv", "out/notes.txt", "outside.txt"]
+
+
+def test_an_s3_lease_taken_over_while_its_old_holder_releases_it_stays(s3_bucket, monkeypatch):
+    bucket, storage, client = s3_bucket
+    from jobs.config import StorageConfig
+
+    filesystem, root = filesystem_for(f"s3://{bucket}/out", StorageConfig(**storage).storage_options())
+    first = SinkLease(filesystem, root, "out", "run00001", "h", seconds=60)
+    first.acquire()
+    assert json.loads(client.get_object(Bucket=bucket, Key=f"out/{LEASE}")["Body"].read())["run_id"] == "run00001"
+    read_by_first = first._read_remote()
+    # run00002 takes the lease over right after run00001 read it (its lease had expired meanwhile).
+    taken = json.dumps({**read_by_first[0], "run_id": "run00002", "pid": 1}).encode()
+    client.put_object(Bucket=bucket, Key=f"out/{LEASE}", Body=taken)
+    monkeypatch.setattr(first, "_read_remote", lambda: read_by_first)
+    first.release()
+    assert json.loads(client.get_object(Bucket=bucket, Key=f"out/{LEASE}")["Body"].read())["run_id"] == "run00002"
+
+    second = SinkLease(filesystem, root, "out", "run00003", "h", seconds=60)
+    client.delete_object(Bucket=bucket, Key=f"out/{LEASE}")
+    second.acquire()
+    second.release()  # its own, unchanged: deleted
+    assert "Contents" not in client.list_objects_v2(Bucket=bucket, Prefix=f"out/{LEASE}")
