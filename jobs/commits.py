@@ -36,7 +36,7 @@ import pyarrow.parquet as pq
 
 from jobs.config import JobConfig, SinkConfig
 from jobs.lease import LEASE
-from jobs.storage import filesystem_for, join, open_atomically
+from jobs.storage import filesystem_for, is_inside, is_local, join, open_atomically
 from operators.base import UserError, library_versions
 
 logger = logging.getLogger(__name__)
@@ -278,7 +278,7 @@ def _files_in(filesystem, folder: str) -> list[str]:
 
 
 def _is_link(filesystem, path: str) -> bool:
-    return _is_local(filesystem) and os.path.islink(path)
+    return is_local(filesystem) and os.path.islink(path)
 
 
 def _well_typed(commit: Commit) -> bool:
@@ -305,7 +305,7 @@ def remove_outputs(filesystem, root: str, paths: list[str]) -> None:
         filesystem.rm(paths)
     for folder in ("data", "images", COMMITS):
         path = join(root, folder)
-        if _is_local(filesystem) and os.path.isdir(path):
+        if is_local(filesystem) and os.path.isdir(path):
             for directory, _, _ in sorted(os.walk(path), reverse=True):
                 with contextlib.suppress(OSError):  # not empty: it holds something that is not ours
                     os.rmdir(directory)
@@ -328,19 +328,19 @@ def check_sink_location(config: JobConfig) -> None:
         if sink == "/":
             raise SinkError(f"sink.uri {uri} is a filesystem root{resolved}; choose a folder of its own")
         for what, place in (("the home directory", _real("~")), ("the working directory", _real(os.getcwd()))):
-            if _inside(place, sink):
+            if is_inside(place, sink):
                 relation = "is" if place == sink else f"contains {place},"
                 raise SinkError(f"sink.uri {uri}{resolved} {relation} {what}; choose a folder of its own for output")
     source_scheme, source = _location(config.source.uri)
     if source_scheme != scheme:
         return
-    if _inside(source, sink):
+    if is_inside(source, sink):
         relation = "is the same place as" if source == sink else "contains"
         raise SinkError(
             f"sink.uri {uri} {relation} source.uri {config.source.uri} (resolved: {sink}, {source}); the output "
             "would mix with the input: choose a sink.uri outside the source"
         )
-    if _inside(sink, source):
+    if is_inside(sink, source):
         raise SinkError(
             f"sink.uri {uri} is inside source.uri {config.source.uri} (resolved: {sink}, {source}); outputs would "
             "be read back as inputs: choose a sink.uri outside the source"
@@ -369,16 +369,6 @@ def _location(uri: str) -> tuple[str, str]:
 
 def _real(path: str) -> str:
     return os.path.realpath(os.path.expanduser(path))
-
-
-def _inside(path: str, folder: str) -> bool:
-    """Whether `path` is `folder` or inside it."""
-    return path == folder or path.startswith(folder.rstrip("/") + "/")
-
-
-def _is_local(filesystem) -> bool:
-    protocol = filesystem.protocol
-    return "file" in (protocol if isinstance(protocol, tuple) else (protocol,))
 
 
 def _arrow(filesystem):

@@ -26,7 +26,7 @@ import threading
 import time
 from pathlib import Path
 
-from jobs.storage import join
+from jobs.storage import is_local, join
 from operators.base import UserError
 
 logger = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ def require_lease(filesystem, root: str, run_id: str) -> None:
     the run that took it."""
     path = join(root, LEASE)
     try:
-        if "file" in (filesystem.protocol if isinstance(filesystem.protocol, tuple) else (filesystem.protocol,)):
+        if is_local(filesystem):
             import fcntl
 
             with open(path, "rb") as handle:
@@ -95,8 +95,7 @@ class SinkLease:
         self.path = join(root, LEASE)
         self.run_id, self.config_hash = run_id, config_hash
         self.seconds = seconds if seconds is not None else lease_seconds()
-        protocol = filesystem.protocol
-        self.local = "file" in (protocol if isinstance(protocol, tuple) else (protocol,))
+        self.local = is_local(filesystem)
         self.started = time.time()
         self.held = False
         self.lost: str | None = None

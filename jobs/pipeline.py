@@ -11,7 +11,6 @@ import contextlib
 import logging
 import math
 import os
-import re
 import sys
 import time
 import uuid
@@ -19,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 
 from jobs.config import JobConfig
 from jobs.sources import SourceInfo, inspect_source, read_source
+from jobs.storage import redact
 from operators.base import UserError
 
 logger = logging.getLogger(__name__)
@@ -287,7 +287,7 @@ def start_ray(config: JobConfig) -> None:
         ray.init(address=address, log_to_driver=True)
     except Exception as error:
         raise ClusterError(
-            f"cannot join the Ray cluster at {field_name} {mask_address(address)} ({gcs_address}): "
+            f"cannot join the Ray cluster at {field_name} {redact(address)} ({gcs_address}): "
             f"{first_line(error)}; {ADDRESS_FORMS}"
         ) from None
 
@@ -311,11 +311,6 @@ def ray_address_setting(config: JobConfig) -> tuple[str, str | None]:
     return "RAY_ADDRESS", os.environ.get("RAY_ADDRESS", "").strip() or None
 
 
-def mask_address(address: str) -> str:
-    """The address with any user:password@ part masked."""
-    return re.sub(r"(?<=://)[^/@]*@", "***@", address)
-
-
 def first_line(error: BaseException) -> str:
     """`Type: first line of the message`, for one-line errors."""
     lines = str(error).strip().splitlines()
@@ -327,7 +322,7 @@ def reachable_address(field_name: str, address: str) -> str:
     retries an address that does not answer for many minutes)."""
     import socket
 
-    shown = mask_address(address)
+    shown = redact(address)
     scheme, _, rest = address.rpartition("://")
     if scheme and scheme != "ray":
         hint = " (that is a job server; use `restyle submit --address`)" if scheme in ("http", "https") else ""
@@ -433,8 +428,6 @@ def open_sink(config: JobConfig, job_hash: str, run_id: str, force: bool = False
 
 def _storage_failure(error: Exception) -> str:
     """A storage error in one line, with no credential, and what to check."""
-    from jobs.storage import redact
-
     return f"{type(error).__name__}: {redact(str(error))} (check sink.storage credentials, endpoint and permissions)"
 
 

@@ -31,7 +31,7 @@ import pyarrow.ipc
 
 from jobs.config import SourceConfig
 from jobs.schema import SchemaError, conform, output_type
-from jobs.storage import arrow_filesystem, filesystem_for
+from jobs.storage import arrow_filesystem, filesystem_for, is_inside, is_local
 from operators.base import RESERVED_COLUMNS, UserError
 
 logger = logging.getLogger(__name__)
@@ -178,7 +178,7 @@ def _inspect_folder(config: SourceConfig, filesystem, root: str) -> SourceInfo:
     try:
         if not filesystem.isdir(root):
             raise SourceError(f"source.uri {config.uri} is not a directory")
-        if _is_local(filesystem):
+        if is_local(filesystem):
             entries = list(_walk_local_folder(root))
         else:
             entries = [(_relative(path, root), path, None) for path in filesystem.find(root)]
@@ -224,7 +224,7 @@ def _walk_local_folder(root: str):
             relative = prefix + entry.name
             if entry.is_symlink():
                 target = os.path.realpath(entry.path)
-                if not _inside(target, real_root):
+                if not is_inside(target, real_root):
                     yield relative, entry.path, "symlink leaves the source folder"
                 elif not os.path.exists(target):
                     yield relative, entry.path, "symlink target does not exist"
@@ -247,10 +247,6 @@ def _walk_local_folder(root: str):
     yield from walk(root, "", frozenset({real_root}))
 
 
-def _inside(path: str, root: str) -> bool:
-    return path == root or path.startswith(root.rstrip("/") + "/")
-
-
 def _is_hidden(relative: str) -> bool:
     return any(part.startswith(".") for part in relative.split("/"))
 
@@ -264,11 +260,6 @@ def _included(relative: str, patterns: list[str]) -> bool:
         if pattern.startswith("**/") and fnmatch.fnmatchcase(name, pattern[3:]):
             return True
     return False
-
-
-def _is_local(filesystem) -> bool:
-    protocol = filesystem.protocol
-    return "file" in (protocol if isinstance(protocol, tuple) else (protocol,))
 
 
 def read_arrow_file(filesystem, path: str) -> pa.Table:
@@ -325,7 +316,7 @@ def read_source(config: SourceConfig, info: SourceInfo, keep_source_image: bool 
             dataset = ray.data.read_binary_files(
                 files, filesystem=arrow_fs, include_paths=True, override_num_blocks=config.read_blocks
             )
-            local_root = os.path.realpath(root) if _is_local(filesystem) else None
+            local_root = os.path.realpath(root) if is_local(filesystem) else None
             parts.append(
                 dataset.map_batches(
                     normalize_folder_batch,
@@ -410,7 +401,7 @@ def normalize_folder_batch(
     images: list[bytes | None] = batch.column("bytes").cast(pa.binary()).to_pylist()
     errors: list[str | None] = []
     for index, (row_id, path, data) in enumerate(zip(ids, paths, images, strict=True)):
-        if local_root is not None and not _inside(os.path.realpath(path), local_root):
+        if local_root is not None and not is_inside(os.path.realpath(path), local_root):
             problem = "symlink leaves the source folder"
         else:
             problem = _not_an_image(data)

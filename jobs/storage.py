@@ -37,7 +37,7 @@ def filesystem_for(uri: str, storage_options: dict | None = None) -> tuple[fsspe
 
 def arrow_filesystem(filesystem: fsspec.AbstractFileSystem) -> pyarrow.fs.FileSystem:
     """Wrap an fsspec filesystem for pyarrow and Ray Data readers."""
-    if _is_local(filesystem):
+    if is_local(filesystem):
         return pyarrow.fs.LocalFileSystem()
     return pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(filesystem))
 
@@ -46,7 +46,7 @@ def arrow_filesystem(filesystem: fsspec.AbstractFileSystem) -> pyarrow.fs.FileSy
 def open_atomically(filesystem: fsspec.AbstractFileSystem, path: str):
     """Open a file for writing so that readers see it whole or not at all: a local file is written
     aside and renamed into place; an S3 object only appears when its upload completes."""
-    if not _is_local(filesystem):
+    if not is_local(filesystem):
         with filesystem.open(path, "wb") as handle:
             yield handle
         return
@@ -62,9 +62,15 @@ def open_atomically(filesystem: fsspec.AbstractFileSystem, path: str):
             os.remove(temporary)
 
 
-def _is_local(filesystem: fsspec.AbstractFileSystem) -> bool:
+def is_local(filesystem: fsspec.AbstractFileSystem) -> bool:
+    """Whether a filesystem is this machine's own."""
     protocol = filesystem.protocol
     return "file" in (protocol if isinstance(protocol, tuple) else (protocol,))
+
+
+def is_inside(path: str, folder: str) -> bool:
+    """Whether the '/'-separated `path` is `folder` or inside it."""
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
 
 
 def join(root: str, *parts: str) -> str:
