@@ -13,8 +13,8 @@ import time
 import traceback
 
 from jobs.config import JobConfig, load_config
-from jobs.storage import redact
 from operators.base import UserError
+from operators.storage import redact
 
 logger = logging.getLogger("restyle")
 

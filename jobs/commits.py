@@ -36,8 +36,8 @@ import pyarrow.parquet as pq
 
 from jobs.config import JobConfig, SinkConfig
 from jobs.lease import LEASE
-from jobs.storage import filesystem_for, is_inside, is_local, join, open_atomically
 from operators.base import UserError, library_versions
+from operators.storage import filesystem_for, is_inside, is_local, join, open_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -197,7 +197,7 @@ class SinkState:
         """Columns of the committed rows, optionally only those with the given ids."""
         import pyarrow.dataset
 
-        from jobs.storage import arrow_filesystem
+        from operators.storage import arrow_filesystem
 
         if not self.commits:
             return pa.table({name: pa.array([], pa.string()) for name in columns})
@@ -372,7 +372,7 @@ def _real(path: str) -> str:
 
 
 def _arrow(filesystem):
-    from jobs.storage import arrow_filesystem
+    from operators.storage import arrow_filesystem
 
     return arrow_filesystem(filesystem)
 

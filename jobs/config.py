@@ -14,11 +14,11 @@ from urllib.parse import urlsplit
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
-from jobs.storage import redact
 from operators import OPERATORS
 from operators.base import UserError
 from operators.fidelity import FidelityConfig
 from operators.images import DEFAULT_MAX_IMAGE_PIXELS
+from operators.storage import redact
 
 OperatorEntry = Annotated[Union[tuple(OPERATORS)], Field(discriminator="kind")]  # noqa: UP007
 

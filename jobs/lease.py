@@ -26,8 +26,8 @@ import threading
 import time
 from pathlib import Path
 
-from jobs.storage import is_local, join
 from operators.base import UserError
+from operators.storage import is_local, join
 
 logger = logging.getLogger(__name__)
 

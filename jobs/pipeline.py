@@ -18,8 +18,8 @@ from dataclasses import asdict, dataclass, field
 
 from jobs.config import JobConfig
 from jobs.sources import SourceInfo, inspect_source, read_source
-from jobs.storage import redact
 from operators.base import UserError
+from operators.storage import redact
 
 logger = logging.getLogger(__name__)
 
@@ -379,7 +379,7 @@ def open_sink(config: JobConfig, job_hash: str, run_id: str, force: bool = False
     background), which the caller releases."""
     from jobs.commits import SinkError, SinkState, check_sink_location, remove_outputs, storage_errors, survey
     from jobs.lease import LEASE, SinkBusy, SinkLease
-    from jobs.storage import filesystem_for
+    from operators.storage import filesystem_for
 
     check_sink_location(config)
     uri, mode = config.sink.uri, config.sink.mode
@@ -450,8 +450,8 @@ def run_job(config: JobConfig, rerun_failed: bool = False, force: bool = False) 
     `force` lets the job proceed in a sink holding files restyle did not write (they are kept).
     The sink's lease is held from opening the sink to the end."""
     from jobs.commits import config_hash
-    from jobs.s3 import local_retries
     from operators.models import require_vetted_models
+    from operators.s3 import local_retries
 
     require_vetted_models(config.operators, config.run.offline)
     local_retries_before = local_retries()
@@ -474,8 +474,8 @@ def _run_holding_lease(config, info, job_hash, run_id, state, lease, rerun_faile
 
     from jobs.commits import ProgressLog, SinkState
     from jobs.report import AccountingError, account_for_rows, write_report, write_summary
-    from jobs.s3 import counted_retries, local_retries, retry_counter
     from jobs.sinks import ParquetImageSink
+    from operators.s3 import counted_retries, local_retries, retry_counter
 
     attempt = state.next_attempt()
     dropped = state.drop_error_rows(attempt, job_hash, run_id) if rerun_failed else 0

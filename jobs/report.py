@@ -16,7 +16,7 @@ import pyarrow.dataset
 
 from jobs.config import JobConfig, SinkConfig
 from jobs.sources import SourceInfo, read_arrow_file
-from jobs.storage import arrow_filesystem, filesystem_for, join, open_atomically
+from operators.storage import arrow_filesystem, filesystem_for, join, open_atomically
 
 logger = logging.getLogger(__name__)
 

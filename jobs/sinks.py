@@ -37,7 +37,7 @@ from jobs.config import SinkConfig
 from jobs.lease import require_lease
 from jobs.schema import features as hf_features
 from jobs.schema import normalize_table
-from jobs.storage import filesystem_for, join, open_atomically
+from operators.storage import filesystem_for, join, open_atomically
 
 logger = logging.getLogger(__name__)
 

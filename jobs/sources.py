@@ -31,8 +31,8 @@ import pyarrow.ipc
 
 from jobs.config import SourceConfig
 from jobs.schema import SchemaError, conform, output_type
-from jobs.storage import arrow_filesystem, filesystem_for, is_inside, is_local
 from operators.base import RESERVED_COLUMNS, UserError
+from operators.storage import arrow_filesystem, filesystem_for, is_inside, is_local
 
 logger = logging.getLogger(__name__)
 

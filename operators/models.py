@@ -370,7 +370,7 @@ def stage_files(uri: str, storage_options: dict, cache_dir: Path | None = None) 
     """Copy an s3:// prefix to the node's cache once; concurrent actors wait on a file lock."""
     from filelock import FileLock
 
-    from jobs.storage import filesystem_for
+    from operators.storage import filesystem_for
 
     cache_dir = cache_dir or default_cache_dir()
     target = cache_dir / hashlib.sha256(uri.encode()).hexdigest()[:24]

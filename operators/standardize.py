@@ -109,7 +109,7 @@ class HistogramMatchStep(StepConfig):
     @classmethod
     def _local_or_s3(cls, value: str) -> str:
         if "://" in value and not value.startswith(("file://", "s3://")):
-            from jobs.storage import redact
+            from operators.storage import redact
 
             raise ValueError(f"reference must be a local path, file:// or s3:// URI, got {redact(value)!r}")
         return value
@@ -383,7 +383,7 @@ def reference_from_arrays(arrays: Iterable[np.ndarray]) -> ReferenceHistogram:
 def reference_files(uri: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, list[str]]:
     """The filesystem and image files of a reference: the file itself, or the images under a
     folder or prefix, sorted."""
-    from jobs.storage import filesystem_for, redact
+    from operators.storage import filesystem_for, redact
 
     filesystem, path = filesystem_for(uri, storage_options)
     if filesystem.isfile(path):
@@ -402,7 +402,7 @@ def load_reference(
 ) -> ReferenceHistogram:
     """Read a reference image, or every image of a reference folder or prefix, into one pooled
     histogram; the images are decoded one at a time with `decode_array`'s rules."""
-    from jobs.storage import redact
+    from operators.storage import redact
 
     filesystem, files = reference_files(uri, storage_options)
 
@@ -490,7 +490,7 @@ def apply_step(array: np.ndarray, step: StepConfig, references: dict[str, Refere
 def describe_steps(config: StandardizeConfig) -> str:
     """The steps and output conversions as one line, e.g. 'percentile_clip(low=1.0, high=99.0);
     clahe(clip_limit=2.0, tile_grid_size=8)', credentials removed from references."""
-    from jobs.storage import redact
+    from operators.storage import redact
 
     parts = []
     for step in config.steps:
@@ -512,7 +512,7 @@ class Standardize(Operator):
     stage_fields = STANDARDIZE_FIELDS
 
     def setup(self) -> None:
-        from jobs.storage import redact
+        from operators.storage import redact
 
         cv2.setNumThreads(max(1, int(self.config.num_cpus)))
         self.references: dict[str, ReferenceHistogram] = {}

@@ -18,7 +18,7 @@ from jobs.commits import SinkError, SinkState, config_hash
 from jobs.config import validate_config
 from jobs.lease import LEASE, SinkLease
 from jobs.pipeline import open_sink
-from jobs.storage import filesystem_for
+from operators.storage import filesystem_for
 from tests.conftest import png_bytes
 
 RESTYLE = str(Path(sys.executable).with_name("restyle"))

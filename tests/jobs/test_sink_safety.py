@@ -17,7 +17,7 @@ from jobs.config import validate_config
 from jobs.lease import LEASE, LeaseLost, LeaseSettingError, SinkBusy, SinkLease, lease_seconds
 from jobs.pipeline import open_sink, run_job
 from jobs.sinks import ParquetImageSink, image_file_name
-from jobs.storage import filesystem_for
+from operators.storage import filesystem_for
 from tests.conftest import png_bytes
 
 

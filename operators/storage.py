@@ -22,7 +22,7 @@ def filesystem_for(uri: str, storage_options: dict | None = None) -> tuple[fsspe
     AWS chain (environment variables, shared config, instance or pod identity).
     """
     if uri.startswith("s3://"):
-        from jobs.s3 import RetryCountingS3FileSystem
+        from operators.s3 import RetryCountingS3FileSystem
 
         # A fresh instance: fsspec's instance cache would otherwise share clients across event loops.
         filesystem = RetryCountingS3FileSystem(skip_instance_cache=True, **(storage_options or {}))
