@@ -48,7 +48,7 @@ OUTPUT_NAMES = ("data", "images", COMMITS, MANIFEST, "summary.json", "report.htm
 _ATTEMPT = re.compile(r"part-a(\d{4,})-")
 _SHARD_FILE = re.compile(r"part-a\d{4,}-[0-9a-z]+-[0-9a-z]+-\d{3}\.parquet|part-a\d{4,}-r?\d{5}-\d{3}\.parquet")
 # Exactly what `jobs.sinks.image_file_name` makes: a user's `logo.v2.png` is not ours.
-_IMAGE_FILE = re.compile(r"[A-Za-z0-9._-]{1,80}-[0-9a-f]{16}\.v\d+\.png")
+_IMAGE_FILE = re.compile(r"[A-Za-z0-9._-]{1,80}-[0-9a-f]{16}\.v\d+\.(png|webp|jpg)")
 # A file `open_atomically` was writing when its process died: `.<name>.<8 hex>.tmp`.
 _TEMPORARY = re.compile(r"\..+\.[0-9a-f]{8}\.tmp")
 # Fields that decide where and how fast a job runs, not what it writes. `torch_threads` is not one:

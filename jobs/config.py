@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 from operators import OPERATORS
 from operators.base import UserError
 from operators.fidelity import FidelityConfig
-from operators.images import DEFAULT_MAX_IMAGE_PIXELS
+from operators.images import DEFAULT_MAX_IMAGE_PIXELS, EncodingConfig
 from operators.storage import redact
 
 OperatorEntry = Annotated[Union[tuple(OPERATORS)], Field(discriminator="kind")]  # noqa: UP007
@@ -166,7 +166,14 @@ class SinkConfig(_Frozen):
     rows_per_shard: int = Field(
         1000, ge=1, le=1_000_000, description="Upper bound on rows in one Parquet shard.", strict=True
     )
-    write_images: bool = Field(False, description="Also write each output as a PNG under images/.")
+    write_images: bool = Field(
+        False, description="Also write each output as an image file under images/, in the `encoding` format."
+    )
+    encoding: EncodingConfig = Field(
+        default_factory=EncodingConfig,
+        description="How each output image is encoded, once, after the last stage: format (png, webp, jpeg), "
+        "png_compress_level, quality. Recorded per row in the last stage's `encoding` field.",
+    )
     report_rows: int = Field(
         24, ge=0, le=10_000, description="Rows shown in report.html (input beside output).", strict=True
     )
@@ -192,6 +199,14 @@ class ResourcesConfig(_Frozen):
         ge=1,
         description="CPUs left free for read and write tasks when sizing pools; at least 1, since each of "
         "those tasks takes a whole CPU and a job with none free hangs.",
+    )
+    cpu_step_cpus: float = Field(
+        0.5,
+        gt=0,
+        le=64,
+        description="CPUs each prepare task (decode, resize, control images) and finish task (fidelity, encode) "
+        "reserves. Below 1 so these single-threaded tasks also fill the CPUs that actors waiting on an "
+        "accelerator reserve but barely use.",
     )
 
 

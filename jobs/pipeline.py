@@ -152,7 +152,7 @@ def size_pools(config: JobConfig, cpus: float, gpus: float) -> list[int]:
 
 def variants_per_input(config: JobConfig) -> int:
     """Output rows each input row becomes: the product of every stage's variants."""
-    return math.prod(op.variant_count() if hasattr(op, "variant_count") else 1 for op in config.operators)
+    return math.prod(op.variant_count() for op in config.operators)
 
 
 def plan_job(config: JobConfig, info: SourceInfo, cpus: float, gpus: float, sizes: list[int] | None = None) -> JobPlan:
@@ -161,7 +161,7 @@ def plan_job(config: JobConfig, info: SourceInfo, cpus: float, gpus: float, size
     if sizes is None:
         sizes = size_pools(config, cpus, gpus)
     if info.ids:
-        check_template_columns(config, info)
+        check_input_columns(config, info)
     stages = []
     for index, (operator, size) in enumerate(zip(config.operators, sizes, strict=True)):
         parameters = operator.model_dump(
@@ -178,7 +178,7 @@ def plan_job(config: JobConfig, info: SourceInfo, cpus: float, gpus: float, size
                 num_gpus=operator.num_gpus,
                 batch_size=operator.batch_size,
                 device=operator.resolved_device(),
-                variants=operator.variant_count() if hasattr(operator, "variant_count") else 1,
+                variants=operator.variant_count(),
                 parameters=parameters,
             )
         )
@@ -193,12 +193,12 @@ def plan_job(config: JobConfig, info: SourceInfo, cpus: float, gpus: float, size
     )
 
 
-def check_template_columns(config: JobConfig, info: SourceInfo) -> None:
-    """Refuse prompt templates and prompt columns that name columns the source does not have."""
+def check_input_columns(config: JobConfig, info: SourceInfo) -> None:
+    """Refuse operators that read columns the source does not have (prompt templates, prompt and
+    control-image columns)."""
     available = {"id", *info.passthrough_columns}
     for index, operator in enumerate(config.operators):
-        wanted = operator.template_columns() if hasattr(operator, "template_columns") else set()
-        missing = sorted(wanted - available)
+        missing = sorted(operator.input_columns() - available)
         if missing:
             raise PlanError(
                 f"operators[{index}] prompt refers to columns {missing} that the source does not have; "
@@ -214,43 +214,66 @@ def assumed_resources(config: JobConfig) -> tuple[float, float]:
     return float(cpus), float(resources.num_gpus or 0)
 
 
-def map_batches_args(config: JobConfig, index: int, stage: StagePlan) -> dict:
-    """The `map_batches` arguments of one operator stage."""
-    from ray.data import ActorPoolStrategy
-
-    from operators import OPERATORS
-
+def operator_arguments(config: JobConfig, index: int) -> dict:
+    """What each step of operator `index` is built from: its class's constructor arguments."""
     operator = config.operators[index]
     return {
-        "fn": OPERATORS[type(operator)],
-        "fn_constructor_kwargs": {
-            "config": operator,
-            "seed": config.run.seed,
-            "offline": config.run.offline,
-            "model_storage_options": config.run.model_storage.storage_options(),
-            "max_image_pixels": config.source.max_image_pixels,
-        },
-        "compute": ActorPoolStrategy(size=stage.num_actors),
-        "num_cpus": stage.num_cpus,
-        "num_gpus": stage.num_gpus,
-        "batch_size": stage.batch_size,
-        "batch_format": "pyarrow",
-        "zero_copy_batch": True,
+        "config": operator,
+        "seed": config.run.seed,
+        "offline": config.run.offline,
+        "model_storage_options": config.run.model_storage.storage_options(),
+        "max_image_pixels": config.source.max_image_pixels,
     }
 
 
-def fidelity_args(config: JobConfig) -> dict:
-    """The `map_batches` arguments of the fidelity stage: a CPU task after the last operator."""
-    from operators.fidelity import fidelity_batch
+# Batches queued on each model actor: one running, one ready for when it finishes.
+MODEL_PREFETCH_BATCHES = 2
+
+
+def stage_steps(config: JobConfig, index: int, stage: StagePlan) -> list[dict]:
+    """The `map_batches` arguments of one operator stage: its prepare step (CPU tasks, no model), then
+    its model step (the stage's actor pool, which loads the model once per actor)."""
+    from ray.data import ActorPoolStrategy
+
+    from operators import OPERATORS
+    from operators.steps import model_step, prepare_step
+
+    operator_class = OPERATORS[type(config.operators[index])]
+    arguments = operator_arguments(config, index)
+    common = {"batch_size": stage.batch_size, "batch_format": "pyarrow", "zero_copy_batch": True}
+    prepare = {
+        "fn": prepare_step(operator_class),
+        "fn_kwargs": {"arguments": arguments},
+        "num_cpus": config.run.resources.cpu_step_cpus,
+        **common,
+    }
+    model = {
+        "fn": model_step(operator_class),
+        "fn_constructor_kwargs": {"operator_class": operator_class, "arguments": arguments},
+        # While an actor runs one batch the next waits in its queue, its inputs already transferred.
+        "compute": ActorPoolStrategy(size=stage.num_actors, max_tasks_in_flight_per_actor=MODEL_PREFETCH_BATCHES),
+        "num_cpus": stage.num_cpus,
+        "num_gpus": stage.num_gpus,
+        **common,
+    }
+    return [prepare, model]
+
+
+def finish_args(config: JobConfig) -> dict:
+    """The `map_batches` arguments of the finish step: CPU tasks after the last stage that run the
+    fidelity checks (when configured) and encode each output once, as the sink says."""
+    from operators.finish import finish_batch
 
     return {
-        "fn": fidelity_batch,
+        "fn": finish_batch,
         "fn_kwargs": {
-            "config": config.fidelity,
+            "stage_name": config.operators[-1].stage_name,
+            "encoding": config.sink.encoding,
+            "fidelity": config.fidelity,
             "histogram_stages": [op.stage_name for op in config.operators if op.kind == "standardize"],
             "max_image_pixels": config.source.max_image_pixels,
         },
-        "num_cpus": 1,
+        "num_cpus": config.run.resources.cpu_step_cpus,
         "batch_size": config.operators[-1].batch_size,
         "batch_format": "pyarrow",
         "zero_copy_batch": True,
@@ -504,9 +527,9 @@ def _run_holding_lease(config, info, job_hash, run_id, state, lease, rerun_faile
         wanted = todo if len(todo) < info.row_count or config.source.limit is not None else None
         dataset = read_source(config.source, info, keep_source_image=config.fidelity is not None, ids=wanted)
         for index, stage in enumerate(plan.stages):
-            dataset = dataset.map_batches(**map_batches_args(config, index, stage))
-        if config.fidelity is not None:
-            dataset = dataset.map_batches(**fidelity_args(config))
+            for step in stage_steps(config, index, stage):
+                dataset = dataset.map_batches(**step)
+        dataset = dataset.map_batches(**finish_args(config))
         half_done = {pair for pair in done if pair[0] in todo_ids}
         if half_done:
             dataset = dataset.map_batches(drop_committed, fn_kwargs={"pairs": half_done}, batch_format="pyarrow")

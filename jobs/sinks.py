@@ -4,7 +4,8 @@ Layout under the sink URI:
   data/part-aAAAA-RRRRRRRR-TTTTT-SSS.parquet  shards (AAAA: attempt, RRRRRRRR: run id, TTTTT: write
                                              task, SSS: shard)
   _commits/<shard>.json               a shard's commit record (see jobs/commits.py)
-  images/SLUG-HASH.vN.png             with `sink.write_images`, each output as a PNG file
+  images/SLUG-HASH.vN.png             with `sink.write_images`, each output as a file (.png, .webp or
+                                     .jpg, as `sink.encoding.format` says)
   _manifest.json                      written last: every committed shard, rows, config hash
   summary.json, report.html           written by the driver when the job ends
   _lease.json                         while a run is writing (see jobs/lease.py)
@@ -37,32 +38,32 @@ from jobs.config import SinkConfig
 from jobs.lease import require_lease
 from jobs.schema import features as hf_features
 from jobs.schema import normalize_table
+from operators.rows import IMAGE_TYPE
 from operators.storage import filesystem_for, join, open_atomically
 
 logger = logging.getLogger(__name__)
 
-IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 IMAGE_WRITE_ATTEMPTS = 3
 IMAGE_RETRY_SECONDS = 0.5
 SLUG_LENGTH = 80
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 
 
-def image_file_name(row_id: str, variant_index: int) -> str:
-    """The PNG file name of one output (see module docstring): a capped slug of the id plus a hash
+def image_file_name(row_id: str, variant_index: int, extension: str = ".png") -> str:
+    """The image file name of one output (see module docstring): a capped slug of the id plus a hash
     of the full id and variant, with no `/`."""
     slug = _UNSAFE.sub("_", row_id)[:SLUG_LENGTH].lstrip(".") or "row"
     digest = hashlib.sha256(f"{row_id}\x1f{variant_index}".encode()).hexdigest()[:16]
-    return f"{slug}-{digest}.v{variant_index}.png"
+    return f"{slug}-{digest}.v{variant_index}{extension}"
 
 
-def to_output_table(table: pa.Table) -> pa.Table:
+def to_output_table(table: pa.Table, extension: str = ".png") -> pa.Table:
     """Wrap the `image` bytes as the Hugging Face Image struct, cast every column to the type it is
     written as (`jobs.schema`: the same for every shard) and add the `huggingface` metadata."""
     data = table.column("image").combine_chunks().cast(pa.binary())
     # The null mask, not the bytes themselves, decides which rows get a path.
     paths = [
-        None if missing else image_file_name(row_id, variant)
+        None if missing else image_file_name(row_id, variant, extension)
         for row_id, variant, missing in zip(
             table.column("id").to_pylist(),
             table.column("variant_index").to_pylist(),
@@ -105,7 +106,7 @@ class ParquetImageSink(Datasink):
         written = []
         shard_rows = self.config.rows_per_shard
         for shard_index, offset in enumerate(range(0, table.num_rows, shard_rows)):
-            shard = to_output_table(table.slice(offset, shard_rows))
+            shard = to_output_table(table.slice(offset, shard_rows), self.config.encoding.extension())
             name = shard_name(self.attempt, self.run_id, f"{ctx.task_idx:05d}", shard_index)
             commit = Commit(name, shard.num_rows, self.config_hash, self.attempt, run_id=self.run_id)
             require_lease(filesystem, root, self.run_id)
@@ -126,7 +127,7 @@ class ParquetImageSink(Datasink):
         ):
             if data is None:
                 continue
-            name = image_file_name(row_id, variant)
+            name = image_file_name(row_id, variant, self.config.encoding.extension())
             for attempt in range(1, IMAGE_WRITE_ATTEMPTS + 1):
                 try:
                     with open_atomically(filesystem, join(root, "images", name)) as handle:

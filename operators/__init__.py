@@ -1,8 +1,8 @@
 """Operators transform batches of rows; each file holds one operator's config and class.
 
-`OPERATORS` maps each config class to the class that runs it; the job config accepts exactly
-these kinds. Importing this package does not import torch or diffusers: operators import them
-when they load a model.
+`OPERATORS` maps each config class to the operator class that runs it, derived from the classes'
+`config_class`; the job config accepts exactly these kinds. Importing this package does not import
+torch or diffusers: operators import them when they load a model.
 """
 
 from operators.controlnet import ControlNetImg2Img, ControlNetImg2ImgConfig
@@ -10,15 +10,12 @@ from operators.img2img import Img2Img, Img2ImgConfig
 from operators.standardize import Standardize, StandardizeConfig
 from operators.upscale import Upscale, UpscaleConfig
 
-OPERATORS = {
-    Img2ImgConfig: Img2Img,
-    ControlNetImg2ImgConfig: ControlNetImg2Img,
-    UpscaleConfig: Upscale,
-    StandardizeConfig: Standardize,
-}
+OPERATOR_CLASSES = (Img2Img, ControlNetImg2Img, Upscale, Standardize)
+OPERATORS = {operator.config_class: operator for operator in OPERATOR_CLASSES}
 
 __all__ = [
     "OPERATORS",
+    "OPERATOR_CLASSES",
     "ControlNetImg2Img",
     "ControlNetImg2ImgConfig",
     "Img2Img",

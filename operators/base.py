@@ -1,15 +1,25 @@
-"""What every operator shares: the resource fields of its config, and the row loop of its class.
+"""What every operator shares: the resource fields of its config, and the three steps of its class.
 
-An operator subclasses `Operator` and supplies four things: `setup()` (load the model, once per
-actor), `prepare()` (decode one input row), `process()` (turn a list of items into outputs) and
-`record()` (the per-row fields of its stage column). The base class checks columns, passes error
-rows through, fans rows out into variants, times each step, and builds the output table, so
-every operator returns the same columns and a bad row never raises.
+An operator runs as three steps with one contract (see ARCHITECTURE.md, "How a row flows"):
+
+- *prepare* (`Operator.prepare_batch`, a CPU task, no model): decode each input (encoded bytes, or
+  the pixels of the stage before), orient, convert and size it, compute control images and masks:
+  `prepare()` per row. Pixels leave as `operators.rows.PIXELS_TYPE` columns.
+- *model* (`Operator.model_batch`, on the stage's actor, which loads its model once in `setup()`):
+  fans rows out into variants, derives seeds, runs `process()` on the ready arrays, and returns
+  arrays plus the stage column (`record()`) and the parameters text (`parameters_text()`).
+- *finish* (`operators.finish.finish_batch`, a CPU task after the last stage): fidelity, then one
+  encode per output for the sink.
+
+An operator subclass supplies `config_class`, `stage_fields`, `setup()`, `prepare()`, `process()`,
+`record()` and, for its file's text chunk, `parameters_text()`. The base class checks columns, passes
+error rows through, times each step and builds every table, so every operator returns the same
+columns and a bad row never raises. Calling an operator on a table runs all three steps in one
+process (tests, and the in-actor pattern the duty-cycle benchmark compares with).
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import time
@@ -19,19 +29,18 @@ from typing import Any, ClassVar, Literal
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-# Columns the job itself owns; a source column with one of these names would be overwritten.
-RESERVED_COLUMNS = (
-    "id",
-    "image",
-    "variant_index",
-    "seed",
-    "status",
-    "error",
-    "width",
-    "height",
-    "ssim",
-    "psnr",
-    "histogram_distance",
+from operators.rows import (
+    ERROR,
+    OK,
+    PARAMETERS,
+    PREPARE_SECONDS,
+    PREPARED_PREFIX,
+    RESERVED_COLUMNS,
+    RowError,
+    derive_seed,
+    from_pixels,
+    is_pixels,
+    to_pixels,
 )
 
 logger = logging.getLogger(__name__)
@@ -41,6 +50,9 @@ class OperatorConfig(BaseModel):
     """Fields every operator has: its stage name and how its actor pool is sized."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # Each operator's config narrows this to `Literal["its kind"]`: the job config's discriminator.
+    kind: str
 
     name: str | None = Field(
         None,
@@ -81,7 +93,16 @@ class OperatorConfig(BaseModel):
     @property
     def stage_name(self) -> str:
         """The column name this stage's per-row record is kept under."""
-        return self.name or self.kind  # type: ignore[attr-defined]
+        return self.name or self.kind
+
+    def variant_count(self) -> int:
+        """Output rows this stage makes of each input row; one by default."""
+        return 1
+
+    def input_columns(self) -> set[str]:
+        """Source columns this stage reads besides `id` and `image` (prompt templates, prompt and
+        control-image columns), checked against the source before the job runs; none by default."""
+        return set()
 
     def model_references(self) -> list:
         """The checkpoints and adapters this operator loads (`operators.models.ModelReference`), vetted
@@ -129,22 +150,11 @@ class UserError(ValueError):
     prints its message as one line and exits 2. Every such exception subclasses this one."""
 
 
-class RowError(ValueError):
-    """A problem with one row's data; its message becomes that row's `error`."""
-
-
 def check_columns(operator: str, table: pa.Table, required: tuple[str, ...]) -> None:
     """Raise a clear error when a batch lacks columns the operator needs."""
     missing = [name for name in required if name not in table.column_names]
     if missing:
         raise KeyError(f"{operator} needs columns {missing}; the batch has {table.column_names}")
-
-
-def derive_seed(run_seed: int, row_id: str, variant_index: int) -> int:
-    """The seed of one output, a function of (run seed, row id, variant index) only, so it does not
-    depend on batch size, block count, actor count or row order. Fits a signed 63-bit integer."""
-    key = f"{run_seed}\x1f{row_id}\x1f{variant_index}".encode()
-    return int.from_bytes(hashlib.sha256(key).digest()[:8], "big") & (2**63 - 1)
 
 
 def replace_columns(table: pa.Table, columns: dict[str, pa.Array]) -> pa.Table:
@@ -166,14 +176,14 @@ class Item:
     variant_index: int
     seed: int
     row: dict  # the input row's columns other than the image (for prompt templates)
-    input: Any = None  # what prepare() returned
+    input: Any = None  # what prepare() returned: an array, or a dict of named arrays
     parameters: dict = field(default_factory=dict)  # per-variant parameters (sweeps)
     error: str | None = None
-    output: bytes | None = None  # encoded image
-    size: tuple[int, int] | None = None
+    output: Any = None  # the output pixels: a uint8 or uint16 array, H x W or H x W x C
+    size: tuple[int, int] | None = None  # (width, height) of the output, set from its shape
     record: dict = field(default_factory=dict)  # stage fields set by process()
-    prepare_seconds: float = 0.0
-    process_seconds: float | None = None
+    prepare_seconds: float | None = None
+    model_seconds: float | None = None
 
 
 # Fault injection for the fault-tolerance tests: when this variable names a file that does not
@@ -194,13 +204,16 @@ def _kill_once_if_asked() -> None:
 
 
 # Fields the base class adds to every stage column: what made the row's bytes (library versions and
-# torch's CPU thread count, null where the stage runs no torch), where, and how long it took.
+# torch's CPU thread count, null where the stage runs no torch), where, how long each step took, and
+# (on the last stage, set by the finish step) how the output was encoded.
 RUNTIME_FIELDS = [
     ("versions", pa.string()),
     ("torch_threads", pa.int32()),
     ("node_id", pa.string()),
     ("prepare_seconds", pa.float64()),
-    ("process_seconds", pa.float64()),
+    ("model_seconds", pa.float64()),
+    ("finish_seconds", pa.float64()),
+    ("encoding", pa.string()),
 ]
 
 
@@ -215,14 +228,17 @@ def current_node_id() -> str | None:
 
 
 class Operator:
-    """Base class of every operator's Ray Data actor class (see module docstring).
+    """Base class of every operator (see module docstring).
 
-    Takes and returns `pyarrow.Table` batches. Needs `id` and `image` (encoded bytes); honours an
-    incoming `status` (error rows pass through untouched but for the stage's own columns) and
-    `variant_index`. Sets `variant_index`, `seed`, `status`, `error`, `image`, `width`, `height` and
-    a struct column named after the stage; every other column passes through untouched.
+    `prepare_batch` needs `id` and `image` (encoded bytes, or pixels from the stage before) and sets
+    `image` to the prepared pixels; `model_batch` honours an incoming `status` (error rows pass
+    through untouched but for the stage's own columns) and `variant_index`, and sets `variant_index`,
+    `seed`, `status`, `error`, `image` (output pixels), `width`, `height` and a struct column named
+    after the stage. Every other column passes through untouched.
     """
 
+    # The config class this operator runs; `operators.OPERATORS` is derived from it.
+    config_class: ClassVar[type[OperatorConfig]]
     required_columns: ClassVar[tuple[str, ...]] = ("id", "image")
     # The fields of this operator's stage column, without the `RUNTIME_FIELDS` the base adds.
     stage_fields: ClassVar[list[tuple[str, pa.DataType]]] = []
@@ -234,6 +250,7 @@ class Operator:
         offline: bool = True,
         model_storage_options: dict | None = None,
         max_image_pixels: int | None = None,
+        load: bool = True,
     ):
         from operators.images import DEFAULT_MAX_IMAGE_PIXELS
 
@@ -244,10 +261,11 @@ class Operator:
         self.max_image_pixels = max_image_pixels or DEFAULT_MAX_IMAGE_PIXELS
         self.device = config.resolved_device()
         self.stage_type = pa.struct(self.stage_fields + RUNTIME_FIELDS)
-        self.node_id = current_node_id()
-        self.versions = library_versions(config.output_libraries())
         self.torch_threads: int | None = None  # set by start_torch
-        self.setup()
+        if load:  # the model step's actor; the prepare step needs no model
+            self.node_id = current_node_id()
+            self.versions = library_versions(config.output_libraries())
+            self.setup()
 
     def setup(self) -> None:
         """Load models and references; runs once per actor."""
@@ -263,23 +281,24 @@ class Operator:
         torch.set_num_threads(self.config.torch_threads)
         self.torch_threads = torch.get_num_threads()
 
-    def variant_count(self) -> int:
-        """Output rows per input row; `variants()` returns this many parameter sets."""
-        count = getattr(self.config, "variant_count", None)
-        return count() if count is not None else 1
-
     def variants(self, row: dict) -> list[dict]:
-        """Per-variant parameters for one input row; one entry per output row. Raise RowError to
-        fail the row."""
+        """Per-variant parameters for one input row; `config.variant_count()` entries. Raise RowError
+        to fail the row."""
         return [{}]
 
-    def prepare(self, data: bytes | None, row: dict) -> Any:
-        """Decode and check one input image; raise RowError for a bad row."""
+    def prepare(self, image, row: dict) -> Any:
+        """Decode and check one input image (encoded bytes, or an array from the stage before) on a CPU
+        worker: return its array, or a dict of named arrays with the model's input under "image".
+        Raise RowError for a bad row."""
         raise NotImplementedError
 
     def process(self, items: list[Item]) -> None:
-        """Set `output`, `size` and `record` (or `error`) on each item."""
+        """Set `output` (an array) and `record` (or `error`) on each item."""
         raise NotImplementedError
+
+    def parameters_text(self, item: Item) -> str | None:
+        """The AUTOMATIC1111 `parameters` text the output file carries; `item.size` is set."""
+        return None
 
     def record(self, item: Item) -> dict:
         """The stage column's fields for one item (also called for error rows); the base class adds
@@ -288,26 +307,74 @@ class Operator:
 
     @property
     def stage_label(self) -> str:
-        return f"{self.config.kind} stage {self.config.stage_name!r}"  # type: ignore[attr-defined]
+        return f"{self.config.kind} stage {self.config.stage_name!r}"
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
+    def __call__(self, batch: pa.Table, encoding=None) -> pa.Table:
+        """All three steps in this process: prepare, model, then finish with `encoding` (the sink's
+        default when None). The job runs them as separate Ray Data stages."""
+        from operators.finish import finish_batch
+
+        return finish_batch(self.model_batch(self.prepare_batch(batch)), self.config.stage_name, encoding)
+
+    def prepare_batch(self, batch: pa.Table) -> pa.Table:
+        """The prepare step (see module docstring): error rows pass through; a row `prepare` refuses
+        becomes an error row."""
         check_columns(self.stage_label, batch, self.required_columns)
-        _kill_once_if_asked()
-        images = batch.column("image").to_pylist()
+        count = batch.num_rows
+        column = batch.column("image")
+        from_stage = is_pixels(column.type)
+        images = column.to_pylist()
+        statuses = batch.column("status").to_pylist() if "status" in batch.column_names else [OK] * count
+        errors = batch.column("error").to_pylist() if "error" in batch.column_names else [None] * count
         rows = batch.drop_columns(["image"]).to_pylist()
-        items: list[Item] = []
-        for index, row in enumerate(rows):
+        prepared: list[dict | None] = [None] * count
+        seconds: list[float | None] = [None] * count
+        for index in range(count):
+            if statuses[index] == ERROR:
+                continue
             started = time.perf_counter()
-            error = row.get("error") or "failed in an earlier stage" if row.get("status") == "error" else None
+            image = from_pixels(images[index]) if from_stage else images[index]
+            try:
+                value = self.prepare(image, rows[index])
+                prepared[index] = value if isinstance(value, dict) else {"image": value}
+            except RowError as problem:
+                statuses[index], errors[index] = ERROR, str(problem)
+            seconds[index] = time.perf_counter() - started
+        names = sorted({name for value in prepared if value for name in value if name != "image"})
+        columns = {
+            "status": pa.array(statuses, pa.string()),
+            "error": pa.array(errors, pa.string()),
+            "image": to_pixels([value["image"] if value else None for value in prepared]),
+            PREPARE_SECONDS: pa.array(seconds, pa.float64()),
+        }
+        for name in names:
+            columns[PREPARED_PREFIX + name] = to_pixels([value.get(name) if value else None for value in prepared])
+        return replace_columns(batch, columns)
+
+    def model_batch(self, batch: pa.Table) -> pa.Table:
+        """The model step (see module docstring): takes what `prepare_batch` made."""
+        check_columns(self.stage_label, batch, ("id", "image", "status", PREPARE_SECONDS))
+        _kill_once_if_asked()
+        extras = [name for name in batch.column_names if name.startswith(PREPARED_PREFIX)]
+        images = batch.column("image").to_pylist()
+        extra_values = {name[len(PREPARED_PREFIX) :]: batch.column(name).to_pylist() for name in extras}
+        prepare_seconds = batch.column(PREPARE_SECONDS).to_pylist()
+        passed = batch.drop_columns([PREPARE_SECONDS, *extras])
+        rows = passed.drop_columns(["image"]).to_pylist()
+        items: list[Item] = []
+        count = self.config.variant_count()
+        for index, row in enumerate(rows):
+            error = row.get("error") or "failed in an earlier stage" if row.get("status") == ERROR else None
+            parameter_sets: list[dict] = [{}] * count
             decoded = None
-            parameter_sets: list[dict] = [{}] * self.variant_count()
             if error is None:
                 try:
                     parameter_sets = self.variants(row)
-                    decoded = self.prepare(images[index], row)
                 except RowError as problem:
                     error = str(problem)
-            prepare_seconds = time.perf_counter() - started
+                decoded = from_pixels(images[index])
+                if extras:
+                    decoded = {"image": decoded, **{k: from_pixels(v[index]) for k, v in extra_values.items()}}
             previous = row.get("variant_index") or 0
             for offset, parameters in enumerate(parameter_sets):
                 variant_index = previous * len(parameter_sets) + offset
@@ -322,7 +389,7 @@ class Operator:
                         input=decoded,
                         parameters=parameters,
                         error=error,
-                        prepare_seconds=prepare_seconds,
+                        prepare_seconds=prepare_seconds[index],
                     )
                 )
         ready = [item for item in items if item.error is None]
@@ -335,20 +402,32 @@ class Operator:
                     item.error = str(problem)
             share = (time.perf_counter() - started) / len(ready)
             for item in ready:
-                item.process_seconds = share
+                item.model_seconds = share
                 if item.error is None and item.output is None:
                     item.error = f"{self.stage_label} produced no output for this row"
-        return self._output_table(batch, items)
+        return self._output_table(passed, items)
 
     def _output_table(self, batch: pa.Table, items: list[Item]) -> pa.Table:
+        texts = []
+        for item in items:
+            text = None
+            if item.error is None:
+                item.size = (item.output.shape[1], item.output.shape[0])
+                try:
+                    text = self.parameters_text(item)
+                except RowError as problem:
+                    item.error = str(problem)
+            texts.append(text)
         records = []
         for item in items:
             record = self.record(item)
-            record["versions"] = self.versions
-            record["torch_threads"] = self.torch_threads
-            record["node_id"] = self.node_id
-            record["prepare_seconds"] = item.prepare_seconds
-            record["process_seconds"] = item.process_seconds
+            record.update(
+                versions=self.versions,
+                torch_threads=self.torch_threads,
+                node_id=self.node_id,
+                prepare_seconds=item.prepare_seconds,
+                model_seconds=item.model_seconds,
+            )
             records.append(record)
         for item in items:
             if item.error is not None:
@@ -356,11 +435,12 @@ class Operator:
         columns = {
             "variant_index": pa.array([item.variant_index for item in items], pa.int32()),
             "seed": pa.array([item.seed for item in items], pa.int64()),
-            "status": pa.array(["ok" if item.error is None else "error" for item in items], pa.string()),
+            "status": pa.array([OK if item.error is None else ERROR for item in items], pa.string()),
             "error": pa.array([item.error for item in items], pa.string()),
-            "image": pa.array([item.output for item in items], pa.binary()),
+            "image": to_pixels([item.output for item in items]),
             "width": pa.array([item.size[0] if item.size else None for item in items], pa.int32()),
             "height": pa.array([item.size[1] if item.size else None for item in items], pa.int32()),
-            self.config.stage_name: pa.array(records, self.stage_type),  # type: ignore[attr-defined]
+            self.config.stage_name: pa.array(records, self.stage_type),
+            PARAMETERS: pa.array(texts, pa.string()),
         }
         return replace_columns(batch.take([item.source_index for item in items]), columns)

@@ -13,9 +13,9 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from operators.base import Item, RowError
-from operators.diffusion import a1111_model_hash, group_items
-from operators.images import decode_eight_bit_rgb
-from operators.img2img import GENERATION_FIELDS, Img2Img, Img2ImgConfig
+from operators.diffusion import GENERATION_FIELDS, a1111_model_hash
+from operators.images import eight_bit_rgb
+from operators.img2img import Img2Img, Img2ImgConfig
 from operators.models import ModelReference, resolve_model
 
 logger = logging.getLogger(__name__)
@@ -82,8 +82,8 @@ class ControlNetImg2ImgConfig(Img2ImgConfig):
             )
         return self
 
-    def template_columns(self) -> set[str]:
-        return super().template_columns() | {net.column for net in self.controlnets if net.column}
+    def input_columns(self) -> set[str]:
+        return super().input_columns() | {net.column for net in self.controlnets if net.column}
 
     def output_libraries(self) -> tuple[str, ...]:
         preprocessed = any(net.preprocessor is not None for net in self.controlnets)
@@ -149,6 +149,7 @@ class ControlNetImg2Img(Img2Img):
     control images and ControlNet arguments.
     """
 
+    config_class = ControlNetImg2ImgConfig
     stage_fields = [
         *GENERATION_FIELDS,
         ("controlnets", pa.string()),
@@ -157,58 +158,48 @@ class ControlNetImg2Img(Img2Img):
         ("control_guidance_end", pa.float64()),
     ]
 
-    def setup(self) -> None:
-        self.start_torch()
+    def components(self) -> dict:
         config = self.config
         controlnets, revisions = load_controlnets(
             config.controlnets, config.resolved_dtype(), self.offline, self.model_storage_options
         )
         self.controlnet_revisions = ",".join(revisions)
-        self.load_pipeline(controlnet=controlnets[0] if len(controlnets) == 1 else controlnets)
+        return {"controlnet": controlnets[0] if len(controlnets) == 1 else controlnets}
 
-    def prepare(self, data: bytes | None, row: dict):
-        image = super().prepare(data, row)
-        controls = []
-        for source in self.config.controlnets:
+    def prepare(self, data, row: dict) -> dict[str, np.ndarray]:
+        image = Image.fromarray(super().prepare(data, row))
+        prepared = {"image": np.asarray(image)}
+        for index, source in enumerate(self.config.controlnets):
             if source.column is None:
-                controls.append(control_image(image, source))
+                prepared[f"control_{index}"] = np.asarray(control_image(image, source))
                 continue
             value = row.get(source.column)
             if isinstance(value, dict):
                 value = value.get("bytes")
             try:
-                control = decode_eight_bit_rgb(value, self.max_image_pixels)
+                control = eight_bit_rgb(value, self.max_image_pixels)
             except RowError as problem:
                 raise RowError(f"control image in column {source.column!r}: {problem}") from None
-            controls.append(control if control.size == image.size else control.resize(image.size, resample=3))
-        return image, controls
+            control = control if control.size == image.size else control.resize(image.size, resample=3)
+            prepared[f"control_{index}"] = np.asarray(control)
+        return prepared
 
-    def process(self, items: list[Item]) -> None:
+    def call_inputs(self, members: list[Item]) -> dict:
+        """The image and ControlNet arguments of one model call."""
         config = self.config
         nets = len(config.controlnets)
-        size = self.model_batch_size()
-        calls = group_items(
-            items,
-            key=lambda item: (
-                item.input[0].size,
-                *(item.parameters[name] for name in ("strength", "num_inference_steps", "guidance_scale")),
-                item.parameters["negative_prompt"],
+        controls = [[Image.fromarray(item.input[f"control_{n}"]) for n in range(nets)] for item in members]
+        return {
+            "image": [Image.fromarray(item.input["image"]) for item in members],
+            "control_image": [control[0] for control in controls] if nets == 1 else controls[0],
+            "controlnet_conditioning_scale": (
+                config.controlnets[0].conditioning_scale
+                if nets == 1
+                else [net.conditioning_scale for net in config.controlnets]
             ),
-            size=size,
-        )
-        for group in calls:
-            inputs = {
-                "image": [item.input[0] for item in group],
-                "control_image": [item.input[1][0] for item in group] if nets == 1 else group[0].input[1],
-                "controlnet_conditioning_scale": (
-                    config.controlnets[0].conditioning_scale
-                    if nets == 1
-                    else [net.conditioning_scale for net in config.controlnets]
-                ),
-                "control_guidance_start": config.control_guidance_start,
-                "control_guidance_end": config.control_guidance_end,
-            }
-            self.generate(group, inputs)
+            "control_guidance_start": config.control_guidance_start,
+            "control_guidance_end": config.control_guidance_end,
+        }
 
     def model_batch_size(self) -> int:
         # diffusers takes one control image per ControlNet per call when several are stacked.

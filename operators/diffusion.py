@@ -10,11 +10,13 @@ import logging
 import string
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
+import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from operators.base import OperatorConfig, RowError
+from operators.acceleration import SPEED_FIELDS, SpeedSettings, check_speed_settings
+from operators.base import Operator, OperatorConfig, RowError
 from operators.models import ModelReference
 
 logger = logging.getLogger(__name__)
@@ -116,8 +118,9 @@ class LoraAdapter(_Frozen):
     scale: float = Field(1.0, description="Adapter weight.")
 
 
-class DiffusionConfig(OperatorConfig):
-    """Fields shared by the diffusers operators that take prompts."""
+class DiffusionConfig(SpeedSettings, OperatorConfig):
+    """Fields shared by the diffusers operators that take prompts, with the speed and memory knobs of
+    `operators.acceleration.SpeedSettings`."""
 
     model: str = Field(
         description="Checkpoint: a local diffusers directory, an s3:// prefix, or a Hub id (owner/name)."
@@ -169,6 +172,7 @@ class DiffusionConfig(OperatorConfig):
             raise ValueError("give exactly one of prompt, prompt_column or sweep.prompt")
         if self.sweep is not None and self.sweep.seed is not None and self.variants > 1:
             raise ValueError("variants must be 1 when sweep.seed gives the seeds")
+        check_speed_settings(self)
         return self
 
     def model_references(self) -> list[ModelReference]:
@@ -201,8 +205,8 @@ class DiffusionConfig(OperatorConfig):
             return self.model_batch_size
         return 1 if self.resolved_device() == "cpu" else self.batch_size * self.variant_count()
 
-    def template_columns(self) -> set[str]:
-        """Columns the prompt templates refer to."""
+    def input_columns(self) -> set[str]:
+        """Columns the prompt templates and `prompt_column` refer to."""
         templates = [self.prompt, self.negative_prompt, *(self.sweep.prompt or [] if self.sweep else [])]
         templates += self.sweep.negative_prompt or [] if self.sweep else []
         return {
@@ -434,3 +438,294 @@ def group_items(items: list, key, size: int) -> list[list]:
     for item in items:
         groups.setdefault(key(item), []).append(item)
     return [group[start : start + size] for group in groups.values() for start in range(0, len(group), size)]
+
+
+def load_pipeline(
+    class_name: str,
+    path,
+    dtype: str,
+    device: str,
+    variant: str | None = None,
+    safety_checker: bool | None = None,
+    components: dict | None = None,
+    speed: SpeedSettings | None = None,
+):
+    """The one loader of every diffusers pipeline restyle runs: `class_name` is an `AutoPipeline*` task
+    (`AutoPipelineForImage2Image`, which picks SD, SDXL or a ControlNet pipeline from the checkpoint and
+    `components`) or a pipeline class; `path` a local, vetted checkpoint; `components` replace or add
+    pipeline components (ControlNets, adapters). `variant` picks variant weight files; `safety_checker`
+    None keeps the checkpoint's own (if any), False loads without it, True refuses a checkpoint that
+    has none. `speed` applies the knobs of `operators.acceleration` and places the pipeline (offload
+    instead of `.to(device)` when asked); without it the pipeline is moved to `device`. Returns the
+    pipeline and the knobs' record fields."""
+    import diffusers
+    import torch
+
+    from operators.acceleration import apply_speed_settings
+    from operators.models import ships_safety_checker
+
+    extra = dict(components or {})
+    if safety_checker is False and ships_safety_checker(Path(path), safety_checker):
+        extra.update(safety_checker=None, requires_safety_checker=False)
+    elif safety_checker:
+        ships_safety_checker(Path(path), safety_checker)  # refuses a checkpoint without one
+    pipeline = getattr(diffusers, class_name).from_pretrained(
+        str(path), dtype=getattr(torch, dtype), variant=variant, use_safetensors=True, local_files_only=True, **extra
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    if speed is None:
+        return pipeline.to(device), {}
+    return pipeline, apply_speed_settings(pipeline, speed, device)
+
+
+# Per-row fields of a diffusers generation stage column (img2img, controlnet_img2img, ...).
+GENERATION_FIELDS = [
+    ("model", pa.string()),
+    ("model_revision", pa.string()),
+    ("model_variant", pa.string()),
+    # Whether the checkpoint's safety checker ran, and whether it flagged (and blacked out) this image.
+    ("safety_checker", pa.bool_()),
+    ("nsfw_content_detected", pa.bool_()),
+    ("prompt", pa.string()),
+    ("negative_prompt", pa.string()),
+    ("strength", pa.float64()),
+    ("num_inference_steps", pa.int32()),
+    ("guidance_scale", pa.float64()),
+    ("scheduler", pa.string()),
+    ("loras", pa.string()),
+    ("dtype", pa.string()),
+    ("device", pa.string()),
+    # Most rows per model call: batched kernels round differently per batch size.
+    ("model_batch_size", pa.int32()),
+    *SPEED_FIELDS,
+]
+
+
+# Distinct (prompt, negative prompt) pairs whose embeddings an actor keeps.
+PROMPT_CACHE_SIZE = 256
+
+
+class DiffusersOperator(Operator):
+    """What every diffusers operator shares: torch set-up, the checkpoint resolved and vetted, one
+    pipeline loaded with its scheduler, LoRAs and speed knobs, and model calls that are timed (compile
+    time apart), retried in halves on CUDA out-of-memory, and turned into error rows when they fail.
+
+    A subclass names its `pipeline_class`, may add `components()` (e.g. ControlNets) and calls
+    `call_model(group, run)` from `process()`."""
+
+    pipeline_class: ClassVar[str] = "AutoPipelineForImage2Image"
+    stage_fields = GENERATION_FIELDS
+    # Parameters every row of one model call shares (besides the input size and negative prompt).
+    call_parameters: ClassVar[tuple[str, ...]] = ("strength", "num_inference_steps", "guidance_scale")
+
+    def setup(self) -> None:
+        from operators.acceleration import CompileClock
+        from operators.models import resolve_model
+
+        self.start_torch()
+        config = self.config
+        self.model = resolve_model(
+            config.model, config.revision, self.offline, self.model_storage_options, variant=config.variant
+        )
+        self.pipeline, self.speed = load_pipeline(
+            self.pipeline_class,
+            self.model.path,
+            config.resolved_dtype(),
+            self.device,
+            variant=config.variant,
+            safety_checker=getattr(config, "safety_checker", None),
+            components=self.components(),
+            speed=config,
+        )
+        set_scheduler(self.pipeline, config.scheduler)
+        self.loras = load_loras(self.pipeline, getattr(config, "loras", []), self.offline, self.model_storage_options)
+        self.scheduler_name = type(self.pipeline.scheduler).__name__
+        self.safety_checker = getattr(self.pipeline, "safety_checker", None) is not None
+        self.clock = CompileClock(config.compile, self.device)
+
+    def components(self) -> dict:
+        """Pipeline components loaded before the pipeline (ControlNets, adapters); none by default."""
+        return {}
+
+    def call_model(self, group: list, run) -> list | None:
+        """`run(subgroup)` returns one output per item of `subgroup`; it runs on the whole group, in halves
+        after a CUDA out-of-memory (when `oom_backoff` is on). Sets `compile_seconds` and `oom_backoffs`
+        in each item's record. A failure makes every row of the group an error row (each row's item is
+        `group[i]` or its `.item`) and returns None."""
+        from operators.acceleration import call_with_oom_backoff
+
+        items = [getattr(member, "item", member) for member in group]
+        try:
+            with self.clock.measure() as timing:
+                outputs, halvings = call_with_oom_backoff(run, group, self.config.oom_backoff, self.stage_label)
+        except Exception as error:  # one call's failure must not sink the job
+            logger.warning("%s: model call failed for %d rows: %s", self.stage_label, len(group), error)
+            for item in items:
+                item.error = f"model call failed for a batch of {len(group)} rows: {type(error).__name__}: {error}"
+            return None
+        for item in items:
+            item.record["compile_seconds"] = timing.compile_seconds
+            item.record["oom_backoffs"] = max(halvings, item.record.get("oom_backoffs") or 0)
+        return outputs
+
+    def prompt_arguments(self, prompts: list[str], negative_prompt: str | None) -> dict:
+        """The prompt arguments of one model call: embeddings when the pipeline's text encoding is one
+        restyle knows (SD 1.x/2.x: `encode_prompt` returns prompt and negative embeddings; SDXL: also
+        pooled ones), each distinct (prompt, negative prompt) encoded once per actor and reused by every
+        row and call that repeats it; otherwise the prompt strings, which the pipeline encodes itself.
+        Encoding one prompt at a time gives every row the embeddings a one-row call would compute."""
+        import torch
+
+        if not self.reuses_prompt_embeddings():
+            arguments = {"prompt": prompts}
+            # Only when set: some pipelines (Flux) take no negative prompt at all.
+            if negative_prompt:
+                arguments["negative_prompt"] = [negative_prompt] * len(prompts)
+            return arguments
+        encoded = [self.encode_prompt(prompt, negative_prompt) for prompt in prompts]
+        names = self.embedding_names()
+        return {name: torch.cat([row[index] for row in encoded]) for index, name in enumerate(names)}
+
+    def reuses_prompt_embeddings(self) -> bool:
+        """Whether `prompt_arguments` passes embeddings (see there)."""
+        return self.embedding_names() is not None
+
+    def embedding_names(self) -> tuple[str, ...] | None:
+        """The pipeline arguments `encode_prompt`'s results go to, in its order; None when unknown."""
+        import inspect
+
+        encode = getattr(self.pipeline, "encode_prompt", None)
+        if encode is None:
+            return None
+        parameters = inspect.signature(encode).parameters
+        if "pooled_prompt_embeds" in parameters and "prompt_2" in parameters:  # SDXL
+            return ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
+        if list(parameters)[:4] == ["prompt", "device", "num_images_per_prompt", "do_classifier_free_guidance"]:
+            return ("prompt_embeds", "negative_prompt_embeds")
+        return None
+
+    def encode_prompt(self, prompt: str, negative_prompt: str | None) -> tuple:
+        """One prompt's embeddings (batch of one), from a small per-actor cache. Always with the
+        negative embeddings: a pipeline that does not guide ignores them."""
+        import torch
+
+        key = (prompt, negative_prompt)
+        cache = self.__dict__.setdefault("_prompt_cache", {})
+        if key not in cache:
+            if len(cache) >= PROMPT_CACHE_SIZE:
+                cache.pop(next(iter(cache)))
+            with torch.no_grad():
+                cache[key] = tuple(
+                    self.pipeline.encode_prompt(
+                        prompt=prompt,
+                        device=self.pipeline._execution_device,
+                        num_images_per_prompt=1,
+                        do_classifier_free_guidance=True,
+                        negative_prompt=negative_prompt,
+                    )
+                )
+        return cache[key]
+
+    def process(self, items: list) -> None:
+        """Rows of one input size and call parameters go into model calls of up to `model_batch_size()`."""
+        calls = group_items(
+            items,
+            key=lambda item: (
+                self.input_image(item).shape,
+                *(item.parameters[name] for name in self.call_parameters),
+                item.parameters["negative_prompt"],
+            ),
+            size=self.model_batch_size(),
+        )
+        for group in calls:
+            self.generate(group)
+
+    def input_image(self, item):
+        """The prepared image of one row (the "image" entry when prepare returned several arrays)."""
+        return item.input["image"] if isinstance(item.input, dict) else item.input
+
+    def call_inputs(self, members: list) -> dict:
+        """The image arguments of one model call; subclasses add theirs (control images, masks)."""
+        from PIL import Image
+
+        return {"image": [Image.fromarray(self.input_image(item)) for item in members]}
+
+    def generate(self, group: list) -> None:
+        """One pipeline call for rows that share a size and call parameters; a failure becomes error rows."""
+        import numpy as np
+
+        parameters = group[0].parameters
+
+        def run(members: list) -> list:
+            arguments = {
+                **self.prompt_arguments([item.parameters["prompt"] for item in members], parameters["negative_prompt"]),
+                **{name: parameters[name] for name in self.call_parameters},
+                "generator": generators([item.seed for item in members], self.device),
+                "output_type": "pil",
+                **self.call_inputs(members),
+            }
+            result = self.pipeline(**arguments)
+            flags = getattr(result, "nsfw_content_detected", None) if self.safety_checker else None
+            flags = [bool(flag) for flag in flags] if flags is not None else [None] * len(result.images)
+            return list(zip(result.images, flags, strict=True))
+
+        outputs = self.call_model(group, run)
+        for item, (output, flagged) in zip(group, outputs or [], strict=False):
+            item.output = np.asarray(output.convert("RGB"))
+            item.record["nsfw_content_detected"] = flagged
+
+    def model_batch_size(self) -> int:
+        """Most rows per model call."""
+        return self.config.resolved_model_batch_size()
+
+    def parameters_text(self, item) -> str:
+        """The AUTOMATIC1111 `parameters` text of one output: LoRAs as `<lora:name:scale>` in the prompt
+        and `Lora hashes`, as AUTOMATIC1111 writes them."""
+        parameters = item.parameters
+        prompt = with_lora_tags(parameters["prompt"], self.loras)
+        return a1111_parameters(prompt, parameters["negative_prompt"], self.infotext_fields(item))
+
+    def infotext_fields(self, item) -> dict:
+        """The `key: value` pairs of the `parameters` text, in AUTOMATIC1111's order."""
+        parameters = item.parameters
+        return {
+            "Steps": parameters["num_inference_steps"],
+            "Sampler": SCHEDULERS.get(self.scheduler_name, self.scheduler_name),
+            "CFG scale": parameters["guidance_scale"],
+            "Seed": item.seed,
+            "Size": f"{item.size[0]}x{item.size[1]}",
+            "Model hash": a1111_model_hash(self.model.revision),
+            "Model": self.config.model,
+            "Denoising strength": parameters.get("strength"),
+            "Lora hashes": a1111_lora_hashes(self.loras),
+        }
+
+    def record(self, item) -> dict:
+        parameters = item.parameters
+        config = self.config
+        return {
+            "model": config.model,
+            "model_revision": self.model.revision,
+            "model_variant": config.variant,
+            "safety_checker": self.safety_checker,
+            "nsfw_content_detected": item.record.get("nsfw_content_detected"),
+            "prompt": parameters.get("prompt"),
+            "negative_prompt": parameters.get("negative_prompt"),
+            "strength": parameters.get("strength", getattr(config, "strength", None)),
+            "num_inference_steps": parameters.get("num_inference_steps", config.num_inference_steps),
+            "guidance_scale": parameters.get("guidance_scale", config.guidance_scale),
+            "scheduler": self.scheduler_name,
+            "loras": lora_record(self.loras),
+            "dtype": config.resolved_dtype(),
+            "device": self.device,
+            "model_batch_size": self.model_batch_size(),
+            **self.speed_fields(item),
+        }
+
+    def speed_fields(self, item) -> dict:
+        """The knobs' fields of one row's record."""
+        return {
+            **self.speed,
+            "compile_seconds": item.record.get("compile_seconds"),
+            "oom_backoffs": item.record.get("oom_backoffs"),
+        }

@@ -1,7 +1,8 @@
 """Fidelity: how far each output strayed from its source, and thresholds that mark rows rejected.
 
-Runs as the job's last stage when the config has a `fidelity` section. The source image travels
-with each row (as `source_image` bytes) from the read to here, where it is dropped.
+Runs in the finish step (`operators.finish`) when the config has a `fidelity` section, on the output
+pixels before they are encoded. The source image travels with each row (as `source_image` bytes)
+from the read to here, where it is dropped.
 
 - `ssim`, `psnr`: of the output's luminance against the source's, the source resized to the
   output's size, both scaled to [0, 1] by their dtype's range (so 8- and 16-bit compare fairly).
@@ -20,8 +21,9 @@ import numpy as np
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
-from operators.base import RowError, replace_columns
+from operators.base import replace_columns
 from operators.images import DEFAULT_MAX_IMAGE_PIXELS
+from operators.rows import RowError
 
 SOURCE_IMAGE_COLUMN = "source_image"
 
@@ -70,13 +72,15 @@ def fidelity_batch(
     config: FidelityConfig,
     histogram_stages: list[str],
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    outputs: list | None = None,
 ) -> pa.Table:
-    """Add `ssim`, `psnr` and `histogram_distance`, apply thresholds, drop `source_image`."""
+    """Add `ssim`, `psnr` and `histogram_distance`, apply thresholds, drop `source_image`. `outputs`
+    are the output arrays when the caller has them (the finish step); otherwise `image` is decoded."""
     from operators.images import decode_array
 
     statuses = batch.column("status").to_pylist()
     errors = batch.column("error").to_pylist()
-    outputs = batch.column("image").to_pylist()
+    encoded = None if outputs is not None else batch.column("image").to_pylist()
     sources = batch.column(SOURCE_IMAGE_COLUMN).to_pylist()
     stage_records = {name: batch.column(name).to_pylist() for name in histogram_stages if name in batch.column_names}
     ssims, psnrs, distances = [], [], []
@@ -89,9 +93,8 @@ def fidelity_batch(
         ssim = psnr = None
         if status == "ok":
             try:
-                ssim, psnr = compare(
-                    decode_array(outputs[index], max_image_pixels), decode_array(sources[index], max_image_pixels)
-                )
+                output = outputs[index] if outputs is not None else decode_array(encoded[index], max_image_pixels)
+                ssim, psnr = compare(output, decode_array(sources[index], max_image_pixels))
             except RowError as problem:
                 statuses[index], errors[index] = "error", f"fidelity: {problem}"
         if statuses[index] == "ok":

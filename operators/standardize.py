@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from operators.base import Item, Operator, OperatorConfig, RowError
 from operators.diffusion import a1111_parameters
-from operators.images import DEFAULT_MAX_IMAGE_PIXELS, ImageError, decode_array, encode_array
+from operators.images import DEFAULT_MAX_IMAGE_PIXELS, ImageError, decode_array, input_array
 
 if TYPE_CHECKING:
     import fsspec
@@ -509,6 +509,7 @@ class Standardize(Operator):
     `histogram_distance` of the input and of the output to the last such step's reference.
     """
 
+    config_class = StandardizeConfig
     stage_fields = STANDARDIZE_FIELDS
 
     def setup(self) -> None:
@@ -528,8 +529,8 @@ class Standardize(Operator):
         self.steps_text = redact(json.dumps([step.model_dump() for step in self.config.steps], separators=(",", ":")))
         self.a1111_steps = describe_steps(self.config)
 
-    def prepare(self, data: bytes | None, row: dict) -> np.ndarray:
-        return decode_array(data, self.max_image_pixels)
+    def prepare(self, image, row: dict) -> np.ndarray:
+        return input_array(image, self.max_image_pixels)
 
     def process(self, items: list[Item]) -> None:
         for item in items:
@@ -558,16 +559,15 @@ class Standardize(Operator):
         record["output_channels"] = channel_count(array)
         if reference is not None:
             record["histogram_distance"] = histogram_distance(array, reference)
-        item.size = (array.shape[1], array.shape[0])
         item.record = record
-        item.output = encode_array(array, self.parameters_text(item, array))
+        item.output = array
 
-    def parameters_text(self, item: Item, array: np.ndarray) -> str:
+    def parameters_text(self, item: Item) -> str:
         """The AUTOMATIC1111 `parameters` text of one output: the steps, the size and the bit depth."""
         fields = {
             "Standardize": self.a1111_steps,
             "Size": f"{item.size[0]}x{item.size[1]}",
-            "Bit depth": 8 * array.dtype.itemsize,
+            "Bit depth": 8 * item.output.dtype.itemsize,
         }
         return a1111_parameters("", None, fields)
 

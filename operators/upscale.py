@@ -23,17 +23,25 @@ import pyarrow as pa
 from PIL import Image
 from pydantic import Field, model_validator
 
+from operators.acceleration import (
+    SPEED_FIELDS,
+    CompileClock,
+    SpeedSettings,
+    call_with_oom_backoff,
+    check_speed_settings,
+)
 from operators.base import Item, Operator, OperatorConfig, RowError
 from operators.diffusion import (
     SCHEDULERS,
     a1111_model_hash,
     a1111_parameters,
     generators,
+    load_pipeline,
     render_template,
     resolve_dtype,
     set_scheduler,
 )
-from operators.images import decode_array, decode_eight_bit_rgb, encode_array, encode_image
+from operators.images import eight_bit_rgb, input_array
 from operators.models import ModelReference, resolve_model
 
 logger = logging.getLogger(__name__)
@@ -83,6 +91,9 @@ METHOD_SCHEDULERS = {
     ),
 }
 
+# The speed knobs' defaults: a classical method accepts only these.
+SPEED_DEFAULTS = {name: field.default for name, field in SpeedSettings.model_fields.items()}
+
 OPENCV_INTERPOLATION = {"lanczos": "INTER_LANCZOS4", "bicubic": "INTER_CUBIC"}
 
 # The `Postprocess upscaler` each method is written as in the AUTOMATIC1111 parameters text.
@@ -95,7 +106,7 @@ A1111_UPSCALERS = {
 }
 
 
-class UpscaleConfig(OperatorConfig):
+class UpscaleConfig(SpeedSettings, OperatorConfig):
     """Config of the `upscale` operator: one super-resolved output per input row.
 
     Fields that do not apply to the chosen method are refused; those that do and are left out take
@@ -208,6 +219,15 @@ class UpscaleConfig(OperatorConfig):
                 f"scheduler {self.scheduler!r} does not work with method {method!r}; accepted: "
                 f"{', '.join(METHOD_SCHEDULERS[method])}"
             )
+        if method in CLASSICAL_METHODS:
+            changed = [name for name in SpeedSettings.model_fields if getattr(self, name) != SPEED_DEFAULTS[name]]
+            if changed:
+                raise ValueError(
+                    f"{changed[0]} does not apply to method {method!r}, got {getattr(self, changed[0])!r}; it is "
+                    f"used by {', '.join(MODEL_METHODS)}"
+                )
+        else:
+            check_speed_settings(self)
         if 2 * self.tile_overlap >= self.tile_size:
             raise ValueError(
                 f"tile_overlap must be less than tile_size / 2 = {self.tile_size / 2:g}, got {self.tile_overlap}"
@@ -238,8 +258,8 @@ class UpscaleConfig(OperatorConfig):
             return ("numpy", "opencv", "pillow")
         return ("torch", "diffusers", "transformers", "numpy", "pillow")
 
-    def template_columns(self) -> set[str]:
-        """Columns the prompt templates refer to."""
+    def input_columns(self) -> set[str]:
+        """Columns the prompt templates and `prompt_column` refer to."""
         templates = [self.prompt, self.negative_prompt]
         return {
             name for template in templates if template for _, name, _, _ in string.Formatter().parse(template) if name
@@ -269,6 +289,8 @@ UPSCALE_FIELDS = [
     ("device", pa.string()),
     # Most tiles per model call (model methods): batched kernels round differently per batch size.
     ("model_batch_size", pa.int32()),
+    # Speed knobs of model methods (null for classical methods).
+    *SPEED_FIELDS,
 ]
 
 
@@ -381,33 +403,12 @@ def tile_seed(seed: int, tile_index: int) -> int:
 # --------------------------------------------------------------------------
 
 
-def _load_pipeline(class_name: str, path, dtype: str, device: str, variant: str | None = None):
-    import diffusers
-    import torch
-
-    pipeline = getattr(diffusers, class_name).from_pretrained(
-        str(path), dtype=getattr(torch, dtype), variant=variant, use_safetensors=True, local_files_only=True
-    )
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline.to(device)
-
-
-def load_sd_x4_pipeline(path, dtype: str, device: str, variant: str | None = None):
-    """Load a StableDiffusionUpscalePipeline from a local, vetted checkpoint."""
-    return _load_pipeline("StableDiffusionUpscalePipeline", path, dtype, device, variant)
-
-
-def load_latent_x2_pipeline(path, dtype: str, device: str, variant: str | None = None):
-    """Load a StableDiffusionLatentUpscalePipeline from a local, vetted checkpoint."""
-    return _load_pipeline("StableDiffusionLatentUpscalePipeline", path, dtype, device, variant)
-
-
-def load_ldm_pipeline(path, dtype: str, device: str, variant: str | None = None):
-    """Load an LDMSuperResolutionPipeline from a local, vetted checkpoint."""
-    return _load_pipeline("LDMSuperResolutionPipeline", path, dtype, device, variant)
-
-
-PIPELINE_LOADERS = {"sd_x4": load_sd_x4_pipeline, "latent_x2": load_latent_x2_pipeline, "ldm": load_ldm_pipeline}
+# The diffusers pipeline class of each model method, loaded by `operators.diffusion.load_pipeline`.
+PIPELINE_CLASSES = {
+    "sd_x4": "StableDiffusionUpscalePipeline",
+    "latent_x2": "StableDiffusionLatentUpscalePipeline",
+    "ldm": "LDMSuperResolutionPipeline",
+}
 
 
 def downsampling_factor(block_out_channels) -> int:
@@ -462,6 +463,7 @@ class Upscale(Operator):
     """Ray Data actor for `upscale`: loads the method's pipeline once (none for classical methods),
     then upscales each row, tiling inputs larger than `tile_size`."""
 
+    config_class = UpscaleConfig
     stage_fields = UPSCALE_FIELDS
 
     def setup(self) -> None:
@@ -478,9 +480,15 @@ class Upscale(Operator):
         self.model = resolve_model(
             config.model, config.revision, self.offline, self.model_storage_options, variant=config.variant
         )
-        self.pipeline = PIPELINE_LOADERS[config.method](
-            self.model.path, config.resolved_dtype(), self.device, config.variant
+        self.pipeline, self.speed = load_pipeline(
+            PIPELINE_CLASSES[config.method],
+            self.model.path,
+            config.resolved_dtype(),
+            self.device,
+            variant=config.variant,
+            speed=config,
         )
+        self.clock = CompileClock(config.compile, self.device)
         set_scheduler(self.pipeline, config.scheduler)
         self.scheduler_name = type(self.pipeline.scheduler).__name__
         if config.noise_level is not None and config.noise_level > self.pipeline.config.max_noise_level:
@@ -504,11 +512,11 @@ class Upscale(Operator):
         negative = render_template(config.negative_prompt, row) if config.negative_prompt else None
         return [{"prompt": prompt, "negative_prompt": negative}]
 
-    def prepare(self, data: bytes | None, row: dict) -> np.ndarray:
+    def prepare(self, image, row: dict) -> np.ndarray:
         if self.config.method in MODEL_METHODS:
-            return np.asarray(decode_eight_bit_rgb(data, self.max_image_pixels))
+            return np.asarray(eight_bit_rgb(image, self.max_image_pixels))
         # Grayscale stays grayscale and 16-bit stays 16-bit; other 8-bit modes become RGB.
-        return decode_array(data, self.max_image_pixels)
+        return input_array(image, self.max_image_pixels)
 
     def process(self, items: list[Item]) -> None:
         if self.pipeline is None:
@@ -530,9 +538,8 @@ class Upscale(Operator):
         except cv2.error as error:
             item.error = f"resize to {size[0]}x{size[1]} failed: {error}"
             return
-        item.size = size
         item.record = {"scale": size[0] / width, "tiles": 1}
-        item.output = encode_array(output, self.parameters_text(item))
+        item.output = output
 
     def upscale_with_model(self, items: list[Item]) -> None:
         """Upscale rows tile by tile; consecutive tiles of one size share a model call."""
@@ -565,7 +572,11 @@ class Upscale(Operator):
         if not tiles:
             return
         try:
-            outputs = self.call_model(tiles)
+            with self.clock.measure() as timing:
+                results, halvings = call_with_oom_backoff(
+                    lambda members: list(self.call_model(members)), tiles, self.config.oom_backoff, self.stage_label
+                )
+            outputs = np.stack(results)
             expected = (tiles[0].pixels.shape[0] * self.model_scale, tiles[0].pixels.shape[1] * self.model_scale)
             if outputs.shape[1:3] != expected:
                 raise ValueError(
@@ -581,6 +592,10 @@ class Upscale(Operator):
             return
         for tile, output in zip(tiles, outputs, strict=True):
             row = tile.row
+            speed = row.item.record.setdefault("speed", {"compile_seconds": None, "oom_backoffs": 0})
+            if timing.compile_seconds is not None:
+                speed["compile_seconds"] = (speed["compile_seconds"] or 0.0) + timing.compile_seconds
+            speed["oom_backoffs"] = max(speed["oom_backoffs"], halvings)
             row.canvas.add(tile.index, output[: tile.height * self.model_scale, : tile.width * self.model_scale])
             if row.canvas.complete:
                 self.finish(row)
@@ -623,10 +638,9 @@ class Upscale(Operator):
         item, canvas = row.item, row.canvas
         row.canvas = None
         height, width = item.input.shape[:2]
-        output = Image.fromarray(canvas.to_uint8())
-        item.size = output.size
-        item.record = {"scale": output.size[0] / width, "tiles": len(canvas.boxes)}
-        item.output = encode_image(output, "png", self.parameters_text(item))
+        output = canvas.to_uint8()
+        item.record.update(scale=output.shape[1] / width, tiles=len(canvas.boxes))
+        item.output = output
 
     def parameters_text(self, item: Item) -> str:
         """The AUTOMATIC1111 `parameters` text of one output. Classical methods write what
@@ -683,4 +697,6 @@ class Upscale(Operator):
             "dtype": config.resolved_dtype(),
             "device": self.device if tiled else None,
             "model_batch_size": config.resolved_model_batch_size() if tiled else None,
+            **(self.speed if tiled else {}),
+            **(item.record.get("speed", {}) if tiled else {}),
         }

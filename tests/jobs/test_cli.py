@@ -50,7 +50,21 @@ def test_dry_run_of_demo_config_prints_the_plan(demo_data, sd_model, tmp_path, c
     assert f"source:  {demo_data} (parquet, 8 rows)" in out
     assert "stage 0 'img2img' (img2img): 1 actor(s) x 1 CPU / 0 GPU, batch_size 4" in out
     assert f"sink:    {tmp_path / 'out'} (16 rows expected)" in out
+    for knob in ("attention: sdpa", "channels_last: False", "compile: none", "cpu_offload: none", "oom_backoff: True"):
+        assert f"    {knob}\n" in out  # every speed knob as it will run
     assert not (tmp_path / "out").exists()
+
+
+def test_bad_speed_knob_and_bad_encoding_exit_2_naming_the_field(tmp_path, capsys, no_ray):
+    path = tmp_path / "job.yaml"
+    path.write_text("source: {uri: in}\nsink: {uri: out}\noperators:\n  - {kind: img2img, model: m, prompt: p}\n")
+    assert main(["run", str(path), "--set", "operators.0.cpu_offload=model"]) == 2
+    assert "cpu_offload 'model' moves components to a GPU and needs device cuda" in capsys.readouterr().err
+    assert (
+        main(["run", str(path), "--set", "sink.encoding.format=jpeg", "--set", "sink.encoding.png_compress_level=3"])
+        == 2
+    )
+    assert "sink.encoding: " in capsys.readouterr().err
 
 
 def test_dry_run_reports_what_it_cannot_resolve(tmp_path, capsys, no_ray):

@@ -37,7 +37,7 @@ def test_out_of_range_value_names_path_and_value():
 
 def test_unknown_field_lists_accepted_fields():
     text = error_text(base_config(strenght=0.5))
-    assert "operators[0].strenght: unknown field; accepted: batch_size, device, dtype," in text
+    assert "operators[0].strenght: unknown field; accepted: attention, batch_size, channels_last, compile," in text
 
 
 def test_unknown_kind_lists_accepted_kinds():

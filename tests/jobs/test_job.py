@@ -87,7 +87,7 @@ def test_rows_carry_seed_parameters_and_passthrough(first_run, sd_model):
     assert (row["width"], row["height"]) == (64, 40)
     assert row["img2img"]["model"] == str(sd_model)
     assert row["img2img"]["strength"] == 0.5 and row["img2img"]["negative_prompt"] == "text"
-    assert row["img2img"]["process_seconds"] > 0 and row["img2img"]["prepare_seconds"] > 0
+    assert row["img2img"]["model_seconds"] > 0 and row["img2img"]["prepare_seconds"] > 0
     assert row["image"]["path"] == image_file_name("c", 1)
     assert rows[("missing", 0)]["error"] == "image has no bytes in this row (path-only references are not read)"
     assert rows[("truncated", 1)]["error"].startswith("cannot decode image")

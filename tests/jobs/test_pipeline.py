@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from jobs.config import validate_config
-from jobs.pipeline import PlanError, map_batches_args, plan_job, size_pools
+from jobs.pipeline import PlanError, finish_args, plan_job, size_pools, stage_steps
 from jobs.sources import SourceInfo
 
 
@@ -59,17 +59,25 @@ def test_plan_describes_stages_and_expected_rows():
     assert "sink:    out (6 rows expected)" in text
 
 
-def test_map_batches_args_use_an_actor_pool_and_explicit_resources():
+def test_each_stage_is_a_cpu_prepare_step_then_an_actor_pool_model_step():
     from ray.data import ActorPoolStrategy
+
+    from operators.steps import ModelStep
 
     job = config({"num_gpus": 1, "batch_size": 16})
     plan = plan_job(job, SourceInfo(ids=["a"]), cpus=8, gpus=2)
-    args = map_batches_args(job, 0, plan.stages[0])
-    assert isinstance(args["compute"], ActorPoolStrategy)
-    assert args["compute"].min_size == args["compute"].max_size == 2
-    assert (args["num_gpus"], args["num_cpus"], args["batch_size"], args["batch_format"]) == (1, 1, 16, "pyarrow")
-    assert "concurrency" not in args
-    assert args["fn_constructor_kwargs"]["config"] is job.operators[0]
+    prepare, model = stage_steps(job, 0, plan.stages[0])
+    assert prepare["fn"].__name__ == "Img2ImgPrepare" and "compute" not in prepare
+    assert (prepare["num_cpus"], prepare.get("num_gpus", 0)) == (job.run.resources.cpu_step_cpus, 0)
+    assert issubclass(model["fn"], ModelStep) and model["fn"].__name__ == "Img2ImgModel"
+    assert model["compute"].max_tasks_in_flight_per_actor == 2  # the next batch waits ready
+    assert isinstance(model["compute"], ActorPoolStrategy)
+    assert model["compute"].min_size == model["compute"].max_size == 2
+    assert (model["num_gpus"], model["num_cpus"], model["batch_size"], model["batch_format"]) == (1, 1, 16, "pyarrow")
+    assert "concurrency" not in model
+    assert model["fn_constructor_kwargs"]["arguments"]["config"] is job.operators[0]
+    finish = finish_args(job)
+    assert finish["fn_kwargs"]["stage_name"] == job.operators[0].stage_name and "compute" not in finish
 
 
 def test_progress_log_counts_this_attempts_commit_records(tmp_path):

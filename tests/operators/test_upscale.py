@@ -14,6 +14,7 @@ from PIL import Image
 from pydantic import ValidationError
 
 from operators.base import derive_seed, library_versions
+from operators.images import EncodingConfig
 from operators.upscale import TiledCanvas, Upscale, UpscaleConfig, axis_starts, tile_boxes, tile_seed
 from tests.conftest import make_batch, png_bytes
 
@@ -80,8 +81,9 @@ def test_sd_x4_quadruples_and_writes_parameters(sd_x4):
         f"Model: {sd_x4.config.model}, Postprocess upscale by: 4, Postprocess upscaler: SD x4, Noise level: 20, "
         "Eta: 0.0",
     ]
-    assert stage.pop("prepare_seconds") >= 0 and stage.pop("process_seconds") >= 0
+    assert stage.pop("prepare_seconds") >= 0 and stage.pop("model_seconds") >= 0 and stage.pop("finish_seconds") >= 0
     assert isinstance(stage.pop("node_id"), str | None)  # None outside Ray, the driver node inside it
+    assert stage.pop("encoding") == EncodingConfig().describe(np.zeros((1, 1, 3), np.uint8))
     assert stage == {
         "method": "sd_x4",
         "model": sd_x4.config.model,
@@ -104,6 +106,14 @@ def test_sd_x4_quadruples_and_writes_parameters(sd_x4):
         "model_variant": None,
         "versions": library_versions(("torch", "diffusers", "transformers", "numpy", "pillow")),
         "torch_threads": 1,
+        "attention": "sdpa",
+        "channels_last": False,
+        "compile": "none",
+        "vae_tiling": False,
+        "vae_slicing": False,
+        "cpu_offload": "none",
+        "compile_seconds": None,
+        "oom_backoffs": 0,
     }
 
 
@@ -378,7 +388,7 @@ def test_method_defaults_fill_only_fields_that_apply():
     lanczos = UpscaleConfig(kind="upscale", method="lanczos")
     assert (lanczos.scale, lanczos.num_inference_steps, lanczos.resolved_dtype()) == (2.0, None, None)
     templated = UpscaleConfig(kind="upscale", method="latent_x2", model="m", prompt="{style} {subject}")
-    assert templated.template_columns() == {"style", "subject"}
+    assert templated.input_columns() == {"style", "subject"}
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,100 @@
+"""The row contract every part of restyle shares: the columns a job owns, the Hugging Face image
+struct, row status values, the per-row error type, seeds, and how pixels travel between steps.
+
+`jobs/` and `operators/` both import these names from here; this module imports neither.
+
+Pixels travel between the prepare, model and finish steps (and between chained stages) as one Arrow
+struct per row, `{data, shape, dtype}`: the C-order HWC bytes of a uint8 or uint16 array (a grayscale
+image is H x W x 1), its shape and its dtype name. Written by hand rather than with Ray Data's tensor
+extension types because those fix one dtype per column and switch between a fixed-shape and a
+variable-shape type by batch content, and Arrow cannot concatenate the two (a batch of same-size
+images after a batch of mixed sizes fails); they hold no null either. A plain struct holds any mix of
+sizes, bit depths and channel counts, nulls for error rows, and reads back without a copy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pyarrow as pa
+
+# Columns the job itself owns; a source column with one of these names would be overwritten.
+RESERVED_COLUMNS = (
+    "id",
+    "image",
+    "variant_index",
+    "seed",
+    "status",
+    "error",
+    "width",
+    "height",
+    "ssim",
+    "psnr",
+    "histogram_distance",
+)
+
+# Row status values: an `error` row carries its reason in `error` and no image; a `rejected` row
+# (a fidelity threshold missed) keeps its image and says why in `error`.
+OK, ERROR, REJECTED = "ok", "error", "rejected"
+STATUSES = (OK, ERROR, REJECTED)
+
+# The `image` column as written: the Hugging Face `datasets` Image struct.
+IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+
+# Pixels between steps (see module docstring); large_binary so a batch of big images never meets
+# Arrow's 2 GiB limit of a binary array.
+PIXELS_TYPE = pa.struct([("data", pa.large_binary()), ("shape", pa.list_(pa.int32())), ("dtype", pa.string())])
+PIXEL_DTYPES = ("uint8", "uint16")
+
+# Columns that live only between the steps of one stage; never written.
+PREPARED_PREFIX = "_prepared_"
+PREPARE_SECONDS = "_prepare_seconds"
+PARAMETERS = "_parameters"
+
+
+class RowError(ValueError):
+    """A problem with one row's data; its message becomes that row's `error`."""
+
+
+def derive_seed(run_seed: int, row_id: str, variant_index: int) -> int:
+    """The seed of one output, a function of (run seed, row id, variant index) only, so it does not
+    depend on batch size, block count, actor count or row order. Fits a signed 63-bit integer."""
+    key = f"{run_seed}\x1f{row_id}\x1f{variant_index}".encode()
+    return int.from_bytes(hashlib.sha256(key).digest()[:8], "big") & (2**63 - 1)
+
+
+def to_pixels(arrays: list[np.ndarray | None]) -> pa.StructArray:
+    """Arrays (uint8 or uint16, H x W or H x W x C; None for no image) as a `PIXELS_TYPE` array."""
+    data, shapes, dtypes = [], [], []
+    for array in arrays:
+        if array is None:
+            data.append(None), shapes.append(None), dtypes.append(None)
+            continue
+        if array.dtype.name not in PIXEL_DTYPES or array.ndim not in (2, 3):
+            raise ValueError(f"pixels must be uint8 or uint16, H x W or H x W x C, got {array.dtype} {array.shape}")
+        shape = array.shape if array.ndim == 3 else (*array.shape, 1)
+        data.append(np.ascontiguousarray(array).tobytes())
+        shapes.append(list(shape))
+        dtypes.append(array.dtype.name)
+    mask = pa.array([value is None for value in data], pa.bool_())
+    return pa.StructArray.from_arrays(
+        [pa.array(data, pa.large_binary()), pa.array(shapes, pa.list_(pa.int32())), pa.array(dtypes, pa.string())],
+        fields=list(PIXELS_TYPE),
+        mask=mask,
+    )
+
+
+def from_pixels(value: dict | None) -> np.ndarray | None:
+    """One `PIXELS_TYPE` value (as `to_pylist` gives it) as a read-only array; a one-channel image
+    comes back H x W, as the decoders return grayscale."""
+    if value is None:
+        return None
+    height, width, channels = value["shape"]
+    array = np.frombuffer(value["data"], dtype=value["dtype"]).reshape(height, width, channels)
+    return array[..., 0] if channels == 1 else array
+
+
+def is_pixels(column_type: pa.DataType) -> bool:
+    """Whether a column holds pixels (a stage after the first) rather than encoded bytes."""
+    return column_type == PIXELS_TYPE

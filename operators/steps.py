@@ -1,0 +1,33 @@
+"""The callables Ray Data runs for an operator's steps (see `operators.base`): the prepare step as a
+task function, the model step as an actor class, each named after its operator (`Img2ImgPrepare`,
+`Img2ImgModel`) so Ray's progress, dashboard and logs say which stage is which. The finish step is
+`operators.finish.finish_batch`."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+
+def prepare_step(operator_class: type):
+    """The prepare step's task function: builds the operator without its model, per batch."""
+
+    def prepare(batch: pa.Table, arguments: dict) -> pa.Table:
+        return operator_class(**arguments, load=False).prepare_batch(batch)
+
+    prepare.__name__ = prepare.__qualname__ = f"{operator_class.__name__}Prepare"
+    return prepare
+
+
+class ModelStep:
+    """The model step's actor: builds the operator (loading its model) once, then runs each batch."""
+
+    def __init__(self, operator_class: type, arguments: dict):
+        self.operator = operator_class(**arguments)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return self.operator.model_batch(batch)
+
+
+def model_step(operator_class: type) -> type:
+    """The model step's actor class for one operator, named after it."""
+    return type(f"{operator_class.__name__}Model", (ModelStep,), {"__doc__": ModelStep.__doc__})
