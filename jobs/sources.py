@@ -31,7 +31,8 @@ import pyarrow.ipc
 
 from jobs.config import SourceConfig
 from jobs.schema import SchemaError, conform, output_type
-from operators.base import RESERVED_COLUMNS, UserError
+from operators.base import UserError
+from operators.rows import RESERVED_COLUMNS
 from operators.storage import arrow_filesystem, filesystem_for, is_inside, is_local
 
 logger = logging.getLogger(__name__)

@@ -12,11 +12,12 @@ import pyarrow as pa
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from operators.base import Item, RowError
+from operators.base import Item
 from operators.diffusion import GENERATION_FIELDS, a1111_model_hash
 from operators.images import eight_bit_rgb
 from operators.img2img import Img2Img, Img2ImgConfig
 from operators.models import ModelReference, resolve_model
+from operators.rows import RowError
 
 logger = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ import PIL
 from PIL import Image, ImageOps, PngImagePlugin
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from operators.base import RowError
+from operators.rows import RowError
 
 # Pillow's own decompression-bomb limit; a config may lower or raise it per job.
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485

@@ -22,6 +22,9 @@ class Img2ImgConfig(DiffusionConfig):
     strength: float = Field(0.6, ge=0, le=1, description="How far the image is noised before denoising.")
     size: SizePolicy = Field(default_factory=SizePolicy, description="Output size policy.")
 
+    def call_defaults(self) -> dict:
+        return {**super().call_defaults(), "strength": self.strength}
+
     @model_validator(mode="after")
     def _denoises_at_least_one_step(self) -> Img2ImgConfig:
         if int(self.num_inference_steps * self.strength) < 1:

@@ -27,9 +27,10 @@ import numpy as np
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from operators.base import Item, Operator, OperatorConfig, RowError
+from operators.base import Item, Operator, OperatorConfig
 from operators.diffusion import a1111_parameters
 from operators.images import DEFAULT_MAX_IMAGE_PIXELS, ImageError, decode_array, input_array
+from operators.rows import RowError
 
 if TYPE_CHECKING:
     import fsspec

@@ -30,7 +30,7 @@ from operators.acceleration import (
     call_with_oom_backoff,
     check_speed_settings,
 )
-from operators.base import Item, Operator, OperatorConfig, RowError
+from operators.base import Item, Operator, OperatorConfig
 from operators.diffusion import (
     SCHEDULERS,
     a1111_model_hash,
@@ -43,6 +43,7 @@ from operators.diffusion import (
 )
 from operators.images import eight_bit_rgb, input_array
 from operators.models import ModelReference, resolve_model
+from operators.rows import RowError
 
 logger = logging.getLogger(__name__)
 

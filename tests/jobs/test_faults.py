@@ -21,7 +21,8 @@ import yaml
 
 from jobs.config import validate_config
 from jobs.pipeline import run_job
-from operators.base import KILL_ONCE_VARIABLE, derive_seed
+from operators.base import KILL_ONCE_VARIABLE
+from operators.rows import derive_seed
 from tests.conftest import png_bytes
 
 RESTYLE = [sys.executable, "-m", "jobs.cli"]

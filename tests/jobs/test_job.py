@@ -14,7 +14,7 @@ from jobs.commits import SinkError
 from jobs.config import validate_config
 from jobs.pipeline import run_job
 from jobs.sinks import image_file_name
-from operators.base import derive_seed
+from operators.rows import derive_seed
 from tests.conftest import png_bytes, write_image_parquet
 
 GOOD_IDS = ["a", "b", "c", "d", "e"]
@@ -191,3 +191,30 @@ def test_image_folder_source(ray_session, sd_model, tmp_path):
     assert table.column("error").to_pylist()[0] == "not an image Pillow can open: notes.txt"
     assert result.summary["rows_in"] == 4
     assert pa.types.is_struct(table.schema.field("image").type)
+
+
+def test_sink_encoding_webp_writes_webp_once_with_the_parameters_and_the_same_pixels(
+    ray_session, source, sd_model, first_run, tmp_path
+):
+    from operators.images import EncodingConfig, read_parameters
+
+    sink = tmp_path / "webp"
+    config = job(source, sink, model=str(sd_model), batch_size=2)
+    config = config.model_copy(
+        update={"sink": config.sink.model_copy(update={"encoding": EncodingConfig(format="webp")})}
+    )
+    run_job(config)
+    rows = {(row["id"], row["variant_index"]): row for row in read_rows(sink)}
+    png_rows = {(row["id"], row["variant_index"]): row for row in read_rows(first_run[0])}
+    row, png_row = rows[("a", 1)], png_rows[("a", 1)]
+    data = row["image"]["bytes"]
+    assert row["image"]["path"].endswith(".v1.webp")
+    assert (sink / "images" / row["image"]["path"]).read_bytes() == data
+    assert Image.open(io.BytesIO(data)).format == "WEBP"
+    # Lossless WebP of the very pixels the PNG run wrote, carrying the same AUTOMATIC1111 text.
+    png = Image.open(io.BytesIO(png_row["image"]["bytes"]))
+    assert list(Image.open(io.BytesIO(data)).convert("RGB").getdata()) == list(png.convert("RGB").getdata())
+    assert read_parameters(data) == png.text["parameters"]
+    assert row["img2img"]["encoding"].startswith("webp lossless")
+    assert png_row["img2img"]["encoding"].startswith(f"png level {EncodingConfig().resolved_png_level()}")
+    assert row["img2img"]["finish_seconds"] > 0 and rows[("missing", 0)]["img2img"]["encoding"] is None

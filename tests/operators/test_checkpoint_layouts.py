@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from operators.base import derive_seed
 from operators.img2img import Img2Img, Img2ImgConfig
 from operators.models import ModelError, check_model_files, resolve_model
+from operators.rows import derive_seed
 from tests.conftest import make_batch, png_bytes
 
 RUN_SEED = 3

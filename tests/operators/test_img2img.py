@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 from pydantic import ValidationError
 
-from operators.base import derive_seed
 from operators.diffusion import SCHEDULERS
 from operators.img2img import Img2Img, Img2ImgConfig
+from operators.rows import derive_seed
 from tests.conftest import make_batch, png_bytes
 
 

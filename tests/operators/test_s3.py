@@ -24,8 +24,8 @@ from jobs.config import SourceConfig, StorageConfig, validate_config
 from jobs.pipeline import run_job
 from jobs.sinks import image_file_name
 from jobs.sources import SourceError, inspect_source, read_source
-from operators.base import derive_seed
 from operators.models import ModelError, model_fingerprint, resolve_model
+from operators.rows import derive_seed
 from tests.conftest import FAKE_ACCESS_KEY, FAKE_SECRET_KEY, png_bytes, write_image_parquet
 
 RUN_SEED = 7

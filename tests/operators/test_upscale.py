@@ -13,8 +13,9 @@ import pytest
 from PIL import Image
 from pydantic import ValidationError
 
-from operators.base import derive_seed, library_versions
+from operators.base import library_versions
 from operators.images import EncodingConfig
+from operators.rows import derive_seed
 from operators.upscale import TiledCanvas, Upscale, UpscaleConfig, axis_starts, tile_boxes, tile_seed
 from tests.conftest import make_batch, png_bytes
 
