@@ -1,60 +1,66 @@
 """Throughput and peak memory of a restyle img2img job against a plain in-process diffusers loop.
 
-Both sides push the same N images (scikit-image's photographs, center-cropped to squares of
-`--size`, repeated under distinct ids) through the same checkpoint on the same device, in the same
-dtype, with the same number of torch threads, steps, strength, guidance, prompt, batch size and
-per-image seeds (`operators.base.derive_seed`, as the job derives them). The job's
-`model_batch_size` is set to the batch size so that both sides make model calls of the same size
-(the job's default on CPU is one row per call).
+For each count in `--num-images` (default 64, 256 and 1024), both sides push the same images
+(scikit-image's photographs, center-cropped to squares of `--size`, stored as PNG in one Parquet
+file, repeated under distinct ids) through the same checkpoint on the same device and dtype, with
+the same steps, strength, guidance, prompt, model-call size and per-image seeds
+(`operators.base.derive_seed`, as the job derives them). Each side runs in its own freshly spawned
+process, so neither is charged for what the other left behind, and both are given every core of
+this machine (`--threads`, default all) as torch threads.
 
-The plain side runs first, in this process:
-  load s          `AutoPipelineForImage2Image.from_pretrained` and `.to(device)`.
-  warm-up s       one untimed batch before the timed loop (first-call allocations and kernel
-                  choices); reported, but excluded from every plain figure.
-  model s         the pipeline calls over all N images, per-image generators included. Inputs are
-                  decoded to PIL images beforehand; outputs stay PIL images (not encoded, not written).
-  total s         load s + model s.
-  peak RSS        `ru_maxrss` of this process after the loop, so it also covers the interpreter and
-                  the input images; this process stays light until then, which keeps the figure honest.
+The plain side is what a user would write without restyle, one process end to end:
+  load s          import torch and diffusers, `AutoPipelineForImage2Image.from_pretrained`, `.to(device)`.
+  prepare s       decode each input and resize it as the job does (`operators.img2img.decode_rgb`).
+  model s         the pipeline calls, `--batch-size` images each, with one seeded generator per image.
+  finish s        encode each output at restyle's default sink encoding (`EncodingConfig()`, through
+                  `encode_output`) with its AUTOMATIC1111 parameters text, then write them to Parquet.
+  total s         from before the imports to the written file: everything above.
 
-The restyle side then runs `jobs.pipeline.run_job` in a freshly spawned process, so nothing the
-plain side left in this process is counted against it:
-  total s         the job's own wall time (`wall_seconds` of its summary): read the Parquet, start the
-                  actor, load the model, run the first batch (the actor has no warm-up), decode,
-                  generate, encode PNGs with their metadata and write the shards. Starting Ray and the
-                  row accounting and report written after the shards are reported on their own line
-                  (ray start s, run_job s) and left out of total s.
-  model s         the sum over ok rows of the per-row `img2img.process_seconds` (each row's share of its
-                  batch's model calls and PNG encoding), read back from the output Parquet; it includes
-                  the actor's first call.
-  outside model s total s - model s: actor start-up, model load, reading, decoding, encoding, writing.
-  peak RSS        the largest sum of RSS over the job's process and all its descendants (Ray's GCS,
-                  raylet, workers and the actor), sampled every 0.2 s. A summed RSS counts shared pages
-                  (libraries, the object store) once per process, so it overstates the true footprint.
+The restyle side runs `jobs.pipeline.start_ray` then `jobs.pipeline.run_job`, with the settings a
+user of this machine would choose (see `job_config`): one actor reserving the CPUs that are not kept
+for reads and writes, torch using every core, the prepare and finish steps as Ray Data tasks at
+`run.resources.cpu_step_cpus`, and `model_batch_size` equal to the plain side's batch (on cpu a
+batch above one changes bytes against batch one; both sides make calls of the same size).
+  load s          starting the private local Ray instance.
+  prepare/model/finish s  the sums over ok rows of the stage's per-row `prepare_seconds`,
+                  `model_seconds` and `finish_seconds`, read back from the output Parquet. The prepare
+                  and finish steps run as tasks beside the actor, so these overlap each other and the
+                  model calls; model s is the actor's busy time.
+  total s         Ray start plus `run_job` (read, actor start-up and model load, the three steps,
+                  writing, and the row accounting and report); `run_job` splits into the pipeline
+                  (`wall_seconds` of its summary) and the accounting after it.
+  actor idle s    total s - Ray start - model s: what the one actor spends not generating (its start,
+                  the model load, waiting for the first prepared batch and on the last finish tasks).
 
-images/s is ok images divided by a time; the ratios are restyle / plain, so above 1 means the job is
-faster. "total" ratios compare what a user waits for, "model" ratios the steady generation speed.
-GPU memory is not measured. Run from the repository root:
+Peak memory is the largest unique set size (psutil `memory_full_info().uss`, pages no other process
+maps) summed over the side's process and all its descendants (for restyle: Ray's GCS, raylet,
+workers and the actor), sampled every 0.2 s. Summed RSS would count shared libraries and the object
+store once per process. GPU memory is not measured.
 
-    .venv/bin/python bench/img2img_throughput.py --num-images 16 --json bench.json
+images/s is ok images / total s; the ratios are restyle / plain, so above 1 means restyle is faster
+or uses more memory. The script prints a table per count, then one JSON line with `images`,
+`ratio_images_per_s` and `ratio_memory` (lists, one entry per count) and the details. The machine's
+load average is reported with the figures: other work on the CPUs makes them noisy. Run from the
+repository root:
+
+    .venv/bin/python bench/img2img_throughput.py --num-images 64 256 1024
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import io
 import json
 import logging
 import multiprocessing
 import os
-import resource
 import sys
 import tempfile
 import threading
 import time
 import traceback
 from pathlib import Path
+from types import SimpleNamespace
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -68,6 +74,7 @@ logger = logging.getLogger("bench.img2img_throughput")
 
 REPOSITORY_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL_DIRECTORY = REPOSITORY_ROOT / ".cache" / "models"
+DEFAULT_COUNTS = (64, 256, 1024)
 PROMPT = "an oil painting"
 STRENGTH = 0.6
 GUIDANCE_SCALE = 7.5
@@ -79,12 +86,21 @@ IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 
 def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options; every refusal names the option, the value and what is accepted."""
+    cores = os.cpu_count() or 1
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--num-images", type=int, default=32, help="images pushed through each side (default 32)")
+    parser.add_argument(
+        "--num-images",
+        type=int,
+        nargs="+",
+        default=list(DEFAULT_COUNTS),
+        help="image counts, one run of each side per count (default 64 256 1024)",
+    )
     parser.add_argument("--size", type=int, default=128, help="square side in pixels, a multiple of 8 (default 128)")
     parser.add_argument("--steps", type=int, default=4, help="num_inference_steps at strength 1 (default 4)")
     parser.add_argument("--batch-size", type=int, default=4, help="images per model call on both sides (default 4)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads on both sides (default 1)")
+    parser.add_argument(
+        "--threads", type=int, default=cores, help=f"torch threads on both sides (default: every core, {cores})"
+    )
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="torch device (default cpu)")
     parser.add_argument(
         "--dtype", choices=("float32", "float16", "bfloat16"), default="float32", help="weights dtype (default float32)"
@@ -96,9 +112,12 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
         help="a local diffusers img2img checkpoint directory (default: the tiny random sd-img2img, built "
         f"into {DEFAULT_MODEL_DIRECTORY.relative_to(REPOSITORY_ROOT)} if missing)",
     )
-    parser.add_argument("--json", type=Path, default=None, help="also write the figures as JSON to this path")
+    parser.add_argument("--json", type=Path, default=None, help="also write the JSON line's figures to this path")
     args = parser.parse_args(argv)
-    for option in ("num_images", "steps", "batch_size", "threads"):
+    for count in args.num_images:
+        if count < 1:
+            parser.error(f"--num-images takes counts of at least 1, got {count}")
+    for option in ("steps", "batch_size", "threads"):
         value = getattr(args, option)
         if value < 1:
             parser.error(f"--{option.replace('_', '-')} must be at least 1, got {value}")
@@ -139,7 +158,15 @@ def write_benchmark_images(directory: Path, count: int, size: int) -> Path:
 
 
 def job_config(args: argparse.Namespace, source: Path, sink: Path, model: Path) -> JobConfig:
-    """The restyle job that matches the plain loop: one actor, `--threads` CPUs, one CPU kept for I/O."""
+    """The restyle job a user of this machine would run: Ray gets every core; one CPU is kept for
+    reads and writes (`reserved_cpus`, the default and the least); one actor reserves the rest
+    (`num_cpus`) yet runs torch on every core (`torch_threads`), as the plain side does, since the
+    prepare and finish tasks (`cpu_step_cpus`, the default 0.5) are short; `batch_size` and
+    `model_batch_size` are the plain side's batch. With a GPU, the actor takes it and one CPU."""
+    cores = os.cpu_count() or 1
+    cuda = args.device == "cuda"
+    reserved = 1
+    actor_cpus = 1 if cuda else max(cores - reserved, 1)
     return validate_config(
         {
             "source": {"uri": str(source), "format": "parquet"},
@@ -154,9 +181,9 @@ def job_config(args: argparse.Namespace, source: Path, sink: Path, model: Path) 
                     "batch_size": args.batch_size,
                     "model_batch_size": args.batch_size,
                     "num_actors": 1,
-                    "num_cpus": args.threads,
+                    "num_cpus": actor_cpus,
                     "torch_threads": args.threads,
-                    "num_gpus": 1 if args.device == "cuda" else 0,
+                    "num_gpus": 1 if cuda else 0,
                     "device": args.device,
                     "dtype": args.dtype,
                 }
@@ -165,9 +192,9 @@ def job_config(args: argparse.Namespace, source: Path, sink: Path, model: Path) 
             "run": {
                 "seed": RUN_SEED,
                 "resources": {
-                    "num_cpus": args.threads + 1,
-                    "num_gpus": 1 if args.device == "cuda" else 0,
-                    "reserved_cpus": 1,
+                    "num_cpus": max(cores, actor_cpus + reserved),
+                    "num_gpus": 1 if cuda else 0,
+                    "reserved_cpus": reserved,
                 },
             },
         },
@@ -175,87 +202,20 @@ def job_config(args: argparse.Namespace, source: Path, sink: Path, model: Path) 
     )
 
 
-def generate_batch(pipeline, images: list, seeds: list[int], args: argparse.Namespace) -> list:
-    """One plain pipeline call over a batch, with one seeded generator per image."""
-    import torch
-
-    return pipeline(
-        prompt=[PROMPT] * len(images),
-        image=images,
-        strength=STRENGTH,
-        num_inference_steps=args.steps,
-        guidance_scale=GUIDANCE_SCALE,
-        generator=[torch.Generator(device=args.device).manual_seed(seed) for seed in seeds],
-        output_type="pil",
-    ).images
-
-
-def run_plain_loop(args: argparse.Namespace, model: Path, source: Path) -> dict:
-    """Load the pipeline in this process and generate every image in batches (see module docstring)."""
-    import diffusers
-    import torch
-
-    table = pq.read_table(source)
-    ids = table.column("id").to_pylist()
-    images = [Image.open(io.BytesIO(cell["bytes"])).convert("RGB") for cell in table.column("image").to_pylist()]
-    seeds = [derive_seed(RUN_SEED, row_id, 0) for row_id in ids]
-    torch.set_num_threads(args.threads)
-
-    started = time.perf_counter()
-    pipeline = diffusers.AutoPipelineForImage2Image.from_pretrained(
-        str(model), use_safetensors=True, dtype=getattr(torch, args.dtype)
-    )
-    pipeline.set_progress_bar_config(disable=True)
-    pipeline = pipeline.to(args.device)
-    load_seconds = time.perf_counter() - started
-
-    started = time.perf_counter()
-    generate_batch(pipeline, images[: args.batch_size], seeds[: args.batch_size], args)
-    warm_up_seconds = time.perf_counter() - started
-    logger.info("plain: loaded in %.2f s, warm-up batch %.2f s", load_seconds, warm_up_seconds)
-
-    model_seconds = 0.0
-    produced = 0
-    for start in range(0, len(images), args.batch_size):
-        batch = slice(start, start + args.batch_size)
-        started = time.perf_counter()
-        produced += len(generate_batch(pipeline, images[batch], seeds[batch], args))
-        model_seconds += time.perf_counter() - started
-    # ru_maxrss is in KiB on Linux.
-    peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    logger.info("plain: %d images in %.2f s of model calls", produced, model_seconds)
-
-    del pipeline
-    gc.collect()
-    if args.device == "cuda":
-        torch.cuda.empty_cache()
-    total_seconds = load_seconds + model_seconds
-    return {
-        "images": produced,
-        "load_seconds": load_seconds,
-        "warm_up_seconds": warm_up_seconds,
-        "model_seconds": model_seconds,
-        "total_seconds": total_seconds,
-        "outside_model_seconds": load_seconds,
-        "images_per_second_total": produced / total_seconds,
-        "images_per_second_model": produced / model_seconds,
-        "peak_rss_bytes": peak_rss_bytes,
-    }
-
-
-class ProcessTreePeakRss:
-    """Samples the summed RSS of a process and all its descendants in a background thread."""
+class ProcessTreePeakUss:
+    """Samples the summed unique set size of a process and all its descendants in a background thread."""
 
     def __init__(self, pid: int, interval_seconds: float = SAMPLE_INTERVAL_SECONDS):
         self.pid = pid
         self.interval_seconds = interval_seconds
         self.peak_bytes = 0
         self.processes_at_peak = 0
+        self.breakdown_at_peak: dict[str, float] = {}
         self.samples = 0
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="uss-sampler", daemon=True)
 
-    def __enter__(self) -> ProcessTreePeakRss:
+    def __enter__(self) -> ProcessTreePeakUss:
         self._thread.start()
         return self
 
@@ -274,16 +234,23 @@ class ProcessTreePeakRss:
             return
         total = 0
         counted = 0
+        breakdown: dict[str, float] = {}
         for process in processes:
             try:
-                total += process.memory_info().rss
-                counted += 1
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                uss = process.memory_full_info().uss
+                title = process.cmdline()[:1] or [process.name()]
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                 continue
+            total += uss
+            counted += 1
+            # Ray names its workers by what they run ("ray::MapWorker(...)", "ray::IDLE").
+            name = Path(title[0]).name.split(" ")[0][:60] or process.name()
+            breakdown[name] = breakdown.get(name, 0.0) + uss / MEBIBYTE
         self.samples += 1
         if total > self.peak_bytes:
             self.peak_bytes = total
             self.processes_at_peak = counted
+            self.breakdown_at_peak = breakdown
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -291,8 +258,92 @@ class ProcessTreePeakRss:
             self._stop.wait(self.interval_seconds)
 
 
-def run_restyle_job(config: JobConfig, connection) -> None:
-    """Body of the spawned job process: start a local Ray, run the job, send back its figures."""
+def run_plain_side(args: argparse.Namespace, model: Path, source: Path, output: Path, connection) -> None:
+    """Body of the plain side's spawned process (see module docstring); sends back its figures."""
+    try:
+        connection.send(plain_loop(args, model, source, output))
+    except BaseException:
+        connection.send({"failure": traceback.format_exc()})
+        raise
+    finally:
+        connection.close()
+
+
+def plain_loop(args: argparse.Namespace, model: Path, source: Path, output: Path) -> dict:
+    """Load, then per batch decode and resize, generate and encode; write the outputs to Parquet."""
+    started = time.perf_counter()
+    import diffusers
+    import numpy as np
+    import torch
+
+    from operators.diffusion import SizePolicy, a1111_parameters
+    from operators.images import DEFAULT_MAX_IMAGE_PIXELS, EncodingConfig, encode_output
+    from operators.img2img import decode_rgb
+
+    torch.set_num_threads(args.threads)
+    pipeline = diffusers.AutoPipelineForImage2Image.from_pretrained(
+        str(model), use_safetensors=True, dtype=getattr(torch, args.dtype)
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    pipeline = pipeline.to(args.device)
+    load_seconds = time.perf_counter() - started
+
+    table = pq.read_table(source)
+    ids = table.column("id").to_pylist()
+    cells = table.column("image").to_pylist()
+    size_policy = SizePolicy()  # the job's default, as job_config leaves it
+    decoder = SimpleNamespace(max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS)
+    encoding = EncodingConfig()  # the sink's default
+    prepare_seconds = model_seconds = finish_seconds = 0.0
+    encoded: list[bytes] = []
+    for start in range(0, len(ids), args.batch_size):
+        batch_ids = ids[start : start + args.batch_size]
+        mark = time.perf_counter()
+        images = [decode_rgb(decoder, cell["bytes"], size_policy) for cell in cells[start : start + args.batch_size]]
+        seeds = [derive_seed(RUN_SEED, row_id, 0) for row_id in batch_ids]
+        prepare_seconds += time.perf_counter() - mark
+        mark = time.perf_counter()
+        outputs = pipeline(
+            prompt=[PROMPT] * len(images),
+            image=images,
+            strength=STRENGTH,
+            num_inference_steps=args.steps,
+            guidance_scale=GUIDANCE_SCALE,
+            generator=[torch.Generator(device=args.device).manual_seed(seed) for seed in seeds],
+            output_type="pil",
+        ).images
+        model_seconds += time.perf_counter() - mark
+        mark = time.perf_counter()
+        for seed, image in zip(seeds, outputs, strict=True):
+            fields = {
+                "Steps": args.steps,
+                "CFG scale": GUIDANCE_SCALE,
+                "Seed": seed,
+                "Size": f"{image.width}x{image.height}",
+                "Model": str(model),
+                "Denoising strength": STRENGTH,
+            }
+            text = a1111_parameters(PROMPT, None, fields)
+            encoded.append(encode_output(np.asarray(image.convert("RGB")), encoding, text))
+        finish_seconds += time.perf_counter() - mark
+    mark = time.perf_counter()
+    pq.write_table(pa.table({"id": pa.array(ids, pa.string()), "image": pa.array(encoded, pa.binary())}), output)
+    finish_seconds += time.perf_counter() - mark
+    total_seconds = time.perf_counter() - started
+    return {
+        "images": len(encoded),
+        "load_seconds": load_seconds,
+        "prepare_seconds": prepare_seconds,
+        "model_seconds": model_seconds,
+        "finish_seconds": finish_seconds,
+        "total_seconds": total_seconds,
+        "encoding": encoding.describe(),
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def run_restyle_side(config: JobConfig, connection) -> None:
+    """Body of the restyle side's spawned process: start a local Ray, run the job, send back its figures."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if os.environ.pop("RAY_ADDRESS", None):
         logger.warning("ignoring RAY_ADDRESS: the benchmark compares against this machine, so Ray runs locally")
@@ -309,19 +360,25 @@ def run_restyle_job(config: JobConfig, connection) -> None:
         finished = time.perf_counter()
         stage_name = config.operators[0].stage_name
         table = SinkState(config.sink).read(["status", stage_name])
-        model_seconds = sum(
-            stage["process_seconds"]
+        stages = [
+            stage
             for status, stage in zip(
                 table.column("status").to_pylist(), table.column(stage_name).to_pylist(), strict=True
             )
             if status == "ok"
-        )
+        ]
+        sums = {
+            f"{step}_seconds": sum(stage[f"{step}_seconds"] or 0.0 for stage in stages)
+            for step in ("prepare", "model", "finish")
+        }
         connection.send(
             {
                 "summary": result.summary,
                 "ray_start_seconds": ray_started - started,
                 "run_job_seconds": finished - ray_started,
-                "model_seconds": model_seconds,
+                "encoding": stages[0]["encoding"] if stages else None,
+                "torch_threads": stages[0]["torch_threads"] if stages else None,
+                **sums,
             }
         )
     except BaseException:
@@ -332,39 +389,53 @@ def run_restyle_job(config: JobConfig, connection) -> None:
         connection.close()
 
 
-def run_restyle(config: JobConfig) -> dict:
-    """Run the job in a spawned process while sampling that process tree's RSS (see module docstring)."""
+def run_side(target, arguments: tuple, name: str) -> dict:
+    """Run `target(*arguments, connection)` in a spawned process while sampling that process tree's
+    unique set size; return its reply with the peak added. A failure on that side raises."""
     context = multiprocessing.get_context("spawn")
     receiver, sender = context.Pipe(duplex=False)
-    process = context.Process(target=run_restyle_job, args=(config, sender), name="restyle-job")
+    process = context.Process(target=target, args=(*arguments, sender), name=name)
     process.start()
     sender.close()
-    with ProcessTreePeakRss(process.pid) as tree:
+    with ProcessTreePeakUss(process.pid) as tree:
         try:
             reply = receiver.recv()
         except EOFError:
-            reply = {"failure": f"the job process exited with code {process.exitcode} before reporting"}
+            reply = {"failure": f"the {name} process exited with code {process.exitcode} before reporting"}
         process.join()
     if "failure" in reply:
-        raise RuntimeError(f"restyle job failed:\n{reply['failure']}")
+        raise RuntimeError(f"{name} failed:\n{reply['failure']}")
+    reply.update(
+        peak_uss_bytes=tree.peak_bytes,
+        processes_at_peak=tree.processes_at_peak,
+        uss_mib_at_peak_by_process=tree.breakdown_at_peak,
+        uss_samples=tree.samples,
+    )
+    return reply
+
+
+def restyle_figures(reply: dict, config: JobConfig) -> dict:
+    """The restyle side's figures from its process's reply (see module docstring)."""
     summary = reply["summary"]
     if summary["ok"] != summary["rows_in"]:
         logger.warning("restyle: %d of %d rows failed; see %s", summary["error"], summary["rows_in"], config.sink.uri)
-    total_seconds = summary["wall_seconds"]
-    model_seconds = reply["model_seconds"]
+    total_seconds = reply["ray_start_seconds"] + reply["run_job_seconds"]
     return {
         "images": summary["ok"],
         "error_rows": summary["error"],
-        "ray_start_seconds": reply["ray_start_seconds"],
-        "run_job_seconds": reply["run_job_seconds"],
-        "model_seconds": model_seconds,
+        "load_seconds": reply["ray_start_seconds"],
+        "prepare_seconds": reply["prepare_seconds"],
+        "model_seconds": reply["model_seconds"],
+        "finish_seconds": reply["finish_seconds"],
         "total_seconds": total_seconds,
-        "outside_model_seconds": total_seconds - model_seconds,
-        "images_per_second_total": summary["ok"] / total_seconds,
-        "images_per_second_model": summary["ok"] / model_seconds if model_seconds > 0 else None,
-        "peak_rss_bytes": tree.peak_bytes,
-        "processes_at_peak_rss": tree.processes_at_peak,
-        "rss_samples": tree.samples,
+        "pipeline_seconds": summary["wall_seconds"],
+        "accounting_seconds": reply["run_job_seconds"] - summary["wall_seconds"],
+        "actor_idle_seconds": total_seconds - reply["ray_start_seconds"] - reply["model_seconds"],
+        "encoding": reply["encoding"],
+        "torch_threads": reply["torch_threads"],
+        "peak_uss_bytes": reply["peak_uss_bytes"],
+        "processes_at_peak": reply["processes_at_peak"],
+        "uss_mib_at_peak_by_process": reply["uss_mib_at_peak_by_process"],
     }
 
 
@@ -375,44 +446,42 @@ def ratio(numerator: float | None, denominator: float | None) -> float | None:
     return numerator / denominator
 
 
-def format_table(settings: dict, plain: dict, restyle: dict, ratios: dict) -> str:
-    """The results as a compact fixed-width table with a header naming the settings."""
-    header = (
-        f"{settings['num_images']} images {settings['size']}x{settings['size']}, {settings['steps']} steps x strength "
-        f"{STRENGTH}, guidance {GUIDANCE_SCALE}, batch {settings['batch_size']} (restyle model_batch_size = "
-        f"{settings['batch_size']}, as the plain loop), {settings['device']} {settings['dtype']}, "
-        f"{settings['threads']} torch thread(s) per side\nmodel: {settings['model']}"
-    )
-    columns = ("model s", "outside model s", "total s", "img/s total", "img/s model", "peak RSS MiB")
-    lines = [header, f"{'side':<8}" + "".join(f"{name:>17}" for name in columns)]
+def images_per_second(figures: dict) -> float:
+    """Ok images per second of a side, end to end."""
+    return figures["images"] / figures["total_seconds"]
+
+
+def format_table(count: int, plain: dict, restyle: dict, load: dict) -> str:
+    """One count's figures as a fixed-width table, both sides side by side."""
+    columns = ("load s", "prepare s", "model s", "finish s", "total s", "img/s", "peak USS MiB")
+    lines = [
+        f"{count} images; load average {load['before'][0]:.2f} before, {load['after'][0]:.2f} after "
+        "(1-minute; prepare/model/finish overlap on the restyle side)",
+        f"{'side':<8}" + "".join(f"{name:>14}" for name in columns),
+    ]
     for name, figures in (("plain", plain), ("restyle", restyle)):
         values = (
-            f"{figures['model_seconds']:.2f}",
-            f"{figures['outside_model_seconds']:.2f}",
-            f"{figures['total_seconds']:.2f}",
-            f"{figures['images_per_second_total']:.3f}",
-            "n/a" if figures["images_per_second_model"] is None else f"{figures['images_per_second_model']:.3f}",
-            f"{figures['peak_rss_bytes'] / MEBIBYTE:.0f}",
+            figures["load_seconds"],
+            figures["prepare_seconds"],
+            figures["model_seconds"],
+            figures["finish_seconds"],
+            figures["total_seconds"],
+            images_per_second(figures),
+            figures["peak_uss_bytes"] / MEBIBYTE,
         )
-        lines.append(f"{name:<8}" + "".join(f"{value:>17}" for value in values))
-
-    def shown(value: float | None) -> str:
-        return "n/a" if value is None else f"{value:.3f}"
-
+        lines.append(f"{name:<8}" + "".join(f"{value:>14.2f}" for value in values))
+    speed = ratio(images_per_second(restyle), images_per_second(plain))
+    memory = ratio(restyle["peak_uss_bytes"], plain["peak_uss_bytes"])
     lines.append(
-        f"ratio restyle/plain: images/s total {shown(ratios['images_per_second_total'])}, "
-        f"images/s model {shown(ratios['images_per_second_model'])}, peak RSS {shown(ratios['peak_rss'])}"
-    )
-    lines.append(
-        f"plain: load {plain['load_seconds']:.2f} s, untimed warm-up batch {plain['warm_up_seconds']:.2f} s; "
-        f"restyle: Ray start {restyle['ray_start_seconds']:.2f} s, run_job {restyle['run_job_seconds']:.2f} s "
-        f"(total s plus accounting and report), peak RSS over {restyle['processes_at_peak_rss']} processes"
+        f"restyle/plain: images/s {speed:.3f}, peak USS {memory:.3f}; restyle: run_job = pipeline "
+        f"{restyle['pipeline_seconds']:.2f} s + accounting {restyle['accounting_seconds']:.2f} s, actor idle "
+        f"{restyle['actor_idle_seconds']:.2f} s, peak over {restyle['processes_at_peak']} processes"
     )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Build the inputs, run both sides, print the table and optionally write the JSON."""
+    """Build the inputs, run both sides per count, print the tables and the JSON line."""
     args = parse_arguments(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.model is not None:
@@ -422,38 +491,72 @@ def main(argv: list[str] | None = None) -> int:
 
         model = make_tiny_models(DEFAULT_MODEL_DIRECTORY, names=("sd-img2img",))["sd-img2img"]
 
-    with tempfile.TemporaryDirectory(prefix="restyle-bench-") as scratch:
-        scratch = Path(scratch)
-        source = write_benchmark_images(scratch, args.num_images, args.size)
-        config = job_config(args, source, scratch / "output", model)
-        logger.info("wrote %d images of %dx%d to %s", args.num_images, args.size, args.size, source)
-        plain = run_plain_loop(args, model, source)
-        restyle = run_restyle(config)
+    runs = []
+    tables = []
+    for count in args.num_images:
+        with tempfile.TemporaryDirectory(prefix="restyle-bench-") as scratch:
+            scratch = Path(scratch)
+            source = write_benchmark_images(scratch, count, args.size)
+            config = job_config(args, source, scratch / "output", model)
+            logger.info("%d images of %dx%d: plain side", count, args.size, args.size)
+            before = os.getloadavg()
+            plain = run_side(run_plain_side, (args, model, source, scratch / "plain.parquet"), "plain side")
+            middle = os.getloadavg()
+            logger.info("%d images: restyle side", count)
+            restyle = restyle_figures(run_side(run_restyle_side, (config,), "restyle side"), config)
+            after = os.getloadavg()
+        load = {"before": before, "between": middle, "after": after}
+        tables.append(format_table(count, plain, restyle, load))
+        print(tables[-1], flush=True)
+        runs.append({"images": count, "plain": plain, "restyle": restyle, "load_average": load})
 
-    settings = {
-        "num_images": args.num_images,
-        "size": args.size,
-        "steps": args.steps,
-        "strength": STRENGTH,
-        "guidance_scale": GUIDANCE_SCALE,
-        "batch_size": args.batch_size,
-        "model_batch_size": args.batch_size,
-        "threads": args.threads,
-        "device": args.device,
-        "dtype": args.dtype,
-        "model": str(model),
+    def per_count(side: str, key: str) -> list:
+        return [run[side][key] for run in runs]
+
+    operator = job_config(args, Path("unused"), Path("unused"), model).operators[0]
+    result = {
+        "images": list(args.num_images),
+        "ratio_images_per_s": [
+            ratio(images_per_second(run["restyle"]), images_per_second(run["plain"])) for run in runs
+        ],
+        "ratio_memory": [ratio(run["restyle"]["peak_uss_bytes"], run["plain"]["peak_uss_bytes"]) for run in runs],
+        "plain_images_per_s": [images_per_second(run["plain"]) for run in runs],
+        "restyle_images_per_s": [images_per_second(run["restyle"]) for run in runs],
+        "plain_peak_uss_mib": [value / MEBIBYTE for value in per_count("plain", "peak_uss_bytes")],
+        "restyle_peak_uss_mib": [value / MEBIBYTE for value in per_count("restyle", "peak_uss_bytes")],
+        "settings": {
+            "size": args.size,
+            "steps": args.steps,
+            "strength": STRENGTH,
+            "guidance_scale": GUIDANCE_SCALE,
+            "model_batch_size": args.batch_size,
+            "threads": args.threads,
+            "device": args.device,
+            "dtype": args.dtype,
+            "model": str(model),
+            "cores": os.cpu_count(),
+            "restyle": {
+                "num_actors": operator.num_actors,
+                "num_cpus": operator.num_cpus,
+                "torch_threads": operator.torch_threads,
+                "batch_size": operator.batch_size,
+                "model_batch_size": operator.model_batch_size,
+                "reserved_cpus": 1,
+            },
+        },
+        "runs": runs,
     }
-    ratios = {
-        "images_per_second_total": ratio(restyle["images_per_second_total"], plain["images_per_second_total"]),
-        "images_per_second_model": ratio(restyle["images_per_second_model"], plain["images_per_second_model"]),
-        "peak_rss": ratio(restyle["peak_rss_bytes"], plain["peak_rss_bytes"]),
-    }
-    print(format_table(settings, plain, restyle, ratios))
+    if 256 in args.num_images and 1024 in args.num_images:
+        at = {run["images"]: run for run in runs}
+        for side in ("plain", "restyle"):
+            result[f"{side}_memory_growth_256_to_1024"] = ratio(
+                at[1024][side]["peak_uss_bytes"], at[256][side]["peak_uss_bytes"]
+            )
+    line = json.dumps(result, separators=(",", ":"))
+    print(line)
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(
-            json.dumps({"settings": settings, "plain": plain, "restyle": restyle, "ratio": ratios}, indent=2) + "\n"
-        )
+        args.json.write_text(line + "\n")
         logger.info("wrote %s", args.json)
     return 0
 

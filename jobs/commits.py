@@ -37,6 +37,7 @@ import pyarrow.parquet as pq
 from jobs.config import JobConfig, SinkConfig
 from jobs.lease import LEASE
 from operators.base import UserError, library_versions
+from operators.rows import ERROR
 from operators.storage import filesystem_for, is_inside, is_local, join, open_atomically
 
 logger = logging.getLogger(__name__)
@@ -212,7 +213,7 @@ class SinkState:
         dropped = 0
         for index, shard in enumerate(sorted(self.commits)):
             table = pq.read_table(join(self.root, shard), filesystem=_arrow(self.filesystem))
-            failed = pc.equal(table.column("status"), "error")
+            failed = pc.equal(table.column("status"), ERROR)
             count = pc.sum(failed).as_py() or 0
             if not count:
                 continue

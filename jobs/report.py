@@ -16,6 +16,7 @@ import pyarrow.dataset
 
 from jobs.config import JobConfig, SinkConfig
 from jobs.sources import SourceInfo, read_arrow_file
+from operators.rows import OK, STATUSES
 from operators.storage import arrow_filesystem, filesystem_for, join, open_atomically
 
 logger = logging.getLogger(__name__)
@@ -58,15 +59,13 @@ def account_for_rows(config: JobConfig, plan, info: SourceInfo, state, wall_seco
         "rows_in": info.row_count,
         "rows_expected": plan.expected_rows,
         "rows_out": table.num_rows,
-        "ok": statuses.get("ok", 0),
-        "error": statuses.get("error", 0),
-        "rejected": statuses.get("rejected", 0),
+        **{status: statuses.get(status, 0) for status in STATUSES},
         "skipped": info.skipped_files,
         "missing": len(missing),
         "duplicated": len(duplicated),
         "unexpected": len(unexpected),
         "wall_seconds": round(wall_seconds, 3),
-        "images_per_second": round(statuses.get("ok", 0) / wall_seconds, 4) if wall_seconds > 0 else None,
+        "images_per_second": round(statuses.get(OK, 0) / wall_seconds, 4) if wall_seconds > 0 else None,
         "seed": config.run.seed,
     }
     if missing or duplicated or unexpected:

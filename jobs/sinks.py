@@ -38,7 +38,7 @@ from jobs.config import SinkConfig
 from jobs.lease import require_lease
 from jobs.schema import features as hf_features
 from jobs.schema import normalize_table
-from operators.rows import IMAGE_TYPE
+from operators.rows import ERROR, IMAGE_TYPE
 from operators.storage import filesystem_for, join, open_atomically
 
 logger = logging.getLogger(__name__)
@@ -146,7 +146,7 @@ class ParquetImageSink(Datasink):
         errors = table.column("error").to_pylist()
         images = table.column("image").to_pylist()
         for index, reason in failed.items():
-            statuses[index], errors[index], images[index] = "error", reason, None
+            statuses[index], errors[index], images[index] = ERROR, reason, None
         for name, values in (("status", statuses), ("error", errors), ("image", images)):
             position = table.column_names.index(name)
             table = table.set_column(

@@ -32,7 +32,7 @@ import pyarrow.ipc
 from jobs.config import SourceConfig
 from jobs.schema import SchemaError, conform, output_type
 from operators.base import UserError
-from operators.rows import RESERVED_COLUMNS
+from operators.rows import ERROR, OK, RESERVED_COLUMNS
 from operators.storage import arrow_filesystem, filesystem_for, is_inside, is_local
 
 logger = logging.getLogger(__name__)
@@ -380,7 +380,7 @@ def normalize_parquet_batch(
     columns = {
         "id": ids,
         "image": images,
-        "status": pa.array(["ok" if error is None else "error" for error in errors], pa.string()),
+        "status": pa.array([OK if error is None else ERROR for error in errors], pa.string()),
         "error": pa.array(errors, pa.string()),
     }
     if keep_source_image:
@@ -413,7 +413,7 @@ def normalize_folder_batch(
     columns = {
         "id": pa.array(ids, pa.string()),
         "image": image_array,
-        "status": pa.array(["ok" if error is None else "error" for error in errors], pa.string()),
+        "status": pa.array([OK if error is None else ERROR for error in errors], pa.string()),
         "error": pa.array(errors, pa.string()),
     }
     if keep_source_image:
@@ -427,7 +427,7 @@ def folder_error_rows(errors: dict[str, str], keep_source_image: bool = False) -
     columns = {
         "id": pa.array(list(errors), pa.string()),
         "image": nothing,
-        "status": pa.array(["error"] * len(errors), pa.string()),
+        "status": pa.array([ERROR] * len(errors), pa.string()),
         "error": pa.array(list(errors.values()), pa.string()),
     }
     if keep_source_image:
