@@ -38,8 +38,8 @@ from operators.rows import (
     RESERVED_COLUMNS,
     RowError,
     derive_seed,
-    from_pixels,
     is_pixels,
+    pixel_arrays,
     to_pixels,
 )
 
@@ -323,7 +323,7 @@ class Operator:
         count = batch.num_rows
         column = batch.column("image")
         from_stage = is_pixels(column.type)
-        images = column.to_pylist()
+        images = pixel_arrays(column) if from_stage else column.to_pylist()
         statuses = batch.column("status").to_pylist() if "status" in batch.column_names else [OK] * count
         errors = batch.column("error").to_pylist() if "error" in batch.column_names else [None] * count
         rows = batch.drop_columns(["image"]).to_pylist()
@@ -333,7 +333,7 @@ class Operator:
             if statuses[index] == ERROR:
                 continue
             started = time.perf_counter()
-            image = from_pixels(images[index]) if from_stage else images[index]
+            image = images[index]
             try:
                 value = self.prepare(image, rows[index])
                 prepared[index] = value if isinstance(value, dict) else {"image": value}
@@ -356,8 +356,8 @@ class Operator:
         check_columns(self.stage_label, batch, ("id", "image", "status", PREPARE_SECONDS))
         _kill_once_if_asked()
         extras = [name for name in batch.column_names if name.startswith(PREPARED_PREFIX)]
-        images = batch.column("image").to_pylist()
-        extra_values = {name[len(PREPARED_PREFIX) :]: batch.column(name).to_pylist() for name in extras}
+        images = pixel_arrays(batch.column("image"))
+        extra_values = {name[len(PREPARED_PREFIX) :]: pixel_arrays(batch.column(name)) for name in extras}
         prepare_seconds = batch.column(PREPARE_SECONDS).to_pylist()
         passed = batch.drop_columns([PREPARE_SECONDS, *extras])
         rows = passed.drop_columns(["image"]).to_pylist()
@@ -372,9 +372,9 @@ class Operator:
                     parameter_sets = self.variants(row)
                 except RowError as problem:
                     error = str(problem)
-                decoded = from_pixels(images[index])
+                decoded = images[index]
                 if extras:
-                    decoded = {"image": decoded, **{k: from_pixels(v[index]) for k, v in extra_values.items()}}
+                    decoded = {"image": decoded, **{key: values[index] for key, values in extra_values.items()}}
             previous = row.get("variant_index") or 0
             for offset, parameters in enumerate(parameter_sets):
                 variant_index = previous * len(parameter_sets) + offset

@@ -8,7 +8,7 @@ import time
 import pyarrow as pa
 
 from operators.base import replace_columns
-from operators.rows import ERROR, PARAMETERS, RowError, from_pixels, is_pixels
+from operators.rows import ERROR, PARAMETERS, RowError, is_pixels, pixel_arrays
 
 
 def finish_batch(
@@ -30,7 +30,7 @@ def finish_batch(
     column = batch.column("image")
     if not is_pixels(column.type):  # nothing to finish (a table already encoded)
         return batch
-    arrays = [from_pixels(value) for value in column.to_pylist()]
+    arrays = pixel_arrays(column)
     if fidelity is not None:
         batch = fidelity_batch(
             batch, fidelity, histogram_stages or [], max_image_pixels or DEFAULT_MAX_IMAGE_PIXELS, outputs=arrays

@@ -65,24 +65,55 @@ def derive_seed(run_seed: int, row_id: str, variant_index: int) -> int:
 
 
 def to_pixels(arrays: list[np.ndarray | None]) -> pa.StructArray:
-    """Arrays (uint8 or uint16, H x W or H x W x C; None for no image) as a `PIXELS_TYPE` array."""
-    data, shapes, dtypes = [], [], []
+    """Arrays (uint8 or uint16, H x W or H x W x C; None for no image) as a `PIXELS_TYPE` array. The
+    pixel bytes are copied once, into one buffer."""
+    shapes, dtypes, sizes, parts = [], [], [], []
     for array in arrays:
         if array is None:
-            data.append(None), shapes.append(None), dtypes.append(None)
+            shapes.append(None), dtypes.append(None), sizes.append(0)
             continue
         if array.dtype.name not in PIXEL_DTYPES or array.ndim not in (2, 3):
             raise ValueError(f"pixels must be uint8 or uint16, H x W or H x W x C, got {array.dtype} {array.shape}")
-        shape = array.shape if array.ndim == 3 else (*array.shape, 1)
-        data.append(np.ascontiguousarray(array).tobytes())
-        shapes.append(list(shape))
+        shapes.append(list(array.shape if array.ndim == 3 else (*array.shape, 1)))
         dtypes.append(array.dtype.name)
-    mask = pa.array([value is None for value in data], pa.bool_())
-    return pa.StructArray.from_arrays(
-        [pa.array(data, pa.large_binary()), pa.array(shapes, pa.list_(pa.int32())), pa.array(dtypes, pa.string())],
-        fields=list(PIXELS_TYPE),
-        mask=mask,
+        sizes.append(array.nbytes)
+        parts.append(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
+    offsets = np.zeros(len(arrays) + 1, np.int64)
+    np.cumsum(sizes, out=offsets[1:])
+    values = np.concatenate(parts) if parts else np.zeros(0, np.uint8)
+    missing = [array is None for array in arrays]
+    validity = pa.array([not gone for gone in missing], pa.bool_()).buffers()[1] if any(missing) else None
+    data = pa.LargeBinaryArray.from_buffers(
+        pa.large_binary(), len(arrays), [validity, pa.py_buffer(offsets), pa.py_buffer(values)]
     )
+    return pa.StructArray.from_arrays(
+        [data, pa.array(shapes, pa.list_(pa.int32())), pa.array(dtypes, pa.string())],
+        fields=list(PIXELS_TYPE),
+        mask=pa.array(missing, pa.bool_()),
+    )
+
+
+def pixel_arrays(column: pa.ChunkedArray | pa.Array) -> list[np.ndarray | None]:
+    """Every row of a `PIXELS_TYPE` column as a read-only array viewing Arrow's buffer (no copy); a
+    one-channel image comes back H x W, as the decoders return grayscale."""
+    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+    arrays: list[np.ndarray | None] = []
+    for chunk in chunks:
+        data, shapes, dtypes = chunk.flatten()
+        offsets = np.frombuffer(data.buffers()[1], np.int64)[data.offset : data.offset + len(data) + 1]
+        values = data.buffers()[2]
+        for index, (valid, shape, dtype) in enumerate(
+            zip(chunk.is_valid().to_pylist(), shapes.to_pylist(), dtypes.to_pylist(), strict=True)
+        ):
+            if not valid:
+                arrays.append(None)
+                continue
+            start, end = int(offsets[index]), int(offsets[index + 1])
+            array = np.frombuffer(values, dtype=dtype, count=(end - start) // np.dtype(dtype).itemsize, offset=start)
+            array = array.reshape(shape)
+            array.flags.writeable = False  # as it is when the buffer is in Ray's object store
+            arrays.append(array[..., 0] if shape[2] == 1 else array)
+    return arrays
 
 
 def from_pixels(value: dict | None) -> np.ndarray | None:
