@@ -296,7 +296,7 @@ def _arrow_datasource_class():
 def read_source(config: SourceConfig, info: SourceInfo, keep_source_image: bool = False, ids: list[str] | None = None):
     """A Ray Dataset of the source's rows in the job's form: all of them, those of `source.limit`, or
     just `ids` (a resumed job's remaining inputs). With `keep_source_image`, a copy of each image
-    travels as `source_image` (for the fidelity stage)."""
+    travels as `source_image` (for the fidelity checks of the finish step)."""
     import ray.data
 
     filesystem, root = filesystem_for(config.uri, config.storage.storage_options())
