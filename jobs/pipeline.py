@@ -245,6 +245,10 @@ def stage_steps(config: JobConfig, index: int, stage: StagePlan) -> list[dict]:
         "fn": prepare_step(operator_class),
         "fn_kwargs": {"arguments": arguments},
         "num_cpus": config.run.resources.cpu_step_cpus,
+        # Ray Data's own default for its tasks, stated so that these remote arguments never equal a CPU
+        # actor's: Ray fuses a task into the actor stage after it when they do, which would put the
+        # prepare step back on the actor.
+        "max_retries": -1,
         **common,
     }
     model = {

@@ -68,6 +68,7 @@ def test_each_stage_is_a_cpu_prepare_step_then_an_actor_pool_model_step():
     plan = plan_job(job, SourceInfo(ids=["a"]), cpus=8, gpus=2)
     prepare, model = stage_steps(job, 0, plan.stages[0])
     assert prepare["fn"].__name__ == "Img2ImgPrepare" and "compute" not in prepare
+    assert "max_retries" in prepare and "max_retries" not in model  # never fused into the actor
     assert (prepare["num_cpus"], prepare.get("num_gpus", 0)) == (job.run.resources.cpu_step_cpus, 0)
     assert issubclass(model["fn"], ModelStep) and model["fn"].__name__ == "Img2ImgModel"
     assert model["compute"].max_tasks_in_flight_per_actor == 2  # the next batch waits ready
@@ -78,6 +79,32 @@ def test_each_stage_is_a_cpu_prepare_step_then_an_actor_pool_model_step():
     assert model["fn_constructor_kwargs"]["arguments"]["config"] is job.operators[0]
     finish = finish_args(job)
     assert finish["fn_kwargs"]["stage_name"] == job.operators[0].stage_name and "compute" not in finish
+
+
+def test_a_cpu_stage_that_reserves_what_a_prepare_task_does_still_runs_prepare_apart(ray_session):
+    """Ray fuses a task into the actor stage after it when their remote arguments match; the prepare
+    step must stay a task of its own, also for a CPU operator of `cpu_step_cpus` CPUs."""
+    import ray.data
+
+    from tests.conftest import make_batch, png_bytes
+
+    job = validate_config(
+        {
+            "source": {"uri": "in"},
+            "operators": [{"kind": "standardize", "steps": [{"op": "normalize"}], "num_cpus": 0.5}],
+            "sink": {"uri": "out"},
+        }
+    )
+    assert job.operators[0].num_cpus == job.run.resources.cpu_step_cpus
+    plan = plan_job(job, SourceInfo(ids=["row-0", "row-1"]), cpus=2, gpus=0)
+    dataset = ray.data.from_arrow(make_batch([png_bytes(8, 8), png_bytes(6, 6)]))
+    for step in stage_steps(job, 0, plan.stages[0]):
+        dataset = dataset.map_batches(**step)
+    rows = dataset.materialize()
+    assert rows.count() == 2
+    stats = rows.stats()
+    assert "MapBatches(StandardizePrepare)->MapBatches(StandardizeModel)" not in stats
+    assert "MapBatches(StandardizePrepare)" in stats and "MapBatches(StandardizeModel)" in stats
 
 
 def test_progress_log_counts_this_attempts_commit_records(tmp_path):
