@@ -263,6 +263,14 @@ def stage_steps(config: JobConfig, index: int, stage: StagePlan) -> list[dict]:
     return [prepare, model]
 
 
+def cpu_step_resources(config: JobConfig) -> dict:
+    """What the finish step and the write after it reserve: the same, so Ray runs them as one task
+    (encode, then write and commit, with no hand-over in between), and no more than a prepare task,
+    so the write is never the one task that waits for a whole free CPU while fractional tasks keep
+    taking it (commits would then pile up to the end of the job)."""
+    return {"num_cpus": config.run.resources.cpu_step_cpus}
+
+
 def finish_args(config: JobConfig) -> dict:
     """The `map_batches` arguments of the finish step: CPU tasks after the last stage that run the
     fidelity checks (when configured) and encode each output once, as the sink says."""
@@ -277,7 +285,7 @@ def finish_args(config: JobConfig) -> dict:
             "histogram_stages": [op.stage_name for op in config.operators if op.kind == "standardize"],
             "max_image_pixels": config.source.max_image_pixels,
         },
-        "num_cpus": config.run.resources.cpu_step_cpus,
+        **cpu_step_resources(config),
         "batch_size": config.operators[-1].batch_size,
         "batch_format": "pyarrow",
         "zero_copy_batch": True,
@@ -536,14 +544,18 @@ def _run_holding_lease(config, info, job_hash, run_id, state, lease, rerun_faile
         dataset = dataset.map_batches(**finish_args(config))
         half_done = {pair for pair in done if pair[0] in todo_ids}
         if half_done:
-            dataset = dataset.map_batches(drop_committed, fn_kwargs={"pairs": half_done}, batch_format="pyarrow")
+            dataset = dataset.map_batches(
+                drop_committed, fn_kwargs={"pairs": half_done}, batch_format="pyarrow", **cpu_step_resources(config)
+            )
         interactive = sys.stdout.isatty()
         ray.data.DataContext.get_current().enable_progress_bars = interactive
         progress = ProgressLog(
             config.sink, attempt, len(done), plan.expected_rows, config.run.progress_interval_seconds, run_id
         )
         with progress if not interactive else contextlib.nullcontext():
-            dataset.write_datasink(ParquetImageSink(config.sink, job_hash, attempt, run_id))
+            dataset.write_datasink(
+                ParquetImageSink(config.sink, job_hash, attempt, run_id), ray_remote_args=cpu_step_resources(config)
+            )
     else:
         plan = plan_job(config, info, *assumed_resources(config), sizes=[op.num_actors or 0 for op in config.operators])
         logger.info("nothing to do: every input is committed in %s", config.sink.uri)
