@@ -197,16 +197,16 @@ class ResourcesConfig(_Frozen):
     reserved_cpus: float = Field(
         1.0,
         ge=1,
-        description="CPUs left free for read and write tasks when sizing pools; at least 1, since each of "
-        "those tasks takes a whole CPU and a job with none free hangs.",
+        description="CPUs left free when sizing actor pools, for the tasks around them (read, prepare, finish and "
+        "write); at least 1: a job with none free hangs.",
     )
     cpu_step_cpus: float = Field(
         0.5,
         gt=0,
         le=64,
-        description="CPUs each prepare task (decode, resize, control images) and finish task (fidelity, encode) "
-        "reserves. Below 1 so these single-threaded tasks also fill the CPUs that actors waiting on an "
-        "accelerator reserve but barely use.",
+        description="CPUs each task around the actor pools reserves: read, prepare (decode, resize, control "
+        "images), finish (fidelity, encode) and write. Below 1 so these single-threaded tasks share the CPUs "
+        "left free, and the same for all of them so none waits for a whole free CPU while others keep taking it.",
     )
 
 

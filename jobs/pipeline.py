@@ -537,7 +537,13 @@ def _run_holding_lease(config, info, job_hash, run_id, state, lease, rerun_faile
             plan.describe(),
         )
         wanted = todo if len(todo) < info.row_count or config.source.limit is not None else None
-        dataset = read_source(config.source, info, keep_source_image=config.fidelity is not None, ids=wanted)
+        dataset = read_source(
+            config.source,
+            info,
+            keep_source_image=config.fidelity is not None,
+            ids=wanted,
+            num_cpus=config.run.resources.cpu_step_cpus,
+        )
         for index, stage in enumerate(plan.stages):
             for step in stage_steps(config, index, stage):
                 dataset = dataset.map_batches(**step)

@@ -293,11 +293,20 @@ def _arrow_datasource_class():
     return ArrowIPCDatasource
 
 
-def read_source(config: SourceConfig, info: SourceInfo, keep_source_image: bool = False, ids: list[str] | None = None):
+def read_source(
+    config: SourceConfig,
+    info: SourceInfo,
+    keep_source_image: bool = False,
+    ids: list[str] | None = None,
+    num_cpus: float | None = None,
+):
     """A Ray Dataset of the source's rows in the job's form: all of them, those of `source.limit`, or
     just `ids` (a resumed job's remaining inputs). With `keep_source_image`, a copy of each image
-    travels as `source_image` (for the fidelity checks of the finish step)."""
+    travels as `source_image` (for the fidelity checks of the finish step). `num_cpus` is what each
+    read task reserves (Ray's default of one when None)."""
     import ray.data
+
+    remote = {"num_cpus": num_cpus} if num_cpus is not None else {}
 
     filesystem, root = filesystem_for(config.uri, config.storage.storage_options())
     arrow_fs = arrow_filesystem(filesystem)
@@ -315,7 +324,11 @@ def read_source(config: SourceConfig, info: SourceInfo, keep_source_image: bool 
         parts = []
         if files:
             dataset = ray.data.read_binary_files(
-                files, filesystem=arrow_fs, include_paths=True, override_num_blocks=config.read_blocks
+                files,
+                filesystem=arrow_fs,
+                include_paths=True,
+                override_num_blocks=config.read_blocks,
+                ray_remote_args=remote,
             )
             local_root = os.path.realpath(root) if is_local(filesystem) else None
             parts.append(
@@ -324,6 +337,7 @@ def read_source(config: SourceConfig, info: SourceInfo, keep_source_image: bool 
                     batch_format="pyarrow",
                     fn_kwargs={"root": root, "keep_source_image": keep_source_image, "local_root": local_root},
                     zero_copy_batch=True,
+                    **remote,
                 )
             )
         if refused or not parts:
@@ -331,10 +345,14 @@ def read_source(config: SourceConfig, info: SourceInfo, keep_source_image: bool 
         return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     if config.format == "arrow":
         dataset = ray.data.read_datasource(
-            _arrow_datasource_class()(info.files, filesystem=arrow_fs), override_num_blocks=config.read_blocks
+            _arrow_datasource_class()(info.files, filesystem=arrow_fs),
+            override_num_blocks=config.read_blocks,
+            ray_remote_args=remote,
         )
     else:
-        dataset = ray.data.read_parquet(root, filesystem=arrow_fs, override_num_blocks=config.read_blocks)
+        dataset = ray.data.read_parquet(
+            root, filesystem=arrow_fs, override_num_blocks=config.read_blocks, ray_remote_args=remote
+        )
     keep = set(ids) if ids is not None else None
     return dataset.map_batches(
         normalize_parquet_batch,
@@ -347,6 +365,7 @@ def read_source(config: SourceConfig, info: SourceInfo, keep_source_image: bool 
             "column_types": info.column_types,
         },
         zero_copy_batch=True,
+        **remote,
     )
 
 
