@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 from pydantic import ValidationError
 
+from operators.acceleration import speed_record
 from operators.base import library_versions
 from operators.images import EncodingConfig
 from operators.rows import derive_seed
@@ -107,12 +108,7 @@ def test_sd_x4_quadruples_and_writes_parameters(sd_x4):
         "model_variant": None,
         "versions": library_versions(("torch", "diffusers", "transformers", "numpy", "pillow")),
         "torch_threads": 1,
-        "attention": "sdpa",
-        "channels_last": False,
-        "compile": "none",
-        "vae_tiling": False,
-        "vae_slicing": False,
-        "cpu_offload": "none",
+        **speed_record(sd_x4.config),  # the knobs' defaults
         "compile_seconds": None,
         "oom_backoffs": 0,
     }
