@@ -247,7 +247,7 @@ def stage_steps(config: JobConfig, index: int, stage: StagePlan) -> list[dict]:
         "num_cpus": config.run.resources.cpu_step_cpus,
         # Ray Data's own default for its tasks, stated so that these remote arguments never equal a CPU
         # actor's: Ray fuses a task into the actor stage after it when they do, which would put the
-        # prepare step back on the actor.
+        # prepare step back on the actor. (Ray 2.60 has no named parameter for it; see `add_step`.)
         "max_retries": -1,
         **common,
     }
@@ -269,6 +269,16 @@ def cpu_step_resources(config: JobConfig) -> dict:
     so the write is never the one task that waits for a whole free CPU while fractional tasks keep
     taking it (commits would then pile up to the end of the job)."""
     return {"num_cpus": config.run.resources.cpu_step_cpus}
+
+
+def add_step(dataset, step: dict):
+    """`dataset.map_batches(**step)`, without Ray's notice that remote arguments outside its named
+    parameters will go: the prepare step needs one that has no name yet (see `stage_steps`)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        return dataset.map_batches(**step)
 
 
 def finish_args(config: JobConfig) -> dict:
@@ -546,7 +556,7 @@ def _run_holding_lease(config, info, job_hash, run_id, state, lease, rerun_faile
         )
         for index, stage in enumerate(plan.stages):
             for step in stage_steps(config, index, stage):
-                dataset = dataset.map_batches(**step)
+                dataset = add_step(dataset, step)
         dataset = dataset.map_batches(**finish_args(config))
         half_done = {pair for pair in done if pair[0] in todo_ids}
         if half_done:

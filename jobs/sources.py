@@ -306,7 +306,7 @@ def read_source(
     read task reserves (Ray's default of one when None)."""
     import ray.data
 
-    remote = {"num_cpus": num_cpus} if num_cpus is not None else {}
+    remote = {"num_cpus": num_cpus} if num_cpus is not None else {}  # Ray's default is one CPU
 
     filesystem, root = filesystem_for(config.uri, config.storage.storage_options())
     arrow_fs = arrow_filesystem(filesystem)
@@ -328,7 +328,7 @@ def read_source(
                 filesystem=arrow_fs,
                 include_paths=True,
                 override_num_blocks=config.read_blocks,
-                ray_remote_args=remote,
+                **remote,
             )
             local_root = os.path.realpath(root) if is_local(filesystem) else None
             parts.append(
@@ -347,12 +347,10 @@ def read_source(
         dataset = ray.data.read_datasource(
             _arrow_datasource_class()(info.files, filesystem=arrow_fs),
             override_num_blocks=config.read_blocks,
-            ray_remote_args=remote,
+            **remote,
         )
     else:
-        dataset = ray.data.read_parquet(
-            root, filesystem=arrow_fs, override_num_blocks=config.read_blocks, ray_remote_args=remote
-        )
+        dataset = ray.data.read_parquet(root, filesystem=arrow_fs, override_num_blocks=config.read_blocks, **remote)
     keep = set(ids) if ids is not None else None
     return dataset.map_batches(
         normalize_parquet_batch,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from jobs.config import validate_config
-from jobs.pipeline import PlanError, finish_args, plan_job, size_pools, stage_steps
+from jobs.pipeline import PlanError, add_step, finish_args, plan_job, size_pools, stage_steps
 from jobs.sources import SourceInfo
 
 
@@ -68,7 +68,7 @@ def test_each_stage_is_a_cpu_prepare_step_then_an_actor_pool_model_step():
     plan = plan_job(job, SourceInfo(ids=["a"]), cpus=8, gpus=2)
     prepare, model = stage_steps(job, 0, plan.stages[0])
     assert prepare["fn"].__name__ == "Img2ImgPrepare" and "compute" not in prepare
-    assert "max_retries" in prepare and "max_retries" not in model  # never fused into the actor
+    assert prepare["max_retries"] == -1 and "max_retries" not in model  # never fused into the actor
     assert (prepare["num_cpus"], prepare.get("num_gpus", 0)) == (job.run.resources.cpu_step_cpus, 0)
     assert issubclass(model["fn"], ModelStep) and model["fn"].__name__ == "Img2ImgModel"
     assert model["compute"].max_tasks_in_flight_per_actor == 2  # the next batch waits ready
@@ -99,7 +99,7 @@ def test_a_cpu_stage_that_reserves_what_a_prepare_task_does_still_runs_prepare_a
     plan = plan_job(job, SourceInfo(ids=["row-0", "row-1"]), cpus=2, gpus=0)
     dataset = ray.data.from_arrow(make_batch([png_bytes(8, 8), png_bytes(6, 6)]))
     for step in stage_steps(job, 0, plan.stages[0]):
-        dataset = dataset.map_batches(**step)
+        dataset = add_step(dataset, step)
     rows = dataset.materialize()
     assert rows.count() == 2
     stats = rows.stats()
