@@ -65,9 +65,9 @@ class SinkError(UserError):
 def config_hash(config: JobConfig) -> str:
     """A hash of everything that decides the output rows: source, operators (with their resolved
     device and torch thread count, not their pool sizes, and the installed versions of the libraries
-    that shape their bytes), seed and fidelity. Storage settings and secrets are not part of it, so
-    a resume after upgrading torch, diffusers, transformers, numpy, Pillow or OpenCV is refused
-    rather than mixing outputs of two versions."""
+    that shape their bytes), seed, fidelity and the sink's encoding (its defaults resolved). Storage
+    settings and secrets are not part of it, so a resume after upgrading torch, diffusers,
+    transformers, numpy, Pillow or OpenCV is refused rather than mixing outputs of two versions."""
     operators = []
     for operator in config.operators:
         fields = operator.model_dump(mode="json", exclude=_POOL_FIELDS)
@@ -79,8 +79,18 @@ def config_hash(config: JobConfig) -> str:
         "operators": operators,
         "seed": config.run.seed,
         "fidelity": config.fidelity.model_dump(mode="json") if config.fidelity else None,
+        "encoding": encoding_identity(config.sink.encoding),
     }
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def encoding_identity(encoding) -> dict:
+    """The sink's encoding as it will run: a changed default level changes the hash too."""
+    return {
+        "format": encoding.format,
+        "png_compress_level": encoding.resolved_png_level() if encoding.format == "png" else None,
+        "quality": encoding.resolved_quality(),
+    }
 
 
 @dataclass

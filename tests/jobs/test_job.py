@@ -14,6 +14,7 @@ from jobs.commits import SinkError
 from jobs.config import validate_config
 from jobs.pipeline import run_job
 from jobs.sinks import image_file_name
+from operators.images import EncodingConfig
 from operators.rows import derive_seed
 from tests.conftest import png_bytes, write_image_parquet
 
@@ -156,6 +157,13 @@ def test_a_changed_config_does_not_mix_with_earlier_output(first_run, source, sd
         SinkError, match="holds output of a different config .* Use a new sink.uri, or sink.mode: overwrite"
     ):
         run_job(job(source, sink, model=str(sd_model), strength=0.75))
+    # Another encoding of the same rows would mix file formats or compression in one dataset.
+    config = job(source, sink, model=str(sd_model))
+    webp = config.model_copy(
+        update={"sink": config.sink.model_copy(update={"encoding": EncodingConfig(format="webp")})}
+    )
+    with pytest.raises(SinkError, match="holds output of a different config"):
+        run_job(webp)
 
 
 def test_sink_mode_error_refuses_a_non_empty_sink(first_run, source, sd_model):
