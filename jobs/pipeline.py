@@ -244,7 +244,7 @@ def stage_steps(config: JobConfig, index: int, stage: StagePlan) -> list[dict]:
     prepare = {
         "fn": prepare_step(operator_class),
         "fn_kwargs": {"arguments": arguments},
-        "num_cpus": config.run.resources.cpu_step_cpus,
+        **cpu_step_resources(config),
         # Ray Data's own default for its tasks, stated so that these remote arguments never equal a CPU
         # actor's: Ray fuses a task into the actor stage after it when they do, which would put the
         # prepare step back on the actor. (Ray 2.60 has no named parameter for it; see `add_step`.)
@@ -264,10 +264,10 @@ def stage_steps(config: JobConfig, index: int, stage: StagePlan) -> list[dict]:
 
 
 def cpu_step_resources(config: JobConfig) -> dict:
-    """What the finish step and the write after it reserve: the same, so Ray runs them as one task
-    (encode, then write and commit, with no hand-over in between), and no more than a prepare task,
-    so the write is never the one task that waits for a whole free CPU while fractional tasks keep
-    taking it (commits would then pile up to the end of the job)."""
+    """What every task around the actor pools reserves (read, prepare, finish, write): the same, so
+    Ray runs the finish step and the write as one task (encode, then write and commit, with no
+    hand-over in between), and so the write is never the one task that waits for a whole free CPU
+    while fractional tasks keep taking it (commits would then pile up to the end of the job)."""
     return {"num_cpus": config.run.resources.cpu_step_cpus}
 
 
@@ -552,7 +552,7 @@ def _run_holding_lease(config, info, job_hash, run_id, state, lease, rerun_faile
             info,
             keep_source_image=config.fidelity is not None,
             ids=wanted,
-            num_cpus=config.run.resources.cpu_step_cpus,
+            **cpu_step_resources(config),
         )
         for index, stage in enumerate(plan.stages):
             for step in stage_steps(config, index, stage):

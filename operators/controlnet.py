@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from operators.base import Item
 from operators.diffusion import GENERATION_FIELDS, a1111_model_hash
 from operators.images import eight_bit_rgb
-from operators.img2img import Img2Img, Img2ImgConfig
+from operators.img2img import Img2Img, Img2ImgConfig, decode_rgb
 from operators.models import ModelReference, resolve_model
 from operators.rows import RowError
 
@@ -168,7 +168,7 @@ class ControlNetImg2Img(Img2Img):
         return {"controlnet": controlnets[0] if len(controlnets) == 1 else controlnets}
 
     def prepare(self, data, row: dict) -> dict[str, np.ndarray]:
-        image = Image.fromarray(super().prepare(data, row))
+        image = decode_rgb(self, data, self.config.size)
         prepared = {"image": np.asarray(image)}
         for index, source in enumerate(self.config.controlnets):
             if source.column is None:

@@ -508,6 +508,23 @@ GENERATION_FIELDS = [
 PROMPT_CACHE_SIZE = 256
 
 
+def prompt_embedding_arguments(pipeline) -> tuple[str, ...] | None:
+    """The pipeline arguments its `encode_prompt`'s results go to, in that order (SD 1.x/2.x: prompt
+    and negative embeddings; SDXL: also the pooled ones); None for a text encoding restyle does not
+    know, whose pipeline then gets the prompt strings."""
+    import inspect
+
+    encode = getattr(pipeline, "encode_prompt", None)
+    if encode is None:
+        return None
+    parameters = inspect.signature(encode).parameters
+    if "pooled_prompt_embeds" in parameters and "prompt_2" in parameters:  # SDXL
+        return ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
+    if list(parameters)[:4] == ["prompt", "device", "num_images_per_prompt", "do_classifier_free_guidance"]:
+        return ("prompt_embeds", "negative_prompt_embeds")
+    return None
+
+
 class DiffusersOperator(Operator):
     """What every diffusers operator shares: torch set-up, the checkpoint resolved and vetted, one
     pipeline loaded with its scheduler, LoRAs and speed knobs, and model calls that are timed (compile
@@ -545,6 +562,7 @@ class DiffusersOperator(Operator):
         self.scheduler_name = type(self.pipeline.scheduler).__name__
         self.safety_checker = getattr(self.pipeline, "safety_checker", None) is not None
         self.clock = CompileClock(config.compile, self.device)
+        self.prompt_cache: dict[tuple, tuple] = {}
 
     def components(self) -> dict:
         """Pipeline components loaded before the pipeline (ControlNets, adapters); none by default."""
@@ -553,20 +571,18 @@ class DiffusersOperator(Operator):
     def call_model(self, group: list, run) -> list | None:
         """`run(subgroup)` returns one output per item of `subgroup`; it runs on the whole group, in halves
         after a CUDA out-of-memory (when `oom_backoff` is on). Sets `compile_seconds` and `oom_backoffs`
-        in each item's record. A failure makes every row of the group an error row (each row's item is
-        `group[i]` or its `.item`) and returns None."""
+        in each item's record. A failure makes every row of the group an error row and returns None."""
         from operators.acceleration import call_with_oom_backoff
 
-        items = [getattr(member, "item", member) for member in group]
         try:
             with self.clock.measure() as timing:
                 outputs, halvings = call_with_oom_backoff(run, group, self.config.oom_backoff, self.stage_label)
         except Exception as error:  # one call's failure must not sink the job
             logger.warning("%s: model call failed for %d rows: %s", self.stage_label, len(group), error)
-            for item in items:
+            for item in group:
                 item.error = f"model call failed for a batch of {len(group)} rows: {type(error).__name__}: {error}"
             return None
-        for item in items:
+        for item in group:
             item.record["compile_seconds"] = timing.compile_seconds
             item.record["oom_backoffs"] = max(halvings, item.record.get("oom_backoffs") or 0)
         return outputs
@@ -579,33 +595,16 @@ class DiffusersOperator(Operator):
         Encoding one prompt at a time gives every row the embeddings a one-row call would compute."""
         import torch
 
-        if not self.reuses_prompt_embeddings():
+        # Judged by the pipeline called: one without a known `encode_prompt` gets the prompt strings.
+        names = prompt_embedding_arguments(self.pipeline)
+        if names is None:
             arguments = {"prompt": prompts}
             # Only when set: some pipelines (Flux) take no negative prompt at all.
             if negative_prompt:
                 arguments["negative_prompt"] = [negative_prompt] * len(prompts)
             return arguments
         encoded = [self.encode_prompt(prompt, negative_prompt) for prompt in prompts]
-        names = self.embedding_names()
         return {name: torch.cat([row[index] for row in encoded]) for index, name in enumerate(names)}
-
-    def reuses_prompt_embeddings(self) -> bool:
-        """Whether `prompt_arguments` passes embeddings (see there)."""
-        return self.embedding_names() is not None
-
-    def embedding_names(self) -> tuple[str, ...] | None:
-        """The pipeline arguments `encode_prompt`'s results go to, in its order; None when unknown."""
-        import inspect
-
-        encode = getattr(self.pipeline, "encode_prompt", None)
-        if encode is None:
-            return None
-        parameters = inspect.signature(encode).parameters
-        if "pooled_prompt_embeds" in parameters and "prompt_2" in parameters:  # SDXL
-            return ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
-        if list(parameters)[:4] == ["prompt", "device", "num_images_per_prompt", "do_classifier_free_guidance"]:
-            return ("prompt_embeds", "negative_prompt_embeds")
-        return None
 
     def encode_prompt(self, prompt: str, negative_prompt: str | None) -> tuple:
         """One prompt's embeddings (batch of one), from a small per-actor cache. Always with the
@@ -613,7 +612,7 @@ class DiffusersOperator(Operator):
         import torch
 
         key = (prompt, negative_prompt)
-        cache = self.__dict__.setdefault("_prompt_cache", {})
+        cache = self.prompt_cache
         if key not in cache:
             if len(cache) >= PROMPT_CACHE_SIZE:
                 cache.pop(next(iter(cache)))

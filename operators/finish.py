@@ -59,12 +59,7 @@ def finish_batch(
         "status": pa.array(statuses, pa.string()),
         "error": pa.array(errors, pa.string()),
         "image": pa.array(encoded, pa.binary()),
-        **{
-            name: pa.array(
-                [v if keep else None for v, keep in zip(batch.column(name).to_pylist(), kept, strict=True)], pa.int32()
-            )
-            for name in ("width", "height")
-        },
+        **{name: _where(kept, batch.column(name).to_pylist()) for name in ("width", "height")},
         stage_name: pa.array(records, batch.schema.field(stage_name).type),
     }
     table = replace_columns(batch, columns)

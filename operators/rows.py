@@ -116,16 +116,6 @@ def pixel_arrays(column: pa.ChunkedArray | pa.Array) -> list[np.ndarray | None]:
     return arrays
 
 
-def from_pixels(value: dict | None) -> np.ndarray | None:
-    """One `PIXELS_TYPE` value (as `to_pylist` gives it) as a read-only array; a one-channel image
-    comes back H x W, as the decoders return grayscale."""
-    if value is None:
-        return None
-    height, width, channels = value["shape"]
-    array = np.frombuffer(value["data"], dtype=value["dtype"]).reshape(height, width, channels)
-    return array[..., 0] if channels == 1 else array
-
-
 def is_pixels(column_type: pa.DataType) -> bool:
     """Whether a column holds pixels (a stage after the first) rather than encoded bytes."""
     return column_type == PIXELS_TYPE

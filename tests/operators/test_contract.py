@@ -16,7 +16,7 @@ from operators import OPERATOR_CLASSES, OPERATORS
 from operators.finish import finish_batch
 from operators.images import EncodingConfig, read_parameters
 from operators.img2img import Img2Img, Img2ImgConfig
-from operators.rows import PARAMETERS, PIXELS_TYPE, PREPARE_SECONDS, from_pixels, to_pixels
+from operators.rows import PARAMETERS, PIXELS_TYPE, PREPARE_SECONDS, pixel_arrays, to_pixels
 from operators.standardize import Standardize, StandardizeConfig
 from operators.upscale import Upscale, UpscaleConfig
 from tests.conftest import make_batch, png_bytes
@@ -38,7 +38,7 @@ def test_pixels_hold_any_mix_of_sizes_depths_and_channels_and_nulls():
     ]
     column = to_pixels(arrays)
     assert column.type == PIXELS_TYPE and column.null_count == 1
-    back = [from_pixels(value) for value in column.to_pylist()]
+    back = pixel_arrays(column)
     assert back[1] is None
     for original, restored in zip([arrays[0], arrays[2], arrays[3]], [back[0], back[2], back[3]], strict=True):
         assert restored.dtype == original.dtype and np.array_equal(restored, original)
@@ -54,7 +54,7 @@ def test_prepare_step_needs_no_model_and_hands_over_arrays(sd_model):
     batch = make_batch([png_bytes(64, 48), b"not an image"])
     prepared = operator.prepare_batch(batch)
     assert prepared.schema.field("image").type == PIXELS_TYPE
-    first = from_pixels(prepared.column("image")[0].as_py())
+    first = pixel_arrays(prepared.column("image"))[0]
     assert first.shape == (24, 32, 3) and first.dtype == np.uint8
     assert prepared.column("status").to_pylist() == ["ok", "error"]
     assert "cannot decode image" in prepared.column("error")[1].as_py()
@@ -69,7 +69,7 @@ def test_model_step_returns_pixels_and_finish_encodes_once(sd_model):
     assert modelled.schema.field("image").type == PIXELS_TYPE
     assert PREPARE_SECONDS not in modelled.column_names
     assert modelled.column(PARAMETERS)[0].as_py().startswith("a watercolor\n")
-    pixels = from_pixels(modelled.column("image")[0].as_py())
+    pixels = pixel_arrays(modelled.column("image"))[0]
     finished = finish_batch(modelled, "img2img", EncodingConfig(format="webp"))
     assert PARAMETERS not in finished.column_names
     data = finished.column("image")[0].as_py()
@@ -95,7 +95,7 @@ def test_chained_stages_hand_over_pixels_not_files(tmp_path):
     between = standardize.model_batch(standardize.prepare_batch(batch))
     assert between.schema.field("image").type == PIXELS_TYPE
     chained = Upscale(upscale_config, load=False).prepare_batch(between)
-    assert from_pixels(chained.column("image")[0].as_py()).dtype == np.uint16
+    assert pixel_arrays(chained.column("image"))[0].dtype == np.uint16
     out = finish_batch(Upscale(upscale_config).model_batch(chained), "upscale")
     via_file = Upscale(upscale_config)(finish_batch(between, "standardize").select(["id", "image"]))
     assert out.column("image").to_pylist() == via_file.column("image").to_pylist()
