@@ -489,6 +489,13 @@ def drop_committed(batch, pairs: set[tuple[str, int]]):
     return batch.filter(pa.array(keep, pa.bool_()))
 
 
+def uses_object_storage(config: JobConfig) -> bool:
+    """Whether the job reads or writes s3:// anywhere: its source, its sink or a model it loads."""
+    uris = [config.source.uri, config.sink.uri]
+    uris += [reference.uri for operator in config.operators for reference in operator.model_references()]
+    return any(uri.startswith("s3://") for uri in uris)
+
+
 def run_job(config: JobConfig, rerun_failed: bool = False, force: bool = False) -> RunResult:
     """Run the job end to end, resuming from what the sink already committed, and return its plan
     and summary. With `rerun_failed`, committed error rows are dropped and their inputs redone;
@@ -535,8 +542,9 @@ def _run_holding_lease(config, info, job_hash, run_id, state, lease, rerun_faile
     counter = counted_before = None
     if todo:
         start_ray(config)
-        counter = retry_counter()
-        counted_before = counted_retries(counter)
+        if uses_object_storage(config):  # only S3 requests retry; a local job needs no counter actor
+            counter = retry_counter()
+            counted_before = counted_retries(counter)
         plan = plan_job(config, info, *cluster_resources())
         logger.info(
             "plan (attempt %d, run %s, %d of %d inputs to do):\n%s",

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from operators import catalogue
 from operators.base import UserError
 
 logger = logging.getLogger(__name__)
@@ -237,11 +238,17 @@ def check_model_files(path: Path, variant: str | None = None) -> None:
     if not isinstance(index, dict):
         raise ModelError(f"{index_path} must hold a JSON object, got {type(index).__name__}")
     class_name = index.get("_class_name")
-    if not isinstance(class_name, str) or not class_name.isidentifier() or not _is_diffusers_pipeline(class_name):
+    if not isinstance(class_name, str) or not class_name.isidentifier() or not catalogue.is_pipeline(class_name):
         raise ModelError(
             f"{index_path}: _class_name {class_name!r} is not a diffusers pipeline; custom pipeline code is not loaded"
         )
-    components = set(_pipeline_components(class_name)) | {
+    expected = catalogue.pipeline_components(class_name)
+    if expected is None:
+        raise ModelError(
+            f"{index_path}: _class_name {class_name!r} is a diffusers pipeline without a constructor of its "
+            "own (a base or modular pipeline); accepted: the pipelines diffusers' AutoPipeline classes load"
+        )
+    components = set(expected) | {
         key for key, value in index.items() if isinstance(value, list) and not key.startswith("_")
     }
     found_variant = variant is None
@@ -258,7 +265,7 @@ def check_model_files(path: Path, variant: str | None = None) -> None:
         library, component_class = spec
         if library is None or component_class is None:
             continue
-        if not _is_trusted_library(library, component_class):
+        if library not in TRUSTED_LIBRARIES and not catalogue.is_pipeline_module_class(library, component_class):
             raise ModelError(
                 f"{index_path}: component {component!r} names code from {library!r}; only "
                 f"{', '.join(TRUSTED_LIBRARIES)} components and diffusers pipeline modules are loaded "
@@ -320,39 +327,6 @@ def _check_shard_index(index_path: Path, files: set[str]) -> None:
             raise ModelError(f"{index_path} names shard {shard!r}; shards must be .safetensors files beside it")
         if shard not in files:
             raise ModelError(f"{index_path} names shard {shard!r}, which is missing")
-
-
-def _is_diffusers_pipeline(name: str) -> bool:
-    import diffusers
-
-    return name.endswith("Pipeline") and hasattr(diffusers, name)
-
-
-def _pipeline_components(class_name: str) -> list[str]:
-    """The component names a diffusers pipeline class takes (its __init__ modules)."""
-    import diffusers
-
-    pipeline_class = getattr(diffusers, class_name)
-    expected, _optional = pipeline_class._get_signature_keys(pipeline_class)
-    return sorted(expected)
-
-
-def _is_trusted_library(library: str, class_name: str) -> bool:
-    """diffusers and transformers themselves, or a diffusers pipeline module (`stable_diffusion` for
-    `StableDiffusionSafetyChecker`), resolved as diffusers' own loader resolves it."""
-    if library in TRUSTED_LIBRARIES:
-        return True
-    if not library.isidentifier() or not class_name.isidentifier():
-        return False
-    import types
-
-    from diffusers import pipelines
-
-    module = getattr(pipelines, library, None)
-    if not isinstance(module, types.ModuleType) or module.__name__ != f"diffusers.pipelines.{library}":
-        return False
-    component_class = getattr(module, class_name, None)
-    return isinstance(component_class, type) and component_class.__module__.startswith("diffusers.")
 
 
 def model_fingerprint(path: Path) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from jobs.config import validate_config
-from jobs.pipeline import PlanError, add_step, finish_args, plan_job, size_pools, stage_steps
+from jobs.pipeline import PlanError, add_step, finish_args, plan_job, size_pools, stage_steps, uses_object_storage
 from jobs.sources import SourceInfo
 
 
@@ -105,6 +105,27 @@ def test_a_cpu_stage_that_reserves_what_a_prepare_task_does_still_runs_prepare_a
     stats = rows.stats()
     assert "MapBatches(StandardizePrepare)->MapBatches(StandardizeModel)" not in stats
     assert "MapBatches(StandardizePrepare)" in stats and "MapBatches(StandardizeModel)" in stats
+
+
+@pytest.mark.parametrize(
+    ("source", "sink", "model", "expected"),
+    [
+        ("in", "out", "m", False),
+        ("s3://bucket/in", "out", "m", True),
+        ("in", "s3://bucket/out", "m", True),
+        ("in", "out", "s3://bucket/models/sd", True),
+    ],
+)
+def test_only_jobs_touching_object_storage_count_its_retries_in_an_actor(source, sink, model, expected):
+    """The retry counter is an actor (a process, about 60 MiB); only S3 requests retry."""
+    job = validate_config(
+        {
+            "source": {"uri": source},
+            "operators": [{"kind": "img2img", "model": model, "prompt": "p"}],
+            "sink": {"uri": sink},
+        }
+    )
+    assert uses_object_storage(job) is expected
 
 
 def test_progress_log_counts_this_attempts_commit_records(tmp_path):
