@@ -34,6 +34,9 @@ class _Frozen(BaseModel):
 # The largest value a signed 64-bit integer (Parquet's and Arrow's int64) holds.
 MAX_INT64 = 2**63 - 1
 ACCEPTED_URIS = "a local path, file://PATH or s3://BUCKET/PREFIX"
+MEBIBYTE = 1024 * 1024
+# Below Arrow's limit of 2 GiB for one binary array (32-bit offsets), with room for a row's other columns.
+MAX_SHARD_BYTES = 1536 * MEBIBYTE
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
 
@@ -165,6 +168,15 @@ class SinkConfig(_Frozen):
     )
     rows_per_shard: int = Field(
         1000, ge=1, le=1_000_000, description="Upper bound on rows in one Parquet shard.", strict=True
+    )
+    bytes_per_shard: int = Field(
+        512 * MEBIBYTE,
+        ge=64 * 1024,
+        le=MAX_SHARD_BYTES,
+        description="Upper bound on the bytes of one Parquet shard's rows (encoded images and other columns, "
+        "before Parquet compression); a row larger than this is a shard of its own. At most 1.5 GiB, so a "
+        "shard's image column never reaches Arrow's 2 GiB limit for one binary array.",
+        strict=True,
     )
     write_images: bool = Field(
         False, description="Also write each output as an image file under images/, in the `encoding` format."

@@ -80,6 +80,27 @@ def to_output_table(table: pa.Table, extension: str = ".png") -> pa.Table:
     return table.replace_schema_metadata(metadata)
 
 
+def shard_slices(table: pa.Table, max_rows: int, max_bytes: int) -> list[tuple[int, int]]:
+    """(offset, length) of consecutive slices of `table`, each of at most `max_rows` rows and
+    `max_bytes` bytes (a row's encoded image plus its share of the other columns); a row larger than
+    `max_bytes` alone is a slice of its own."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    images = pc.fill_null(pc.binary_length(table.column("image")), 0).to_numpy().astype(np.int64)
+    other = (table.nbytes - int(images.sum())) / max(table.num_rows, 1)
+    ends = np.cumsum(images + int(other) + 1)  # bytes up to and including each row
+    slices = []
+    offset = 0
+    while offset < table.num_rows:
+        before = int(ends[offset - 1]) if offset else 0
+        stop = int(np.searchsorted(ends, before + max_bytes, side="right"))
+        stop = min(max(stop, offset + 1), offset + max_rows, table.num_rows)
+        slices.append((offset, stop - offset))
+        offset = stop
+    return slices
+
+
 class ParquetImageSink(Datasink):
     """Ray Data sink writing the layout above; each write task commits its own shards, so a crash
     loses only the shards in flight. Returns the shard names each task committed."""
@@ -104,9 +125,10 @@ class ParquetImageSink(Datasink):
             # Before the shards: a committed row's image file always exists.
             table = self._write_images(table, filesystem, root)
         written = []
-        shard_rows = self.config.rows_per_shard
-        for shard_index, offset in enumerate(range(0, table.num_rows, shard_rows)):
-            shard = to_output_table(table.slice(offset, shard_rows), self.config.encoding.extension())
+        for shard_index, (offset, length) in enumerate(
+            shard_slices(table, self.config.rows_per_shard, self.config.bytes_per_shard)
+        ):
+            shard = to_output_table(table.slice(offset, length), self.config.encoding.extension())
             name = shard_name(self.attempt, self.run_id, f"{ctx.task_idx:05d}", shard_index)
             commit = Commit(name, shard.num_rows, self.config_hash, self.attempt, run_id=self.run_id)
             require_lease(filesystem, root, self.run_id)

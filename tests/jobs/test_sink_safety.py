@@ -439,3 +439,44 @@ def test_an_s3_lease_taken_over_while_its_old_holder_releases_it_stays(s3_bucket
     second.acquire()
     second.release()  # its own, unchanged: deleted
     assert "Contents" not in client.list_objects_v2(Bucket=bucket, Prefix=f"out/{LEASE}")
+
+
+def test_shards_are_capped_by_bytes_as_well_as_rows():
+    from jobs.sinks import shard_slices
+
+    sizes = [100_000, 100_000, 100_000, 300_000, 50_000, 50_000, 50_000, 100_000]
+    table = pa.table({"id": [str(i) for i in range(len(sizes))], "image": [b"x" * size for size in sizes]})
+    slices = shard_slices(table, max_rows=1000, max_bytes=250_000)
+    # Consecutive, complete, each within the cap except the one row that alone exceeds it.
+    assert slices == [(0, 2), (2, 1), (3, 1), (4, 3), (7, 1)]
+    assert shard_slices(table, max_rows=2, max_bytes=10**9) == [(0, 2), (2, 2), (4, 2), (6, 2)]
+    nulls = pa.table({"id": ["a", "b"], "image": pa.array([None, b"y"], pa.binary())})
+    assert shard_slices(nulls, max_rows=1000, max_bytes=10**6) == [(0, 2)]
+
+
+def test_a_write_larger_than_the_byte_cap_becomes_several_committed_shards(tmp_path):
+    """Before the cap, one write task's rows became shards by row count alone: 2.3 GiB of images
+    in one shard failed to build (one binary array holds at most 2 GiB)."""
+    config = job(tmp_path / "in", tmp_path / "out")
+    config = config.model_copy(update={"sink": config.sink.model_copy(update={"bytes_per_shard": 64 * 1024})})
+    images = [bytes(range(256)) * 120 for _ in range(6)]  # 30 KiB each: two per 64 KiB shard
+    table = pa.table(
+        {
+            "id": pa.array([f"row-{i}" for i in range(6)], pa.string()),
+            "variant_index": pa.array([0] * 6, pa.int64()),
+            "image": pa.array(images, pa.binary()),
+            "status": pa.array(["ok"] * 6, pa.string()),
+            "error": pa.array([None] * 6, pa.string()),
+        }
+    )
+    filesystem, root = filesystem_for(str(tmp_path / "out"))
+    lease = SinkLease(filesystem, root, str(tmp_path / "out"), "run00001", "h", seconds=60)
+    lease.acquire()
+    try:
+        written = ParquetImageSink(config.sink, "h", 1, "run00001").write([table], types.SimpleNamespace(task_idx=0))
+    finally:
+        lease.release()
+    assert [entry["rows"] for entry in written] == [2, 2, 2]
+    ids = [row["id"] for entry in written for row in pq.read_table(tmp_path / "out" / entry["shard"]).to_pylist()]
+    assert ids == [f"row-{i}" for i in range(6)]
+    assert len(list((tmp_path / "out" / "_commits").iterdir())) == len(written)
