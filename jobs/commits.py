@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 
 import fsspec
@@ -35,6 +36,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from jobs.config import JobConfig, SinkConfig
+from jobs.fragments import SOURCE_FRAGMENT, tally
 from jobs.lease import LEASE
 from operators.base import UserError, library_versions
 from operators.rows import ERROR
@@ -103,6 +105,10 @@ class Commit:
     attempt: int
     replaces: list[str] = field(default_factory=list)
     run_id: str = ""
+    # {fragment key: [rows, checksum]} of the shard's rows (`jobs.fragments.tally`).
+    fragments: dict[str, list[int]] = field(default_factory=dict)
+    # {status: rows} of the shard's rows.
+    statuses: dict[str, int] = field(default_factory=dict)
 
 
 def shard_name(attempt: int, run_id: str, task: str, index: int) -> str:
@@ -230,7 +236,16 @@ class SinkState:
             kept = table.filter(pc.invert(failed))
             if kept.num_rows:
                 name = shard_name(attempt, run_id, f"r{index:04d}", 0)
-                commit = Commit(name, kept.num_rows, job_hash, attempt, replaces=[shard], run_id=run_id)
+                commit = Commit(
+                    name,
+                    kept.num_rows,
+                    job_hash,
+                    attempt,
+                    replaces=[shard],
+                    run_id=run_id,
+                    fragments=tally(kept) if SOURCE_FRAGMENT in kept.column_names else {},
+                    statuses=dict(sorted(Counter(kept.column("status").to_pylist()).items())),
+                )
                 write_shard(self.filesystem, self.root, name, kept, commit)
                 self.commits[name] = commit
             self.filesystem.rm(join(self.root, COMMITS, shard.rsplit("/", 1)[-1] + ".json"))
@@ -302,6 +317,16 @@ def _well_typed(commit: Commit) -> bool:
         and isinstance(commit.replaces, list)
         and all(isinstance(old, str) for old in commit.replaces)
         and isinstance(commit.run_id, str)
+        and isinstance(commit.fragments, dict)
+        and all(
+            isinstance(key, str)
+            and isinstance(value, list)
+            and len(value) == 2
+            and all(isinstance(number, int) and number >= 0 for number in value)
+            for key, value in commit.fragments.items()
+        )
+        and isinstance(commit.statuses, dict)
+        and all(isinstance(key, str) and isinstance(value, int) for key, value in commit.statuses.items())
     )
 
 

@@ -578,7 +578,8 @@ def _run_holding_lease(config, info, job_hash, run_id, state, lease, rerun_faile
         )
         with progress if not interactive else contextlib.nullcontext():
             dataset.write_datasink(
-                ParquetImageSink(config.sink, job_hash, attempt, run_id), ray_remote_args=cpu_step_resources(config)
+                ParquetImageSink(config.sink, job_hash, attempt, run_id, [fragment.key for fragment in info.fragments]),
+                ray_remote_args=cpu_step_resources(config),
             )
     else:
         plan = plan_job(config, info, *assumed_resources(config), sizes=[op.num_actors or 0 for op in config.operators])

@@ -27,6 +27,7 @@ import json
 import logging
 import re
 import time
+from collections import Counter
 from collections.abc import Iterable
 
 import pyarrow as pa
@@ -35,6 +36,7 @@ from ray.data.block import Block, BlockAccessor
 
 from jobs.commits import Commit, shard_name, write_shard
 from jobs.config import SinkConfig
+from jobs.fragments import FRAGMENT, SOURCE_FRAGMENT, name_fragments, tally
 from jobs.lease import require_lease
 from jobs.schema import features as hf_features
 from jobs.schema import normalize_table
@@ -105,11 +107,14 @@ class ParquetImageSink(Datasink):
     """Ray Data sink writing the layout above; each write task commits its own shards, so a crash
     loses only the shards in flight. Returns the shard names each task committed."""
 
-    def __init__(self, config: SinkConfig, config_hash: str, attempt: int, run_id: str):
+    def __init__(
+        self, config: SinkConfig, config_hash: str, attempt: int, run_id: str, fragment_keys: list[str] | None = None
+    ):
         self.config = config
         self.config_hash = config_hash
         self.attempt = attempt
         self.run_id = run_id
+        self.fragment_keys = fragment_keys or []  # `_fragment` index -> the fragment's key
 
     def get_name(self) -> str:
         return "RestyleParquet"
@@ -120,6 +125,8 @@ class ParquetImageSink(Datasink):
         if not tables:
             return []
         table = pa.concat_tables(tables, promote_options="permissive")
+        if FRAGMENT in table.column_names:
+            table = name_fragments(table, self.fragment_keys)
         filesystem, root = filesystem_for(self.config.uri, self.config.storage.storage_options())
         if self.config.write_images:
             # Before the shards: a committed row's image file always exists.
@@ -128,9 +135,19 @@ class ParquetImageSink(Datasink):
         for shard_index, (offset, length) in enumerate(
             shard_slices(table, self.config.rows_per_shard, self.config.bytes_per_shard)
         ):
-            shard = to_output_table(table.slice(offset, length), self.config.encoding.extension())
+            rows = table.slice(offset, length)
+            statuses = Counter(rows.column("status").to_pylist())
+            shard = to_output_table(rows, self.config.encoding.extension())
             name = shard_name(self.attempt, self.run_id, f"{ctx.task_idx:05d}", shard_index)
-            commit = Commit(name, shard.num_rows, self.config_hash, self.attempt, run_id=self.run_id)
+            commit = Commit(
+                name,
+                shard.num_rows,
+                self.config_hash,
+                self.attempt,
+                run_id=self.run_id,
+                fragments=tally(shard) if SOURCE_FRAGMENT in shard.column_names else {},
+                statuses=dict(sorted(statuses.items())),
+            )
             require_lease(filesystem, root, self.run_id)
             write_shard(filesystem, root, name, shard, commit)
             written.append({"shard": name, "rows": shard.num_rows})

@@ -17,6 +17,7 @@ do dangling or looping links; links within the folder are read like the files th
 from __future__ import annotations
 
 import fnmatch
+import functools
 import io
 import logging
 import os
@@ -28,8 +29,10 @@ import pyarrow as pa
 import pyarrow.compute
 import pyarrow.dataset
 import pyarrow.ipc
+import pyarrow.parquet
 
 from jobs.config import SourceConfig
+from jobs.fragments import FOLDER_FRAGMENT_FILES, FRAGMENT, ROW, Fragment
 from jobs.schema import SchemaError, conform, output_type
 from operators.base import UserError
 from operators.rows import ERROR, OK, RESERVED_COLUMNS
@@ -59,6 +62,8 @@ class SourceInfo:
     skipped: list[str] = field(default_factory=list)
     # Tables: the type each passthrough column is written as (`jobs.schema.output_type`).
     column_types: dict[str, pa.DataType] = field(default_factory=dict)
+    # The units the job reads and accounts for (`jobs.fragments`), in source order.
+    fragments: list[Fragment] = field(default_factory=list)
 
     @property
     def row_count(self) -> int:
@@ -84,6 +89,10 @@ def _inspect_table(config: SourceConfig, filesystem, root: str) -> SourceInfo:
         if config.format == "arrow":
             files, _ = _list_files(config, filesystem, root, ARROW_SUFFIXES, allow_single_file=True)
             tables = [read_arrow_file(filesystem, path) for path in files]
+            fragments = [
+                Fragment(_relative(path, root) or path.rsplit("/", 1)[-1], table.num_rows, path)
+                for path, table in zip(files, tables, strict=True)
+            ]
             schema = _unified_schema(config, [table.schema for table in tables])
             id_type = schema.field(config.id_column).type if config.id_column in schema.names else pa.null()
             # A file without the id column gives null ids, which are refused below.
@@ -103,6 +112,7 @@ def _inspect_table(config: SourceConfig, filesystem, root: str) -> SourceInfo:
             schema = _unified_schema(config, [fragment.physical_schema for fragment in dataset.get_fragments()])
             dataset = pyarrow.dataset.dataset(root, filesystem=arrow_fs, format="parquet", schema=schema)
             files = []
+            fragments = _row_group_fragments(dataset, root)
     except FileNotFoundError:
         raise SourceError(
             f"cannot read {FORMAT_NAMES[config.format]} at source.uri {config.uri}: it does not exist "
@@ -140,7 +150,26 @@ def _inspect_table(config: SourceConfig, filesystem, root: str) -> SourceInfo:
     ids.sort()
     if config.limit is not None:
         ids = ids[: config.limit]
-    return SourceInfo(ids=ids, passthrough_columns=passthrough, files=files, root=root, column_types=column_types)
+    return SourceInfo(
+        ids=ids,
+        passthrough_columns=passthrough,
+        files=files,
+        root=root,
+        column_types=column_types,
+        fragments=fragments,
+    )
+
+
+def _row_group_fragments(dataset, root: str) -> list[Fragment]:
+    """One fragment per row group of every file, from the files' footers (no data read)."""
+    fragments = []
+    for file_fragment in sorted(dataset.get_fragments(), key=lambda item: item.path):
+        metadata = file_fragment.metadata
+        relative = _relative(file_fragment.path, root) or file_fragment.path.rsplit("/", 1)[-1]
+        for index in range(metadata.num_row_groups):
+            rows = metadata.row_group(index).num_rows
+            fragments.append(Fragment(f"{relative}#{index}", rows, file_fragment.path, index))
+    return fragments
 
 
 def _unified_schema(config: SourceConfig, schemas: list[pa.Schema]) -> pa.Schema:
@@ -204,7 +233,14 @@ def _inspect_folder(config: SourceConfig, filesystem, root: str) -> SourceInfo:
         raise SourceError(f"source.uri {config.uri} holds no files to read ({len(skipped)} hidden files skipped)")
     if config.limit is not None:
         inputs = inputs[: config.limit]
+    fragments = [
+        Fragment(f"{chunk[0][0]}+{len(chunk)}", len(chunk), entries=tuple(chunk))
+        for chunk in (
+            inputs[start : start + FOLDER_FRAGMENT_FILES] for start in range(0, len(inputs), FOLDER_FRAGMENT_FILES)
+        )
+    ]
     return SourceInfo(
+        fragments=fragments,
         ids=[relative for relative, _, _ in inputs],
         files=[path for _, path, _ in inputs],
         root=root,
@@ -273,26 +309,6 @@ def read_arrow_file(filesystem, path: str) -> pa.Table:
         return pa.ipc.open_stream(buffer).read_all()
 
 
-def _arrow_datasource_class():
-    """Ray Data's file-based reader for Arrow IPC files (defined lazily so importing needs no Ray)."""
-    from ray.data.datasource import FileBasedDatasource
-
-    class ArrowIPCDatasource(FileBasedDatasource):
-        """Reads Arrow IPC files, file or stream format, one record batch group per block."""
-
-        def _read_stream(self, f, path: str):
-            buffer = f.read_buffer()
-            try:
-                reader = pa.ipc.open_file(buffer)
-                batches = (reader.get_batch(index) for index in range(reader.num_record_batches))
-            except pa.ArrowInvalid:
-                batches = iter(pa.ipc.open_stream(buffer))
-            for batch in batches:
-                yield pa.Table.from_batches([batch])
-
-    return ArrowIPCDatasource
-
-
 def read_source(
     config: SourceConfig,
     info: SourceInfo,
@@ -300,71 +316,167 @@ def read_source(
     ids: list[str] | None = None,
     num_cpus: float | None = None,
 ):
-    """A Ray Dataset of the source's rows in the job's form: all of them, those of `source.limit`, or
-    just `ids` (a resumed job's remaining inputs). With `keep_source_image`, a copy of each image
-    travels as `source_image` (for the fidelity checks of the finish step). `num_cpus` is what each
-    read task reserves (Ray's default of one when None)."""
+    """A Ray Dataset of the source's rows in the job's form, each tagged with its fragment and its
+    position in it (`jobs.fragments`): all of them, those of `source.limit`, or just `ids` (a resumed
+    job's remaining inputs). With `keep_source_image`, a copy of each image travels as `source_image`
+    (for the fidelity checks of the finish step). `num_cpus` is what each read task reserves (Ray's
+    default of one when None)."""
     import ray.data
 
     remote = {"num_cpus": num_cpus} if num_cpus is not None else {}  # Ray's default is one CPU
-
-    filesystem, root = filesystem_for(config.uri, config.storage.storage_options())
-    arrow_fs = arrow_filesystem(filesystem)
     if ids is None and config.limit is not None:
         ids = info.ids
-    if config.format == "images":
-        wanted = set(ids) if ids is not None else None
-        selected = [
-            (row_id, path)
-            for row_id, path in zip(info.ids, info.files, strict=True)
-            if wanted is None or row_id in wanted
-        ]
-        files = [path for row_id, path in selected if row_id not in info.refused]
-        refused = {row_id: info.refused[row_id] for row_id, _ in selected if row_id in info.refused}
-        parts = []
-        if files:
-            dataset = ray.data.read_binary_files(
-                files,
-                filesystem=arrow_fs,
-                include_paths=True,
-                override_num_blocks=config.read_blocks,
-                **remote,
-            )
-            local_root = os.path.realpath(root) if is_local(filesystem) else None
-            parts.append(
-                dataset.map_batches(
-                    normalize_folder_batch,
-                    batch_format="pyarrow",
-                    fn_kwargs={"root": root, "keep_source_image": keep_source_image, "local_root": local_root},
-                    zero_copy_batch=True,
-                    **remote,
-                )
-            )
-        if refused or not parts:
-            parts.append(ray.data.from_arrow(folder_error_rows(refused, keep_source_image)))
-        return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
-    if config.format == "arrow":
-        dataset = ray.data.read_datasource(
-            _arrow_datasource_class()(info.files, filesystem=arrow_fs),
-            override_num_blocks=config.read_blocks,
-            **remote,
-        )
-    else:
-        dataset = ray.data.read_parquet(root, filesystem=arrow_fs, override_num_blocks=config.read_blocks, **remote)
     keep = set(ids) if ids is not None else None
-    return dataset.map_batches(
-        normalize_parquet_batch,
-        batch_format="pyarrow",
-        fn_kwargs={
-            "id_column": config.id_column,
-            "image_column": config.image_column,
-            "keep_ids": keep,
-            "keep_source_image": keep_source_image,
-            "column_types": info.column_types,
-        },
-        zero_copy_batch=True,
-        **remote,
+    if not info.fragments:
+        return ray.data.from_arrow(folder_error_rows({}, keep_source_image))
+    source = _fragment_source_class()(
+        config, info.column_types, list(enumerate(info.fragments)), info.root, keep_source_image, keep
     )
+    return ray.data.read_datasource(source, override_num_blocks=config.read_blocks, **remote)
+
+
+def _fragment_source_class():
+    """Ray Data's datasource over planned fragments (defined lazily so importing needs no Ray)."""
+    from ray.data.block import BlockMetadata
+    from ray.data.datasource import Datasource, ReadTask
+
+    class FragmentSource(Datasource):
+        """Reads fragments, one block per fragment, in the job's row form (see `read_fragment`)."""
+
+        def __init__(self, config, column_types, fragments, root, keep_source_image, keep_ids):
+            super().__init__()
+            self.config, self.column_types, self.fragments = config, column_types, fragments
+            self.root, self.keep_source_image, self.keep_ids = root, keep_source_image, keep_ids
+
+        def get_name(self) -> str:
+            return FORMAT_NAMES[self.config.format].replace(" ", "")
+
+        def estimate_inmemory_data_size(self) -> int | None:
+            return None
+
+        def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None) -> list:
+            groups = _balanced_groups(self.fragments, max(parallelism, 1))
+            return [
+                ReadTask(
+                    functools.partial(self._read, group),
+                    BlockMetadata(
+                        num_rows=sum(fragment.rows for _, fragment in group),
+                        size_bytes=None,
+                        input_files=None,
+                        exec_stats=None,
+                    ),
+                    per_task_row_limit=per_task_row_limit,
+                )
+                for group in groups
+            ]
+
+        def _read(self, group):
+            filesystem, root = filesystem_for(self.config.uri, self.config.storage.storage_options())
+            for index, fragment in group:
+                yield read_fragment(
+                    self.config,
+                    filesystem,
+                    root,
+                    index,
+                    fragment,
+                    self.column_types,
+                    self.keep_source_image,
+                    self.keep_ids,
+                )
+
+    return FragmentSource
+
+
+def _balanced_groups(fragments: list, count: int) -> list[list]:
+    """Split (index, fragment) pairs into at most `count` runs of consecutive fragments with about
+    the same number of rows each."""
+    total = sum(fragment.rows for _, fragment in fragments)
+    target = max(total / min(count, len(fragments)), 1)
+    groups, current, rows = [], [], 0
+    for item in fragments:
+        current.append(item)
+        rows += item[1].rows
+        if rows >= target * (len(groups) + 1) and len(groups) < count - 1:
+            groups.append(current)
+            current = []
+    if current:
+        groups.append(current)
+    return groups
+
+
+def read_fragment(
+    config: SourceConfig,
+    filesystem,
+    root: str,
+    index: int,
+    fragment: Fragment,
+    column_types: dict[str, pa.DataType],
+    keep_source_image: bool = False,
+    keep_ids: set[str] | None = None,
+) -> pa.Table:
+    """One fragment's rows in the job's form, with `_fragment` (= `index`) and `_row` (the row's
+    position in the fragment) as the last columns; with `keep_ids`, only the rows of those ids."""
+    import numpy as np
+
+    if config.format == "images":
+        return _read_folder_fragment(filesystem, root, index, fragment, keep_source_image, keep_ids)
+    if config.format == "arrow":
+        raw = read_arrow_file(filesystem, fragment.path)
+    else:
+        with filesystem.open(fragment.path, "rb") as handle:
+            raw = pyarrow.parquet.ParquetFile(handle).read_row_group(fragment.row_group)
+    raw = raw.slice(0, fragment.rows)
+    raw = raw.append_column(FRAGMENT, pa.array(np.full(raw.num_rows, index, np.int32)))
+    raw = raw.append_column(ROW, pa.array(np.arange(raw.num_rows, dtype=np.int64)))
+    if config.id_column not in raw.column_names:
+        raise SourceError(f"source.id_column {config.id_column!r} is missing from {fragment.path}")
+    table = normalize_parquet_batch(
+        raw, config.id_column, config.image_column, keep_ids, keep_source_image, column_types
+    )
+    return _tags_last(table)
+
+
+def _read_folder_fragment(filesystem, root: str, index: int, fragment: Fragment, keep_source_image, keep_ids):
+    """A run of an image folder's files as rows; a file that is no image, cannot be read, or is a
+    link out of the folder (when listed, or since) becomes an error row naming it."""
+    local_root = os.path.realpath(root) if is_local(filesystem) else None
+    ids, images, errors, positions = [], [], [], []
+    for position, (row_id, path, problem) in enumerate(fragment.entries):
+        if keep_ids is not None and row_id not in keep_ids:
+            continue
+        data = None
+        if problem is None and local_root is not None and not is_inside(os.path.realpath(path), local_root):
+            problem = "symlink leaves the source folder"
+        if problem is None:
+            try:
+                data = filesystem.cat_file(path)
+            except OSError as error:
+                problem = f"cannot read the file ({type(error).__name__})"
+        if problem is None:
+            problem = _not_an_image(data)
+        if problem is not None:
+            data = None
+        ids.append(row_id)
+        images.append(data)
+        errors.append(f"{problem}: {row_id}" if problem else None)
+        positions.append(position)
+    image_array = pa.array(images, pa.binary())
+    columns = {
+        "id": pa.array(ids, pa.string()),
+        "image": image_array,
+        "status": pa.array([OK if error is None else ERROR for error in errors], pa.string()),
+        "error": pa.array(errors, pa.string()),
+    }
+    if keep_source_image:
+        columns["source_image"] = image_array
+    columns[FRAGMENT] = pa.array([index] * len(ids), pa.int32())
+    columns[ROW] = pa.array(positions, pa.int64())
+    return pa.table(columns)
+
+
+def _tags_last(table: pa.Table) -> pa.Table:
+    names = [name for name in table.column_names if name not in (FRAGMENT, ROW)]
+    return table.select([*names, FRAGMENT, ROW])
 
 
 def normalize_parquet_batch(
@@ -406,36 +518,6 @@ def normalize_parquet_batch(
     for name in passthrough.column_names:
         table = table.append_column(name, passthrough.column(name))
     return conform(table, column_types) if column_types else table
-
-
-def normalize_folder_batch(
-    batch: pa.Table, root: str, keep_source_image: bool = False, local_root: str | None = None
-) -> pa.Table:
-    """Turn `read_binary_files` rows (bytes, path) into the job's row form; a file that is not an
-    image Pillow can open becomes an error row naming it. With `local_root` (the real path of a local
-    folder), a file that has become a link out of the folder since it was listed is dropped unread."""
-    paths = batch.column("path").to_pylist()
-    ids = [_relative(path, root) for path in paths]
-    images: list[bytes | None] = batch.column("bytes").cast(pa.binary()).to_pylist()
-    errors: list[str | None] = []
-    for index, (row_id, path, data) in enumerate(zip(ids, paths, images, strict=True)):
-        if local_root is not None and not is_inside(os.path.realpath(path), local_root):
-            problem = "symlink leaves the source folder"
-        else:
-            problem = _not_an_image(data)
-        errors.append(f"{problem}: {row_id}" if problem else None)
-        if problem:
-            images[index] = None
-    image_array = pa.array(images, pa.binary())
-    columns = {
-        "id": pa.array(ids, pa.string()),
-        "image": image_array,
-        "status": pa.array([OK if error is None else ERROR for error in errors], pa.string()),
-        "error": pa.array(errors, pa.string()),
-    }
-    if keep_source_image:
-        columns["source_image"] = image_array
-    return pa.table(columns)
 
 
 def folder_error_rows(errors: dict[str, str], keep_source_image: bool = False) -> pa.Table:

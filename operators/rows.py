@@ -32,6 +32,8 @@ RESERVED_COLUMNS = (
     "ssim",
     "psnr",
     "histogram_distance",
+    "source_fragment",
+    "source_row",
 )
 
 # Row status values: an `error` row carries its reason in `error` and no image; a `rejected` row

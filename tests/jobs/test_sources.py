@@ -268,24 +268,25 @@ def test_folder_job_counts_errors_and_skipped_files_and_never_publishes_a_linked
 
 
 def test_a_file_that_became_a_link_out_of_the_folder_after_listing_is_not_passed_on(tmp_path):
-    from jobs.sources import normalize_folder_batch
+    from jobs.sources import read_fragment
+    from operators.storage import filesystem_for
 
     root, outside = tmp_path / "root", tmp_path / "outside"
     root.mkdir()
     outside.mkdir()
     (outside / "private.png").write_bytes(encoded("PNG"))
     (root / "a.png").write_bytes(encoded("PNG"))
-    (root / "b.png").symlink_to(outside / "private.png")
-    batch = pa.table(
-        {
-            "bytes": [encoded("PNG"), (outside / "private.png").read_bytes()],
-            "path": [str(root / "a.png"), str(root / "b.png")],
-        }
-    )
-    rows = normalize_folder_batch(batch, str(root), keep_source_image=True, local_root=str(root.resolve()))
+    (root / "b.png").write_bytes(encoded("PNG"))
+    config = SourceConfig(uri=str(root), format="images")
+    fragment = inspect_source(config).fragments[0]
+    (root / "b.png").unlink()
+    (root / "b.png").symlink_to(outside / "private.png")  # after the listing, before the read
+    filesystem, resolved = filesystem_for(str(root))
+    rows = read_fragment(config, filesystem, resolved, 0, fragment, {}, keep_source_image=True)
     assert rows.column("status").to_pylist() == ["ok", "error"]
     assert rows.column("error").to_pylist() == [None, "symlink leaves the source folder: b.png"]
     assert rows.column("image").to_pylist()[1] is None and rows.column("source_image").to_pylist()[1] is None
+    assert rows.column("_row").to_pylist() == [0, 1] and rows.column("_fragment").to_pylist() == [0, 0]
 
 
 def test_arrow_files_without_the_id_column_are_refused(tmp_path):
