@@ -116,15 +116,16 @@ def dry_run(config: JobConfig) -> int:
     """Validate, resolve what can be resolved without running, and print the plan."""
     from jobs.commits import check_sink_location
     from jobs.pipeline import PlanError, assumed_resources, plan_job, ray_address_setting, reachable_address
-    from jobs.sources import SourceInfo, inspect_source
+    from jobs.sources import SourceInfo, check_ids, inspect_source
     from operators.models import vet_models
 
     problems = []
     try:
         info = inspect_source(config.source)
+        check_ids(config.source, info)  # in this process: a dry run starts no Ray
     except (UserError, OSError) as error:  # StorageUnreachableError is both
         problems.append(f"source: {error}")
-        info = SourceInfo(ids=[])
+        info = SourceInfo(fragments=[])
     problems += vet_models(config.operators, config.run.offline)
     try:
         check_sink_location(config)

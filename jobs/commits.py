@@ -15,8 +15,9 @@ Only restyle's own outputs are ever deleted (`OUTPUT_NAMES`, shard and PNG names
 `images/`); `check_sink_location` refuses a sink that overlaps the source, the working directory,
 the home directory or a root, before anything is read or written.
 
-Limits: the driver holds the committed (id, variant) pairs in memory (about 100 bytes each); the
-unit of resumption is a shard, so a crash loses at most the shards being written.
+Each record also tallies the shard's rows per source fragment and per status (`jobs.fragments`):
+resuming and accounting read the records, not the rows, so the driver holds a few numbers per shard
+and per fragment, never one per row. A crash loses at most the shards being written.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from jobs.config import JobConfig, SinkConfig
-from jobs.fragments import SOURCE_FRAGMENT, tally
+from jobs.fragments import SOURCE_FRAGMENT, add_tallies, tally
 from jobs.lease import LEASE
 from operators.base import UserError, library_versions
 from operators.rows import ERROR
@@ -209,6 +210,54 @@ class SinkState:
         if leftovers:
             logger.info("sink: removed %d uncommitted or superseded files", len(leftovers))
         return len(leftovers)
+
+    def tallies(self) -> dict[str, list[int]]:
+        """{fragment key: [rows, checksum]} summed over the live commits (`jobs.fragments`)."""
+        total: dict[str, list[int]] = {}
+        for commit in self.commits.values():
+            add_tallies(total, commit.fragments)
+        return total
+
+    def statuses(self) -> Counter:
+        """Committed rows per status, from the commit records."""
+        counts: Counter = Counter()
+        for commit in self.commits.values():
+            counts.update(commit.statuses)
+        return counts
+
+    @property
+    def rows(self) -> int:
+        """Committed rows, from the commit records."""
+        return sum(commit.rows for commit in self.commits.values())
+
+    def refuse_records_without_tallies(self) -> None:
+        """A sink whose records predate per-fragment tallies cannot be resumed or accounted for."""
+        old = sorted(shard for shard, commit in self.commits.items() if commit.rows and not commit.fragments)
+        if old:
+            raise SinkError(
+                f"sink.uri {self.config.uri} holds {len(old)} shards whose commit records name no source "
+                f"fragments (e.g. {old[0]}), written by an earlier restyle; use a new sink.uri, or "
+                "sink.mode: overwrite to replace them"
+            )
+
+    def read_fragments(self, columns: list[str], keys: list[str], ids: list[str] | None = None) -> pa.Table:
+        """Columns of the committed rows of the fragments named by `keys` (only those of `ids`, if given)."""
+        import pyarrow.dataset
+
+        from operators.storage import arrow_filesystem
+
+        shards = [
+            join(self.root, shard)
+            for shard, commit in sorted(self.commits.items())
+            if set(commit.fragments) & set(keys)
+        ]
+        if not shards:
+            return pa.table({name: pa.array([], pa.string()) for name in columns})
+        dataset = pyarrow.dataset.dataset(shards, filesystem=arrow_filesystem(self.filesystem), format="parquet")
+        wanted = pc.field(SOURCE_FRAGMENT).isin(keys)
+        if ids is not None:
+            wanted = wanted & pc.field("id").isin(ids)
+        return dataset.to_table(columns=columns, filter=wanted)
 
     def read(self, columns: list[str], ids: list[str] | None = None) -> pa.Table:
         """Columns of the committed rows, optionally only those with the given ids."""

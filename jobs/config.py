@@ -118,7 +118,11 @@ class SourceConfig(_Frozen):
     image_column: str = Field("image", description="Parquet column with encoded bytes or {bytes, path} structs.")
     id_column: str = Field("id", description="Parquet column of unique row ids (images: ids are relative paths).")
     limit: int | None = Field(
-        None, ge=1, le=MAX_INT64, description="Process only the first N rows (in id order).", strict=True
+        None,
+        ge=1,
+        le=MAX_INT64,
+        description="Process only the first N rows (in source order: files sorted by path, rows in file order).",
+        strict=True,
     )
     read_blocks: int | None = Field(
         None,

@@ -17,7 +17,8 @@ import uuid
 from dataclasses import asdict, dataclass, field
 
 from jobs.config import JobConfig
-from jobs.sources import SourceInfo, inspect_source, read_source
+from jobs.fragments import FRAGMENT, ROW
+from jobs.sources import SourceInfo, check_ids, inspect_source, read_source
 from operators.base import UserError
 from operators.storage import redact
 
@@ -160,7 +161,7 @@ def plan_job(config: JobConfig, info: SourceInfo, cpus: float, gpus: float, size
     (for a job with nothing left to run)."""
     if sizes is None:
         sizes = size_pools(config, cpus, gpus)
-    if info.ids:
+    if info.fragments:
         check_input_columns(config, info)
     stages = []
     for index, (operator, size) in enumerate(zip(config.operators, sizes, strict=True)):
@@ -476,17 +477,70 @@ def _storage_failure(error: Exception) -> str:
     return f"{type(error).__name__}: {redact(str(error))} (check sink.storage credentials, endpoint and permissions)"
 
 
-def drop_committed(batch, pairs: set[tuple[str, int]]):
-    """Drop rows whose (id, variant_index) is already committed (inputs a crash left half done)."""
+def drop_committed(batch, pairs: dict[int, set[tuple[int, int]]]):
+    """Drop rows whose (row, variant_index) of their fragment is already committed: the outputs of a
+    fragment a crash left half done. `pairs` maps `_fragment` indices to those pairs."""
     import pyarrow as pa
 
     keep = [
-        (row_id, variant) not in pairs
-        for row_id, variant in zip(
-            batch.column("id").to_pylist(), batch.column("variant_index").to_pylist(), strict=True
+        (row, variant) not in pairs.get(fragment, ())
+        for fragment, row, variant in zip(
+            batch.column(FRAGMENT).to_pylist(),
+            batch.column(ROW).to_pylist(),
+            batch.column("variant_index").to_pylist(),
+            strict=True,
         )
     ]
     return batch.filter(pa.array(keep, pa.bool_()))
+
+
+@dataclass
+class ResumePlan:
+    """What is left of a job, per fragment (`jobs.fragments`): the fragments to read, and for those
+    a crash left half done, the rows to skip (every variant committed) and the (row, variant) pairs
+    to drop after the last stage (some variants committed)."""
+
+    todo: list[int]
+    skip_rows: dict[int, frozenset[int]]
+    drop_pairs: dict[int, set[tuple[int, int]]]
+    committed_rows: int
+    inputs: int  # inputs with at least one output still to make
+
+
+def plan_resume(info: SourceInfo, state, variants: int) -> ResumePlan:
+    """Compare each fragment's committed tally with a complete one's: equal is done, absent is to do,
+    anything else is half done, and only then are its committed rows read (`source_fragment` filter)."""
+    from jobs.fragments import SOURCE_FRAGMENT, SOURCE_ROW, expected_tally
+
+    state.refuse_records_without_tallies()
+    committed = state.tallies()
+    todo, half_done = [], {}
+    inputs = 0
+    for index, fragment in enumerate(info.fragments):
+        have = committed.get(fragment.key)
+        if have is not None and tuple(have) == expected_tally(fragment, variants):
+            continue
+        todo.append(index)
+        if have is None:
+            inputs += fragment.rows
+        else:
+            half_done[fragment.key] = index
+    skip_rows, drop_pairs = {}, {}
+    if half_done:
+        table = state.read_fragments([SOURCE_FRAGMENT, SOURCE_ROW, "variant_index"], list(half_done))
+        pairs: dict[int, set[tuple[int, int]]] = {}
+        for key, row, variant in zip(*(table.column(name).to_pylist() for name in table.column_names), strict=True):
+            pairs.setdefault(half_done[key], set()).add((row, variant))
+        for index in half_done.values():
+            done = pairs.get(index, set())
+            per_row: dict[int, int] = {}
+            for row, _ in done:
+                per_row[row] = per_row.get(row, 0) + 1
+            skip_rows[index] = frozenset(row for row, count in per_row.items() if count >= variants)
+            drop_pairs[index] = {pair for pair in done if pair[0] not in skip_rows[index]}
+            inputs += info.fragments[index].rows - len(skip_rows[index])
+    drop_pairs = {index: pairs for index, pairs in drop_pairs.items() if pairs}
+    return ResumePlan(todo, skip_rows, drop_pairs, state.rows, inputs)
 
 
 def uses_object_storage(config: JobConfig) -> bool:
@@ -519,8 +573,6 @@ def run_job(config: JobConfig, rerun_failed: bool = False, force: bool = False) 
 
 def _run_holding_lease(config, info, job_hash, run_id, state, lease, rerun_failed, local_retries_before) -> RunResult:
     """`run_job` once the sink is open and its lease held."""
-    from collections import Counter
-
     import ray
     import ray.data
 
@@ -531,50 +583,57 @@ def _run_holding_lease(config, info, job_hash, run_id, state, lease, rerun_faile
 
     attempt = state.next_attempt()
     dropped = state.drop_error_rows(attempt, job_hash, run_id) if rerun_failed else 0
-    committed = state.read(["id", "variant_index"])
-    done = set(zip(committed.column("id").to_pylist(), committed.column("variant_index").to_pylist(), strict=True))
-    per_id = Counter(row_id for row_id, _ in done)
     variants = variants_per_input(config)
-    todo = [row_id for row_id in info.ids if per_id[row_id] < variants]
-    todo_ids = set(todo)
+    resume = plan_resume(info, state, variants)
 
     started = time.perf_counter()
     counter = counted_before = None
-    if todo:
+    if resume.todo:
         start_ray(config)
         if uses_object_storage(config):  # only S3 requests retry; a local job needs no counter actor
             counter = retry_counter()
             counted_before = counted_retries(counter)
-        plan = plan_job(config, info, *cluster_resources())
+        cpus, gpus = cluster_resources()
+        plan = plan_job(config, info, cpus, gpus)
+        check_ids(config.source, info, tasks=max(int(cpus), 1), **cpu_step_resources(config))
         logger.info(
-            "plan (attempt %d, run %s, %d of %d inputs to do):\n%s",
+            "plan (attempt %d, run %s, %d of %d inputs to do, in %d of %d fragments):\n%s",
             attempt,
             run_id,
-            len(todo),
+            resume.inputs,
             info.row_count,
+            len(resume.todo),
+            len(info.fragments),
             plan.describe(),
         )
-        wanted = todo if len(todo) < info.row_count or config.source.limit is not None else None
         dataset = read_source(
             config.source,
             info,
             keep_source_image=config.fidelity is not None,
-            ids=wanted,
+            fragments=resume.todo,
+            skip_rows=resume.skip_rows,
             **cpu_step_resources(config),
         )
         for index, stage in enumerate(plan.stages):
             for step in stage_steps(config, index, stage):
                 dataset = add_step(dataset, step)
         dataset = dataset.map_batches(**finish_args(config))
-        half_done = {pair for pair in done if pair[0] in todo_ids}
-        if half_done:
+        if resume.drop_pairs:
             dataset = dataset.map_batches(
-                drop_committed, fn_kwargs={"pairs": half_done}, batch_format="pyarrow", **cpu_step_resources(config)
+                drop_committed,
+                fn_kwargs={"pairs": resume.drop_pairs},
+                batch_format="pyarrow",
+                **cpu_step_resources(config),
             )
         interactive = sys.stdout.isatty()
         ray.data.DataContext.get_current().enable_progress_bars = interactive
         progress = ProgressLog(
-            config.sink, attempt, len(done), plan.expected_rows, config.run.progress_interval_seconds, run_id
+            config.sink,
+            attempt,
+            resume.committed_rows,
+            plan.expected_rows,
+            config.run.progress_interval_seconds,
+            run_id,
         )
         with progress if not interactive else contextlib.nullcontext():
             dataset.write_datasink(
@@ -594,8 +653,8 @@ def _run_holding_lease(config, info, job_hash, run_id, state, lease, rerun_faile
         config_hash=job_hash,
         attempt=attempt,
         run_id=run_id,
-        inputs_processed=len(todo),
-        rows_already_committed=len(done),
+        inputs_processed=resume.inputs,
+        rows_already_committed=resume.committed_rows,
         error_rows_dropped_for_rerun=dropped,
     )
     state.write_manifest(job_hash, summary["rows_out"])

@@ -15,14 +15,13 @@ import pyarrow.compute as pc
 import pyarrow.dataset
 
 from jobs.config import JobConfig, SinkConfig
-from jobs.sources import SourceInfo, read_arrow_file
+from jobs.sources import SourceInfo
 from operators.rows import OK, STATUSES
-from operators.storage import arrow_filesystem, filesystem_for, join, open_atomically
+from operators.storage import filesystem_for, join, open_atomically
 
 logger = logging.getLogger(__name__)
 
 THUMBNAIL_SIDE = 256
-SKIPPED_LISTED = 50  # skipped files named in report.html; summary.json counts them all
 
 
 class AccountingError(RuntimeError):
@@ -30,10 +29,14 @@ class AccountingError(RuntimeError):
 
 
 def account_for_rows(config: JobConfig, plan, info: SourceInfo, state, wall_seconds: float) -> dict:
-    """Check that every (id, variant) the job owes appears exactly once in the committed shards
-    (`state`, a `jobs.commits.SinkState`) and that every committed shard is this config's, and
-    count statuses."""
+    """Check that every (row, variant) the job owes appears exactly once in the committed shards
+    (`state`, a `jobs.commits.SinkState`) and that every committed shard is this config's, and count
+    statuses: from the commit records' tallies (`jobs.fragments`), one comparison per fragment. Only a
+    fragment whose tally is off has its committed rows read, to count and name what is wrong (up to
+    `EXAMPLES` ids of each problem)."""
     from jobs.commits import config_hash
+    from jobs.fragments import expected_tally
+    from jobs.pipeline import variants_per_input
 
     job_hash = config_hash(config)
     foreign = sorted(shard for shard, commit in state.commits.items() if commit.config_hash != job_hash)
@@ -42,40 +45,95 @@ def account_for_rows(config: JobConfig, plan, info: SourceInfo, state, wall_seco
             f"{len(foreign)} committed shards of sink.uri {config.sink.uri} belong to another config (e.g. "
             f"{foreign[0]}, hash {state.commits[foreign[0]].config_hash}; this config {job_hash})"
         )
-    table = state.read(["id", "variant_index", "status"])
-    pairs = list(zip(table.column("id").to_pylist(), table.column("variant_index").to_pylist(), strict=True))
-    counts = Counter(pairs)
-    from jobs.pipeline import variants_per_input
-
+    state.refuse_records_without_tallies()
     variants = variants_per_input(config)
-    expected = {(row_id, variant) for row_id in info.ids for variant in range(variants)}
-    missing = sorted(expected - counts.keys())
-    duplicated = sorted(pair for pair, count in counts.items() if count > 1)
-    unexpected = sorted(counts.keys() - expected)
-    statuses = Counter(table.column("status").to_pylist())
+    committed = state.tallies()
+    problems = {"missing": 0, "duplicated": 0, "unexpected": 0}
+    examples: dict[str, list[str]] = {name: [] for name in problems}
+    off = [
+        (index, fragment)
+        for index, fragment in enumerate(info.fragments)
+        if tuple(committed.get(fragment.key, (0, 0))) != expected_tally(fragment, variants)
+    ]
+    for index, fragment in off:
+        for name, (count, named) in _fragment_problems(config, info, state, index, fragment, variants).items():
+            problems[name] += count
+            examples[name] += named[: EXAMPLES - len(examples[name])]
+    planned = {fragment.key for fragment in info.fragments}
+    strangers = sorted(key for key in committed if key not in planned)
+    if strangers:
+        table = state.read_fragments(["id", "variant_index"], strangers)
+        problems["unexpected"] += table.num_rows
+        examples["unexpected"] += _pairs(table)[: EXAMPLES - len(examples["unexpected"])]
+    statuses = state.statuses()
     summary = {
         "source_uri": config.source.uri,
         "sink_uri": config.sink.uri,
         "rows_in": info.row_count,
         "rows_expected": plan.expected_rows,
-        "rows_out": table.num_rows,
+        "rows_out": state.rows,
         **{status: statuses.get(status, 0) for status in STATUSES},
         "skipped": info.skipped_files,
-        "missing": len(missing),
-        "duplicated": len(duplicated),
-        "unexpected": len(unexpected),
+        **problems,
+        "fragments": len(info.fragments),
+        "shards": len(state.commits),
         "wall_seconds": round(wall_seconds, 3),
         "images_per_second": round(statuses.get(OK, 0) / wall_seconds, 4) if wall_seconds > 0 else None,
         "seed": config.run.seed,
     }
-    if missing or duplicated or unexpected:
+    if any(problems.values()):
+        summary["examples"] = examples
         write_summary(config.sink, summary)
         raise AccountingError(
-            f"output does not account for every input exactly once: {len(missing)} missing "
-            f"(e.g. {missing[:3]}), {len(duplicated)} duplicated (e.g. {duplicated[:3]}), "
-            f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})"
+            "output does not account for every input exactly once: "
+            + ", ".join(f"{problems[name]} {name} (e.g. {examples[name][:3]})" for name in problems)
         )
     return summary
+
+
+EXAMPLES = 20  # ids named per kind of problem in summary.json
+
+
+def _fragment_problems(config: JobConfig, info: SourceInfo, state, index: int, fragment, variants: int) -> dict:
+    """{problem: (count, examples)} for one fragment whose tally is off: its committed (row, variant)
+    pairs against every row once per variant (bounded by the fragment's size)."""
+    from jobs.fragments import SOURCE_ROW
+    from jobs.sources import read_fragment
+
+    table = state.read_fragments(["id", SOURCE_ROW, "variant_index"], [fragment.key])
+    counts = Counter(zip(table.column(SOURCE_ROW).to_pylist(), table.column("variant_index").to_pylist(), strict=True))
+    ids = dict(zip(table.column(SOURCE_ROW).to_pylist(), table.column("id").to_pylist(), strict=True))
+    expected = {(row, variant) for row in range(fragment.rows) for variant in range(variants)}
+    missing = sorted(expected - counts.keys())
+    if missing:  # the ids of rows never committed come from the source
+        filesystem, root = filesystem_for(config.source.uri, config.source.storage.storage_options())
+        if config.source.format == "images":
+            ids.update({row: entry[0] for row, entry in enumerate(fragment.entries)})
+        else:
+            source = read_fragment(
+                config.source, filesystem, root, index, fragment, {}, columns=[config.source.id_column]
+            )
+            ids.update(enumerate(str(value) for value in source.column(config.source.id_column).to_pylist()))
+    duplicated = sorted(pair for pair, count in counts.items() if count > 1)
+    unexpected = sorted(counts.keys() - expected)
+
+    def named(pairs):
+        return [f"{ids.get(row, f'{fragment.key}[{row}]')} (variant {variant})" for row, variant in pairs[:EXAMPLES]]
+
+    return {
+        "missing": (len(missing), named(missing)),
+        "duplicated": (sum(counts[pair] - 1 for pair in duplicated), named(duplicated)),
+        "unexpected": (sum(counts[pair] for pair in unexpected), named(unexpected)),
+    }
+
+
+def _pairs(table: pa.Table) -> list[str]:
+    return [
+        f"{row_id} (variant {variant})"
+        for row_id, variant in zip(
+            table.column("id").to_pylist(), table.column("variant_index").to_pylist(), strict=True
+        )
+    ][:EXAMPLES]
 
 
 def write_summary(sink: SinkConfig, summary: dict) -> str:
@@ -87,14 +145,17 @@ def write_summary(sink: SinkConfig, summary: dict) -> str:
 
 
 def write_report(config: JobConfig, info: SourceInfo, summary: dict, state) -> str:
-    """Write report.html: the first rows' input beside output, with status and parameters."""
-    shown_ids = info.ids[: config.sink.report_rows]
+    """Write report.html: the first inputs (`sink.report_rows`, in source order) beside their outputs,
+    with status and parameters."""
+    inputs = _first_inputs(config, info, config.sink.report_rows)
+    shown_ids = list(inputs)
     stage_names = [operator.stage_name for operator in config.operators]
     fidelity_columns = ["ssim", "psnr", "histogram_distance"] if config.fidelity is not None else []
     columns = ["id", "variant_index", "status", "error", "seed", "width", "height", "image"]
-    table = state.read(columns + fidelity_columns + stage_names, ids=shown_ids)
-    inputs = _input_images(config, info, shown_ids)
-    rows = sorted(table.to_pylist(), key=lambda row: (row["id"], row["variant_index"]))
+    keys = sorted({fragment.key for fragment in info.fragments[: len(shown_ids)]})
+    table = state.read_fragments(columns + fidelity_columns + stage_names, keys, ids=shown_ids)
+    order = {row_id: position for position, row_id in enumerate(shown_ids)}
+    rows = sorted(table.to_pylist(), key=lambda row: (order.get(row["id"], len(order)), row["variant_index"]))
     cells = []
     for row in rows:
         output = row["image"]["bytes"] if row["image"] else None
@@ -134,42 +195,45 @@ tr.error{{background:#fff0f0}}tr.rejected{{background:#fff8e0}}.error{{color:#a0
 
 def _skipped_html(info: SourceInfo) -> str:
     """The files of an image folder that were not read (hidden, or outside `source.include`)."""
-    if not info.skipped:
+    if not info.skipped_files:
         return ""
-    listed = ", ".join(html.escape(path) for path in info.skipped[:SKIPPED_LISTED])
-    more = f" and {len(info.skipped) - SKIPPED_LISTED} more" if len(info.skipped) > SKIPPED_LISTED else ""
+    listed = ", ".join(html.escape(path) for path in info.skipped)
+    left = info.skipped_files - len(info.skipped)
+    more = f" and {left} more" if left else ""
     return (
-        f"<p class=skipped>{len(info.skipped)} files skipped (hidden, or matching no source.include pattern): "
+        f"<p class=skipped>{info.skipped_files} files skipped (hidden, or matching no source.include pattern): "
         f"{listed}{more}</p>"
     )
 
 
-def _input_images(config: JobConfig, info: SourceInfo, ids: list[str]) -> dict[str, bytes | None]:
-    """Encoded source images of the given ids, read selectively."""
+def _first_inputs(config: JobConfig, info: SourceInfo, count: int) -> dict[str, bytes | None]:
+    """{id: encoded source image} of the first `count` inputs, in source order, read fragment by
+    fragment as far as needed. A refused input (a link out of the folder, say) is never read, not
+    even for a thumbnail: it shows as None."""
+    from jobs.sources import read_fragment
+
     source = config.source
     filesystem, root = filesystem_for(source.uri, source.storage.storage_options())
-    wanted = set(ids)
-    if source.format == "images":
-        # A refused input (a link out of the folder, say) is never read, not even for a thumbnail.
-        by_id = {
-            row_id: path
-            for row_id, path in zip(info.ids, info.files, strict=True)
-            if row_id in wanted and row_id not in info.refused
-        }
-        return {row_id: filesystem.cat_file(path) for row_id, path in by_id.items()}
-    id_field = pc.field(source.id_column).cast(pa.string())
-    if source.format == "arrow":
-        tables = [
-            read_arrow_file(filesystem, path).select([source.id_column, source.image_column]) for path in info.files
-        ]
-        table = pa.concat_tables(tables).filter(id_field.isin(ids))
-    else:
-        dataset = pyarrow.dataset.dataset(root, filesystem=arrow_filesystem(filesystem), format="parquet")
-        table = dataset.to_table(columns=[source.id_column, source.image_column], filter=id_field.isin(ids))
-    images = table.column(source.image_column)
-    if pa.types.is_struct(images.type):
-        images = pc.struct_field(images, "bytes")
-    return {str(row_id): data for row_id, data in zip(table.column(0).to_pylist(), images.to_pylist(), strict=True)}
+    shown: dict[str, bytes | None] = {}
+    for index, fragment in enumerate(info.fragments):
+        need = count - len(shown)
+        if need <= 0:
+            break
+        if source.format == "images":
+            rest = frozenset(range(need, fragment.rows))
+            table = read_fragment(source, filesystem, root, index, fragment, {}, skip_rows=rest)
+            ids, images = table.column("id").to_pylist(), table.column("image").to_pylist()
+        else:
+            table = read_fragment(
+                source, filesystem, root, index, fragment, {}, columns=[source.id_column, source.image_column]
+            ).slice(0, need)
+            data = table.column(source.image_column)
+            if pa.types.is_struct(data.type):
+                data = pc.struct_field(data, "bytes")
+            ids = [str(value) for value in table.column(source.id_column).to_pylist()]
+            images = data.to_pylist()
+        shown.update(zip(ids, images, strict=True))
+    return shown
 
 
 def _thumbnail(data: bytes | None, max_pixels: int | None = None) -> str:

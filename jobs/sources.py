@@ -1,10 +1,11 @@
-"""Sources: Parquet datasets with an image column, or folders of image files, local or s3://.
+"""Sources: Parquet or Arrow datasets with an image column, or folders of image files, local or s3://.
 
-`inspect_source` runs on the driver before anything else: it checks the columns, reads the id
-column (or lists the files), and refuses duplicate or missing ids, so every input can be
-accounted for exactly once. `read_source` then yields rows in the job's form: `id` (string),
-`image` (encoded bytes), `status`, `error`, and every other source column, cast to the type it is
-written as (`jobs.schema`).
+`inspect_source` runs on the driver before anything else: it checks the columns and plans the
+source as fragments (`jobs.fragments`: Parquet row groups from the footers, Arrow files, runs of
+image files), holding nothing per row. `check_ids` refuses null or repeated ids with tasks that
+hash them into buckets. `read_source` then yields rows in the job's form: `id` (string), `image`
+(encoded bytes), `status`, `error`, every other source column cast to the type it is written as
+(`jobs.schema`), and the `_fragment`/`_row` tags.
 
 An image folder's inputs are all its regular files, whatever their names: the read task keeps the
 bytes of those Pillow can open (multi-frame formats are decoded by their first frame later) and
@@ -16,8 +17,10 @@ do dangling or looping links; links within the folder are read like the files th
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import functools
+import hashlib
 import io
 import logging
 import os
@@ -42,6 +45,7 @@ logger = logging.getLogger(__name__)
 
 ARROW_SUFFIXES = (".arrow", ".feather", ".ipc")
 FORMAT_NAMES = {"parquet": "Parquet", "arrow": "Arrow IPC", "images": "images"}
+SKIPPED_NAMED = 50  # skipped files named in the summary and report; all are counted
 
 
 class SourceError(UserError):
@@ -50,34 +54,27 @@ class SourceError(UserError):
 
 @dataclass
 class SourceInfo:
-    """What the driver learned about a source before the job runs."""
+    """What the driver learned about a source before the job runs: per fragment, never per row."""
 
-    ids: list[str]
+    fragments: list[Fragment]  # the units the job reads and accounts for (`jobs.fragments`), in order
     passthrough_columns: list[str] = field(default_factory=list)
-    files: list[str] = field(default_factory=list)  # image folders: paths inside the filesystem, one per id
     root: str = ""
-    # Image folders: ids that are not read, each with the error its row carries (e.g. a link out of the folder).
-    refused: dict[str, str] = field(default_factory=dict)
-    # Image folders: paths (relative to the folder) left out as hidden or not matching `source.include`.
+    # Image folders: how many files are left out as hidden or not matching `source.include`, and the
+    # first `SKIPPED_NAMED` of them (relative to the folder).
+    skipped_files: int = 0
     skipped: list[str] = field(default_factory=list)
     # Tables: the type each passthrough column is written as (`jobs.schema.output_type`).
     column_types: dict[str, pa.DataType] = field(default_factory=dict)
-    # The units the job reads and accounts for (`jobs.fragments`), in source order.
-    fragments: list[Fragment] = field(default_factory=list)
 
     @property
     def row_count(self) -> int:
         """Rows the job will read."""
-        return len(self.ids)
-
-    @property
-    def skipped_files(self) -> int:
-        """Files in an image folder that are not inputs."""
-        return len(self.skipped)
+        return sum(fragment.rows for fragment in self.fragments)
 
 
 def inspect_source(config: SourceConfig) -> SourceInfo:
-    """Check the source and collect its ids (see module docstring)."""
+    """Check the source and plan its fragments (see module docstring); ids are checked apart
+    (`check_ids`), by tasks."""
     filesystem, root = filesystem_for(config.uri, config.storage.storage_options())
     if config.format == "images":
         return _inspect_folder(config, filesystem, root)
@@ -88,30 +85,18 @@ def _inspect_table(config: SourceConfig, filesystem, root: str) -> SourceInfo:
     try:
         if config.format == "arrow":
             files, _ = _list_files(config, filesystem, root, ARROW_SUFFIXES, allow_single_file=True)
-            tables = [read_arrow_file(filesystem, path) for path in files]
-            fragments = [
-                Fragment(_relative(path, root) or path.rsplit("/", 1)[-1], table.num_rows, path)
-                for path, table in zip(files, tables, strict=True)
-            ]
-            schema = _unified_schema(config, [table.schema for table in tables])
-            id_type = schema.field(config.id_column).type if config.id_column in schema.names else pa.null()
-            # A file without the id column gives null ids, which are refused below.
-            id_values = pa.chunked_array(
-                [
-                    table.column(config.id_column).cast(id_type)
-                    if config.id_column in table.schema.names
-                    else pa.nulls(table.num_rows, id_type)
-                    for table in tables
-                ],
-                id_type,
-            )
+            schemas, fragments = [], []
+            for path in files:  # one file in memory at a time
+                table = read_arrow_file(filesystem, path)
+                schemas.append(table.schema)
+                fragments.append(Fragment(_file_name(path, root), table.num_rows, path))
+                del table
+            schema = _unified_schema(config, schemas)
         else:
             arrow_fs = arrow_filesystem(filesystem)
             dataset = pyarrow.dataset.dataset(root, filesystem=arrow_fs, format="parquet")
             # Every file's schema, not only the first's: a column null in one file may be text in another.
             schema = _unified_schema(config, [fragment.physical_schema for fragment in dataset.get_fragments()])
-            dataset = pyarrow.dataset.dataset(root, filesystem=arrow_fs, format="parquet", schema=schema)
-            files = []
             fragments = _row_group_fragments(dataset, root)
     except FileNotFoundError:
         raise SourceError(
@@ -141,23 +126,25 @@ def _inspect_table(config: SourceConfig, filesystem, root: str) -> SourceInfo:
         column_types = {name: output_type(schema.field(name).type, name) for name in passthrough}
     except SchemaError as error:
         raise SourceError(f"source {config.uri}: {error}") from None
-    if config.format == "parquet":
-        id_values = dataset.to_table(columns=[config.id_column]).column(0)
-    if id_values.null_count:
-        raise SourceError(f"source.id_column {config.id_column!r} has {id_values.null_count} null ids")
-    ids = [str(value) for value in id_values.to_pylist()]
-    _refuse_duplicates(ids, f"source.id_column {config.id_column!r}")
-    ids.sort()
-    if config.limit is not None:
-        ids = ids[: config.limit]
     return SourceInfo(
-        ids=ids,
+        fragments=limited(fragments, config.limit),
         passthrough_columns=passthrough,
-        files=files,
         root=root,
         column_types=column_types,
-        fragments=fragments,
     )
+
+
+def limited(fragments: list[Fragment], limit: int | None) -> list[Fragment]:
+    """The fragments that hold the first `limit` rows, in source order, the last one cut short."""
+    if limit is None:
+        return fragments
+    kept, left = [], limit
+    for fragment in fragments:
+        if left <= 0:
+            break
+        kept.append(dataclasses.replace(fragment, rows=min(fragment.rows, left)))
+        left -= kept[-1].rows
+    return kept
 
 
 def _row_group_fragments(dataset, root: str) -> list[Fragment]:
@@ -165,7 +152,7 @@ def _row_group_fragments(dataset, root: str) -> list[Fragment]:
     fragments = []
     for file_fragment in sorted(dataset.get_fragments(), key=lambda item: item.path):
         metadata = file_fragment.metadata
-        relative = _relative(file_fragment.path, root) or file_fragment.path.rsplit("/", 1)[-1]
+        relative = _file_name(file_fragment.path, root)
         for index in range(metadata.num_row_groups):
             rows = metadata.row_group(index).num_rows
             fragments.append(Fragment(f"{relative}#{index}", rows, file_fragment.path, index))
@@ -205,62 +192,76 @@ def _list_files(
 
 
 def _inspect_folder(config: SourceConfig, filesystem, root: str) -> SourceInfo:
+    """Plan an image folder by streaming its listing into fragments: each file's entry is held once,
+    in its fragment, and the skipped ones only counted (the first `SKIPPED_NAMED` named)."""
+    fragments: list[Fragment] = []
+    chunk: list[tuple[str, str, str | None]] = []
+    skipped: list[str] = []
+    skipped_files = inputs = 0
     try:
         if not filesystem.isdir(root):
             raise SourceError(f"source.uri {config.uri} is not a directory")
         if is_local(filesystem):
-            entries = list(_walk_local_folder(root))
-        else:
-            entries = [(_relative(path, root), path, None) for path in filesystem.find(root)]
+            entries = _walk_local_folder(root)
+        else:  # an object store lists a prefix in one paginated call
+            entries = ((_relative(path, root), path, None) for path in sorted(filesystem.find(root)))
+        for relative, path, problem in entries:
+            if not relative or relative.endswith("/"):
+                continue  # an object store's folder marker
+            if _is_hidden(relative) or (config.include is not None and not _included(relative, config.include)):
+                skipped_files += 1
+                if len(skipped) < SKIPPED_NAMED:
+                    skipped.append(relative)
+                continue
+            if config.limit is not None and inputs >= config.limit:
+                continue  # counted no further, but the listing still counts what is skipped
+            inputs += 1
+            chunk.append((relative, path, problem))
+            if len(chunk) == FOLDER_FRAGMENT_FILES:
+                fragments.append(_folder_fragment(chunk))
+                chunk = []
     except OSError as error:  # PermissionError for bad credentials, among others
         raise SourceError(f"cannot list source.uri {config.uri}: {error}{_credentials_hint(error)}") from None
-    inputs, skipped = [], []
-    for relative, path, problem in sorted(entries):
-        if not relative or relative.endswith("/"):
-            continue  # an object store's folder marker
-        if _is_hidden(relative) or (config.include is not None and not _included(relative, config.include)):
-            skipped.append(relative)
-        else:
-            inputs.append((relative, path, problem))
-    if skipped:
-        logger.info("source: %d files are not read (hidden, or matching no source.include pattern)", len(skipped))
-    if not inputs:
+    if chunk:
+        fragments.append(_folder_fragment(chunk))
+    if skipped_files:
+        logger.info("source: %d files are not read (hidden, or matching no source.include pattern)", skipped_files)
+    if not fragments:
         if config.include is not None:
             raise SourceError(
                 f"no file under source.uri {config.uri} matches source.include {config.include} "
-                f"({len(skipped)} files skipped)"
+                f"({skipped_files} files skipped)"
             )
-        raise SourceError(f"source.uri {config.uri} holds no files to read ({len(skipped)} hidden files skipped)")
-    if config.limit is not None:
-        inputs = inputs[: config.limit]
-    fragments = [
-        Fragment(f"{chunk[0][0]}+{len(chunk)}", len(chunk), entries=tuple(chunk))
-        for chunk in (
-            inputs[start : start + FOLDER_FRAGMENT_FILES] for start in range(0, len(inputs), FOLDER_FRAGMENT_FILES)
-        )
-    ]
-    return SourceInfo(
-        fragments=fragments,
-        ids=[relative for relative, _, _ in inputs],
-        files=[path for _, path, _ in inputs],
-        root=root,
-        refused={relative: f"{problem}: {relative}" for relative, _, problem in inputs if problem},
-        skipped=skipped,
-    )
+        raise SourceError(f"source.uri {config.uri} holds no files to read ({skipped_files} hidden files skipped)")
+    return SourceInfo(fragments=fragments, root=root, skipped_files=skipped_files, skipped=skipped)
+
+
+def _folder_fragment(chunk: list[tuple[str, str, str | None]]) -> Fragment:
+    return Fragment(f"{chunk[0][0]}+{len(chunk)}", len(chunk), entries=tuple(chunk))
 
 
 def _walk_local_folder(root: str):
     """Yield (path relative to root, path, problem or None) for every entry under a local folder that
-    is not a folder. Links are resolved here, so a link out of the folder is never followed."""
+    is not a folder, in the order of the relative paths. Links are resolved here, so a link out of the
+    folder is never followed."""
     real_root = os.path.realpath(root)
 
     def walk(directory: str, prefix: str, chain: frozenset[str]):
         with os.scandir(directory) as listing:
-            entries = list(listing)
-        for entry in entries:
+            entries = []
+            for entry in listing:
+                target = os.path.realpath(entry.path) if entry.is_symlink() else None
+                into = (
+                    os.path.isdir(target) and is_inside(target, real_root)
+                    if target is not None
+                    else entry.is_dir(follow_symlinks=False)
+                )
+                # A folder sorts as "name/": then the walk yields relative paths in sorted order.
+                entries.append((entry.name + "/" if into else entry.name, entry, target))
+        entries.sort(key=lambda item: item[0])
+        for _, entry, target in entries:
             relative = prefix + entry.name
-            if entry.is_symlink():
-                target = os.path.realpath(entry.path)
+            if target is not None:
                 if not is_inside(target, real_root):
                     yield relative, entry.path, "symlink leaves the source folder"
                 elif not os.path.exists(target):
@@ -313,25 +314,23 @@ def read_source(
     config: SourceConfig,
     info: SourceInfo,
     keep_source_image: bool = False,
-    ids: list[str] | None = None,
+    fragments: list[int] | None = None,
+    skip_rows: dict[int, frozenset[int]] | None = None,
     num_cpus: float | None = None,
 ):
     """A Ray Dataset of the source's rows in the job's form, each tagged with its fragment and its
-    position in it (`jobs.fragments`): all of them, those of `source.limit`, or just `ids` (a resumed
-    job's remaining inputs). With `keep_source_image`, a copy of each image travels as `source_image`
-    (for the fidelity checks of the finish step). `num_cpus` is what each read task reserves (Ray's
-    default of one when None)."""
+    position in it (`jobs.fragments`): those of every fragment, or of the fragments whose indices
+    `fragments` lists, less the rows `skip_rows` names per fragment (a resumed job's). With
+    `keep_source_image`, a copy of each image travels as `source_image` (for the fidelity checks of
+    the finish step). `num_cpus` is what each read task reserves (Ray's default of one when None)."""
     import ray.data
 
     remote = {"num_cpus": num_cpus} if num_cpus is not None else {}  # Ray's default is one CPU
-    if ids is None and config.limit is not None:
-        ids = info.ids
-    keep = set(ids) if ids is not None else None
-    if not info.fragments:
+    indices = range(len(info.fragments)) if fragments is None else fragments
+    selected = [(index, info.fragments[index], (skip_rows or {}).get(index)) for index in indices]
+    if not selected:
         return ray.data.from_arrow(folder_error_rows({}, keep_source_image))
-    source = _fragment_source_class()(
-        config, info.column_types, list(enumerate(info.fragments)), info.root, keep_source_image, keep
-    )
+    source = _fragment_source_class()(config, info.column_types, selected, info.root, keep_source_image)
     return ray.data.read_datasource(source, override_num_blocks=config.read_blocks, **remote)
 
 
@@ -343,10 +342,10 @@ def _fragment_source_class():
     class FragmentSource(Datasource):
         """Reads fragments, one block per fragment, in the job's row form (see `read_fragment`)."""
 
-        def __init__(self, config, column_types, fragments, root, keep_source_image, keep_ids):
+        def __init__(self, config, column_types, fragments, root, keep_source_image):
             super().__init__()
             self.config, self.column_types, self.fragments = config, column_types, fragments
-            self.root, self.keep_source_image, self.keep_ids = root, keep_source_image, keep_ids
+            self.root, self.keep_source_image = root, keep_source_image
 
         def get_name(self) -> str:
             return FORMAT_NAMES[self.config.format].replace(" ", "")
@@ -355,42 +354,34 @@ def _fragment_source_class():
             return None
 
         def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None) -> list:
-            groups = _balanced_groups(self.fragments, max(parallelism, 1))
             return [
                 ReadTask(
                     functools.partial(self._read, group),
                     BlockMetadata(
-                        num_rows=sum(fragment.rows for _, fragment in group),
+                        num_rows=sum(fragment.rows - len(skip or ()) for _, fragment, skip in group),
                         size_bytes=None,
                         input_files=None,
                         exec_stats=None,
                     ),
                     per_task_row_limit=per_task_row_limit,
                 )
-                for group in groups
+                for group in _balanced_groups(self.fragments, max(parallelism, 1))
             ]
 
         def _read(self, group):
             filesystem, root = filesystem_for(self.config.uri, self.config.storage.storage_options())
-            for index, fragment in group:
+            for index, fragment, skip in group:
                 yield read_fragment(
-                    self.config,
-                    filesystem,
-                    root,
-                    index,
-                    fragment,
-                    self.column_types,
-                    self.keep_source_image,
-                    self.keep_ids,
+                    self.config, filesystem, root, index, fragment, self.column_types, self.keep_source_image, skip
                 )
 
     return FragmentSource
 
 
 def _balanced_groups(fragments: list, count: int) -> list[list]:
-    """Split (index, fragment) pairs into at most `count` runs of consecutive fragments with about
-    the same number of rows each."""
-    total = sum(fragment.rows for _, fragment in fragments)
+    """Split (index, fragment, skip) triples into at most `count` runs of consecutive fragments with
+    about the same number of rows each."""
+    total = sum(item[1].rows for item in fragments)
     target = max(total / min(count, len(fragments)), 1)
     groups, current, rows = [], [], 0
     for item in fragments:
@@ -412,37 +403,44 @@ def read_fragment(
     fragment: Fragment,
     column_types: dict[str, pa.DataType],
     keep_source_image: bool = False,
-    keep_ids: set[str] | None = None,
+    skip_rows: frozenset[int] | None = None,
+    columns: list[str] | None = None,
 ) -> pa.Table:
     """One fragment's rows in the job's form, with `_fragment` (= `index`) and `_row` (the row's
-    position in the fragment) as the last columns; with `keep_ids`, only the rows of those ids."""
+    position in the fragment) as the last columns, less the rows at the positions in `skip_rows`.
+    With `columns` (tables only), just those source columns, untouched, plus the two tags."""
     import numpy as np
 
     if config.format == "images":
-        return _read_folder_fragment(filesystem, root, index, fragment, keep_source_image, keep_ids)
+        return _read_folder_fragment(filesystem, root, index, fragment, keep_source_image, skip_rows)
     if config.format == "arrow":
         raw = read_arrow_file(filesystem, fragment.path)
+        raw = raw.select([name for name in columns if name in raw.column_names]) if columns is not None else raw
     else:
         with filesystem.open(fragment.path, "rb") as handle:
-            raw = pyarrow.parquet.ParquetFile(handle).read_row_group(fragment.row_group)
+            parquet = pyarrow.parquet.ParquetFile(handle)
+            present = None if columns is None else [name for name in columns if name in parquet.schema_arrow.names]
+            raw = parquet.read_row_group(fragment.row_group, columns=present)
     raw = raw.slice(0, fragment.rows)
     raw = raw.append_column(FRAGMENT, pa.array(np.full(raw.num_rows, index, np.int32)))
     raw = raw.append_column(ROW, pa.array(np.arange(raw.num_rows, dtype=np.int64)))
+    if skip_rows:
+        raw = raw.filter(pa.array(np.isin(np.arange(raw.num_rows), list(skip_rows), invert=True)))
+    if columns is not None:
+        return raw
     if config.id_column not in raw.column_names:
-        raise SourceError(f"source.id_column {config.id_column!r} is missing from {fragment.path}")
-    table = normalize_parquet_batch(
-        raw, config.id_column, config.image_column, keep_ids, keep_source_image, column_types
-    )
+        raw = raw.append_column(config.id_column, pa.nulls(raw.num_rows, pa.string()))
+    table = normalize_parquet_batch(raw, config.id_column, config.image_column, keep_source_image, column_types)
     return _tags_last(table)
 
 
-def _read_folder_fragment(filesystem, root: str, index: int, fragment: Fragment, keep_source_image, keep_ids):
+def _read_folder_fragment(filesystem, root: str, index: int, fragment: Fragment, keep_source_image, skip_rows):
     """A run of an image folder's files as rows; a file that is no image, cannot be read, or is a
     link out of the folder (when listed, or since) becomes an error row naming it."""
     local_root = os.path.realpath(root) if is_local(filesystem) else None
     ids, images, errors, positions = [], [], [], []
     for position, (row_id, path, problem) in enumerate(fragment.entries):
-        if keep_ids is not None and row_id not in keep_ids:
+        if skip_rows and position in skip_rows:
             continue
         data = None
         if problem is None and local_root is not None and not is_inside(os.path.realpath(path), local_root):
@@ -483,16 +481,14 @@ def normalize_parquet_batch(
     batch: pa.Table,
     id_column: str,
     image_column: str,
-    keep_ids: set[str] | None = None,
     keep_source_image: bool = False,
     column_types: dict[str, pa.DataType] | None = None,
 ) -> pa.Table:
     """Turn a Parquet batch into the job's row form (ids as strings, image as bytes, the other
     columns cast to `column_types`, the types they are written as, and added as nulls if missing)."""
-    ids = pa.array([str(value) for value in batch.column(id_column).to_pylist()], pa.string())
-    if keep_ids is not None:
-        batch = batch.filter(pa.array([value in keep_ids for value in ids.to_pylist()], pa.bool_()))
-        ids = pa.array([str(value) for value in batch.column(id_column).to_pylist()], pa.string())
+    ids = pa.array(
+        [None if value is None else str(value) for value in batch.column(id_column).to_pylist()], pa.string()
+    )
     images = batch.column(image_column)
     errors: list[str | None] = [None] * batch.num_rows
     if pa.types.is_struct(images.type):
@@ -565,14 +561,112 @@ def _is_image_type(data_type: pa.DataType) -> bool:
     return pa.types.is_struct(data_type) and data_type.get_field_index("bytes") >= 0
 
 
+def _file_name(path: str, root: str) -> str:
+    """A file's name in fragment keys: relative to the source folder, or its base name when the
+    source is the file itself (so keys do not change when the source moves)."""
+    path = path.split("://", 1)[-1]
+    return path.rsplit("/", 1)[-1] if path.rstrip("/") == root.rstrip("/") else _relative(path, root)
+
+
 def _relative(path: str, root: str) -> str:
     path = path.split("://", 1)[-1]
     root = root.rstrip("/")
     return path[len(root) + 1 :] if path.startswith(root + "/") else path
 
 
-def _refuse_duplicates(ids: list[str], what: str) -> None:
-    counts = Counter(ids)
-    repeated = [value for value, count in counts.items() if count > 1]
-    if repeated:
-        raise SourceError(f"{what} has {len(repeated)} repeated ids, e.g. {sorted(repeated)[:5]}; ids must be unique")
+ID_HASH_BYTES = 8
+MAX_ID_BUCKETS = 16
+ROWS_PER_ID_BUCKET = 1_000_000
+
+
+def check_ids(config: SourceConfig, info: SourceInfo, tasks: int = 1, num_cpus: float | None = None) -> None:
+    """Refuse null or repeated ids (a SourceError naming up to five), checked without holding the ids
+    on the driver: under Ray, `tasks` tasks each read the id column of a run of fragments and split
+    the ids' 64-bit hashes into buckets; one task per bucket sorts its hashes and counts repeats; only
+    a repeated hash is looked up again, to name the id (and to tell a repeat from a collision).
+    Without Ray (`--dry-run`) the same functions run here. An image folder's ids are its unique paths."""
+    if config.format == "images" or not info.fragments:
+        return
+    groups = _balanced_groups([(index, fragment, None) for index, fragment in enumerate(info.fragments)], tasks)
+    buckets = max(1, min(MAX_ID_BUCKETS, info.row_count // ROWS_PER_ID_BUCKET + 1))
+    what = f"source.id_column {config.id_column!r}"
+    import ray
+
+    if ray.is_initialized():
+        remote = {"num_cpus": num_cpus} if num_cpus is not None else {}
+        hashing = ray.remote(_hash_ids).options(num_returns=buckets + 1, **remote)
+        parts = [hashing.remote(config, group, buckets) for group in groups]
+        nulls = sum(ray.get([part[0] for part in parts]))
+        if nulls:
+            raise SourceError(f"{what} has {nulls} null ids")
+        counting = ray.remote(_repeated_hashes).options(**remote)
+        counts = ray.get([counting.remote(*[part[1 + bucket] for part in parts]) for bucket in range(buckets)])
+        suspects = {value for _, examples in counts for value in examples}
+        found = (
+            ray.get(
+                [ray.remote(_ids_with_hashes).options(**remote).remote(config, group, suspects) for group in groups]
+            )
+            if suspects
+            else []
+        )
+    else:
+        parts = [_hash_ids(config, group, buckets) for group in groups]
+        nulls = sum(part[0] for part in parts)
+        if nulls:
+            raise SourceError(f"{what} has {nulls} null ids")
+        counts = [_repeated_hashes(*[part[1 + bucket] for part in parts]) for bucket in range(buckets)]
+        suspects = {value for _, examples in counts for value in examples}
+        found = [_ids_with_hashes(config, group, suspects) for group in groups] if suspects else []
+    repeated = sum(count for count, _ in counts)
+    if not repeated:
+        return
+    seen = Counter(row_id for ids in found for row_id in ids)
+    named = sorted(row_id for row_id, count in seen.items() if count > 1)
+    # A suspect hash none of whose ids repeats is two ids that share a hash, not a repeat.
+    repeated -= len(suspects) - len({_id_hash(row_id) for row_id in named})
+    if repeated > 0:
+        raise SourceError(f"{what} has {repeated} repeated ids, e.g. {named[:5]}; ids must be unique")
+
+
+def _id_hash(row_id: str) -> int:
+    return int.from_bytes(hashlib.blake2b(row_id.encode(), digest_size=ID_HASH_BYTES).digest(), "little")
+
+
+def _group_ids(config: SourceConfig, group: list):
+    """The ids (strings, None for null) of a run of fragments, one fragment at a time."""
+    filesystem, root = filesystem_for(config.uri, config.storage.storage_options())
+    for index, fragment, _ in group:
+        table = read_fragment(config, filesystem, root, index, fragment, {}, columns=[config.id_column])
+        if config.id_column not in table.column_names:
+            yield [None] * table.num_rows
+        else:
+            yield [None if value is None else str(value) for value in table.column(config.id_column).to_pylist()]
+
+
+def _hash_ids(config: SourceConfig, group: list, buckets: int) -> list:
+    """[null ids, then one sorted uint64 array of id hashes per bucket] for a run of fragments."""
+    import numpy as np
+
+    nulls = 0
+    hashes = []
+    for ids in _group_ids(config, group):
+        nulls += sum(value is None for value in ids)
+        hashes.append(np.fromiter((_id_hash(value) for value in ids if value is not None), np.uint64))
+    values = np.concatenate(hashes) if hashes else np.empty(0, np.uint64)
+    return [nulls, *(np.sort(values[values % np.uint64(buckets) == bucket]) for bucket in range(buckets))]
+
+
+def _repeated_hashes(*parts) -> tuple[int, list[int]]:
+    """(how many hashes occur more than once, up to five of them) in one bucket's parts."""
+    import numpy as np
+
+    values = np.sort(np.concatenate(parts)) if parts else np.empty(0, np.uint64)
+    repeats = np.unique(values[1:][values[1:] == values[:-1]])
+    return len(repeats), [int(value) for value in repeats[:5]]
+
+
+def _ids_with_hashes(config: SourceConfig, group: list, hashes: set[int]) -> list[str]:
+    """The ids of a run of fragments whose hash is one of `hashes`, each as often as it occurs."""
+    return [
+        value for ids in _group_ids(config, group) for value in ids if value is not None and _id_hash(value) in hashes
+    ]

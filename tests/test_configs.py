@@ -74,7 +74,7 @@ def test_example_runs_end_to_end(path, ray_session, tiny_models, demo_dir, tmp_p
             operator["num_inference_steps"] = 4
     config = validate_config(data, source_name=path.name)
     summary = run_job(config).summary
-    assert summary["rows_in"] == min(3, len(inspect_source(config.source.model_copy(update={"limit": None})).ids))
+    assert summary["rows_in"] == min(3, inspect_source(config.source.model_copy(update={"limit": None})).row_count)
     assert summary["rows_out"] == summary["rows_expected"] > 0
     assert summary["missing"] == summary["duplicated"] == summary["unexpected"] == 0
     assert summary["error"] == 0, pq.read_table(Path(config.sink.uri) / "data").column("error").to_pylist()

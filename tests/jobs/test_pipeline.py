@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from jobs.config import validate_config
+from jobs.fragments import Fragment
 from jobs.pipeline import PlanError, add_step, finish_args, plan_job, size_pools, stage_steps, uses_object_storage
 from jobs.sources import SourceInfo
 
@@ -52,7 +53,9 @@ def test_gpu_operator_without_gpus_is_refused_unless_pool_is_explicit():
 
 
 def test_plan_describes_stages_and_expected_rows():
-    plan = plan_job(config({"variants": 3, "batch_size": 8}), SourceInfo(ids=["a", "b"]), cpus=2, gpus=0)
+    plan = plan_job(
+        config({"variants": 3, "batch_size": 8}), SourceInfo(fragments=[Fragment("rows.parquet#0", 2)]), cpus=2, gpus=0
+    )
     assert plan.expected_rows == 6
     text = plan.describe()
     assert "stage 0 's0' (img2img): 1 actor(s) x 1 CPU / 0 GPU, batch_size 8, device cpu, 3 variant(s)" in text
@@ -65,7 +68,7 @@ def test_each_stage_is_a_cpu_prepare_step_then_an_actor_pool_model_step():
     from operators.steps import ModelStep
 
     job = config({"num_gpus": 1, "batch_size": 16})
-    plan = plan_job(job, SourceInfo(ids=["a"]), cpus=8, gpus=2)
+    plan = plan_job(job, SourceInfo(fragments=[Fragment("rows.parquet#0", 1)]), cpus=8, gpus=2)
     prepare, model = stage_steps(job, 0, plan.stages[0])
     assert prepare["fn"].__name__ == "Img2ImgPrepare" and "compute" not in prepare
     assert prepare["max_retries"] == -1 and "max_retries" not in model  # never fused into the actor
@@ -96,7 +99,7 @@ def test_a_cpu_stage_that_reserves_what_a_prepare_task_does_still_runs_prepare_a
         }
     )
     assert job.operators[0].num_cpus == job.run.resources.cpu_step_cpus
-    plan = plan_job(job, SourceInfo(ids=["row-0", "row-1"]), cpus=2, gpus=0)
+    plan = plan_job(job, SourceInfo(fragments=[Fragment("rows.parquet#0", 2)]), cpus=2, gpus=0)
     dataset = ray.data.from_arrow(make_batch([png_bytes(8, 8), png_bytes(6, 6)]))
     for step in stage_steps(job, 0, plan.stages[0]):
         dataset = add_step(dataset, step)

@@ -15,20 +15,33 @@ import pytest
 from PIL import Image
 
 from jobs.config import SourceConfig, validate_config
-from jobs.sources import SourceError, inspect_source, read_source
-from tests.conftest import png_bytes, write_image_parquet
+from jobs.sources import SourceError, check_ids, inspect_source, read_source
+from tests.conftest import png_bytes, source_ids, write_image_parquet
 
 
 def rows(count: int) -> list[dict]:
     return [{"id": f"r{i}", "image": png_bytes(16, 16, (i, i, i)), "label": i} for i in range(count)]
 
 
-def test_parquet_ids_are_sorted_strings_and_limit_takes_the_first(tmp_path):
+def test_parquet_is_planned_by_row_group_from_the_footers_and_limit_takes_the_first_rows(tmp_path):
     path = tmp_path / "rows.parquet"
-    pq.write_table(pa.table({"uid": [30, 10, 20], "img": [png_bytes()] * 3, "note": ["c", "a", "b"]}), path)
-    info = inspect_source(SourceConfig(uri=str(path), id_column="uid", image_column="img"))
-    assert info.ids == ["10", "20", "30"] and info.passthrough_columns == ["note"]
-    assert inspect_source(SourceConfig(uri=str(path), id_column="uid", image_column="img", limit=2)).ids == ["10", "20"]
+    table = pa.table({"uid": [30, 10, 20, 40, 50], "img": [png_bytes()] * 5, "note": ["c", "a", "b", "d", "e"]})
+    pq.write_table(table, path, row_group_size=2)
+    config = SourceConfig(uri=str(path), id_column="uid", image_column="img")
+    info = inspect_source(config)
+    assert [(fragment.key, fragment.rows) for fragment in info.fragments] == [
+        ("rows.parquet#0", 2),
+        ("rows.parquet#1", 2),
+        ("rows.parquet#2", 1),
+    ]
+    assert source_ids(config, info) == ["30", "10", "20", "40", "50"] and info.passthrough_columns == ["note"]
+    limited = config.model_copy(update={"limit": 3})
+    info = inspect_source(limited)
+    assert [(fragment.key, fragment.rows) for fragment in info.fragments] == [
+        ("rows.parquet#0", 2),
+        ("rows.parquet#1", 1),
+    ]
+    assert source_ids(limited, info) == ["30", "10", "20"]
 
 
 def test_limit_is_applied_when_reading(ray_session, tmp_path):
@@ -56,8 +69,34 @@ def test_limit_is_applied_when_reading(ray_session, tmp_path):
 def test_bad_sources_are_refused_with_the_reason(tmp_path, table, options, message):
     path = tmp_path / "rows.parquet"
     pq.write_table(pa.table(table), path)
+    config = SourceConfig(uri=str(path), **options)
     with pytest.raises(SourceError, match=message):
-        inspect_source(SourceConfig(uri=str(path), **options))
+        check_ids(config, inspect_source(config))
+
+
+def test_repeated_ids_across_files_and_row_groups_are_found_by_tasks(ray_session, tmp_path):
+    """The ids never come to the driver: tasks hash them into buckets and count repeats per bucket."""
+    (tmp_path / "in").mkdir()
+    for name, ids in (("a", ["x", "y", "z", "w"]), ("b", ["v", "y", "u", "z"])):
+        pq.write_table(
+            pa.table({"id": ids, "image": [b"x"] * 4}), tmp_path / "in" / f"{name}.parquet", row_group_size=2
+        )
+    config = SourceConfig(uri=str(tmp_path / "in"))
+    info = inspect_source(config)
+    assert len(info.fragments) == 4
+    with pytest.raises(SourceError, match=r"has 2 repeated ids, e.g. \['y', 'z'\]; ids must be unique"):
+        check_ids(config, info, tasks=3)
+    unique = SourceConfig(uri=str(tmp_path / "in"), limit=5)  # x y z w v: the repeats lie beyond the limit
+    check_ids(unique, inspect_source(unique), tasks=2)
+
+
+def test_two_ids_that_share_a_hash_are_no_repeat(monkeypatch, tmp_path):
+    from jobs import sources
+
+    monkeypatch.setattr(sources, "_id_hash", lambda row_id: 7 if row_id in ("p", "q") else hash(row_id) & 0xFFFF)
+    pq.write_table(pa.table({"id": ["p", "q", "r"], "image": [b"x"] * 3}), tmp_path / "rows.parquet")
+    config = SourceConfig(uri=str(tmp_path / "rows.parquet"))
+    check_ids(config, inspect_source(config))
 
 
 def test_missing_source_names_the_uri(tmp_path):
@@ -79,8 +118,8 @@ def test_hugging_face_save_to_disk_arrow_shards(ray_session, tmp_path):
     data.save_to_disk(str(tmp_path / "saved"), num_shards=2)
     config = SourceConfig(uri=str(tmp_path / "saved"), format="arrow")
     info = inspect_source(config)
-    assert info.ids == ["x", "y", "z"] and info.passthrough_columns == ["caption"]
-    assert len(info.files) == 2
+    assert source_ids(config, info) == ["x", "y", "z"] and info.passthrough_columns == ["caption"]
+    assert len(info.fragments) == 2
     read = sorted(read_source(config, info).take_all(), key=lambda row: row["id"])
     assert [(row["id"], row["caption"], row["status"]) for row in read] == [
         ("x", "one", "ok"),
@@ -128,10 +167,10 @@ def test_folder_images_are_recognised_by_content_and_other_files_become_error_ro
     info = inspect_source(config)
     rows = read_rows(config)
 
-    assert info.ids == ["anim.gif", "flat.bmp", "notes.txt", "sub/no-suffix", "sub/photo.JPG"]
+    assert source_ids(config, info) == ["anim.gif", "flat.bmp", "notes.txt", "sub/no-suffix", "sub/photo.JPG"]
     # Hidden files and folders are never inputs, but they are counted and named.
     assert info.skipped == [".DS_Store", ".cache/thumb.png"]
-    assert sorted(rows) == info.ids
+    assert sorted(rows) == source_ids(config, info)
     assert {row_id: rows[row_id]["status"] for row_id in rows} == {
         "anim.gif": "ok",
         "flat.bmp": "ok",
@@ -165,7 +204,7 @@ def test_include_filter_reads_only_matching_files_and_counts_the_rest(tmp_path):
     info = inspect_source(config)
 
     # `*` crosses folders, `**/` also matches at the top, and matching ignores case.
-    assert info.ids == ["anim.gif", "sub/deeper/x.gif", "sub/photo.JPG"]
+    assert source_ids(config, info) == ["anim.gif", "sub/deeper/x.gif", "sub/photo.JPG"]
     assert info.skipped == [".hidden.gif", "flat.bmp", "notes.txt", "sub/no-suffix"]
     assert info.skipped_files == 4
     with pytest.raises(SourceError, match=r"no file under source.uri .* matches source.include \['\*.png'\]"):
@@ -193,7 +232,15 @@ def test_symlinks_leaving_the_folder_are_error_rows_and_never_read(ray_session, 
     info = inspect_source(config)
     rows = read_rows(config)
 
-    assert info.ids == ["alias.png", "folder-link", "gone.png", "leak.png", "real.png", "sub/same", "sub/up.png"]
+    assert source_ids(config, info) == [
+        "alias.png",
+        "folder-link",
+        "gone.png",
+        "leak.png",
+        "real.png",
+        "sub/same",
+        "sub/up.png",
+    ]
     assert {row_id: (row["status"], row["error"]) for row_id, row in rows.items()} == {
         "alias.png": ("ok", None),
         "real.png": ("ok", None),
@@ -208,15 +255,22 @@ def test_symlinks_leaving_the_folder_are_error_rows_and_never_read(ray_session, 
     assert not any(secret == row["image"] for row in rows.values())
 
 
-def test_folder_error_rows_follow_the_resume_id_list(ray_session, tmp_path):
+def test_a_resumed_folder_fragment_reads_only_its_rows_left_and_refused_ones_stay_unread(ray_session, tmp_path):
     image_folder(tmp_path)
     (tmp_path / "leak.png").symlink_to("/etc/hostname")
     config = SourceConfig(uri=str(tmp_path), format="images")
     info = inspect_source(config)
-    rows = read_source(config, info, ids=["flat.bmp", "leak.png"]).take_all()
-    assert sorted((row["id"], row["status"]) for row in rows) == [("flat.bmp", "ok"), ("leak.png", "error")]
-    only_refused = read_source(config, info, ids=["leak.png"], keep_source_image=True).take_all()
-    assert [(row["id"], row["status"], row["source_image"]) for row in only_refused] == [("leak.png", "error", None)]
+    ids = source_ids(config, info)
+    keep = {ids.index("flat.bmp"), ids.index("leak.png")}
+    skip = {0: frozenset(set(range(len(ids))) - keep)}
+    rows = read_source(config, info, skip_rows=skip).take_all()
+    assert sorted((row["id"], row["status"], row["_row"]) for row in rows) == [
+        ("flat.bmp", "ok", ids.index("flat.bmp")),
+        ("leak.png", "error", ids.index("leak.png")),
+    ]
+    only_refused = {0: frozenset(set(range(len(ids))) - {ids.index("leak.png")})}
+    rows = read_source(config, info, skip_rows=only_refused, keep_source_image=True).take_all()
+    assert [(row["id"], row["status"], row["source_image"]) for row in rows] == [("leak.png", "error", None)]
 
 
 def test_folder_job_counts_errors_and_skipped_files_and_never_publishes_a_linked_outside_file(ray_session, tmp_path):
@@ -296,5 +350,6 @@ def test_arrow_files_without_the_id_column_are_refused(tmp_path):
     ):
         with pa.ipc.new_file(tmp_path / name, table.schema) as writer:
             writer.write_table(table)
+    config = SourceConfig(uri=str(tmp_path), format="arrow")
     with pytest.raises(SourceError, match="source.id_column 'id' has 1 null ids"):
-        inspect_source(SourceConfig(uri=str(tmp_path), format="arrow"))
+        check_ids(config, inspect_source(config))

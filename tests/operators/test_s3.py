@@ -153,11 +153,12 @@ def test_image_folder_ids_are_paths_relative_to_the_prefix(ray_session, s3_bucke
 
     info = inspect_source(source)
 
-    assert info.ids == ["a.png", "sub/b.png", "sub/c.jpg"]
-    assert info.files == [f"{bucket}/photos/{row_id}" for row_id in info.ids]
-    assert info.skipped == ["notes.txt"]
+    entries = [entry for fragment in info.fragments for entry in fragment.entries]
+    assert [row_id for row_id, _, _ in entries] == ["a.png", "sub/b.png", "sub/c.jpg"]
+    assert [path for _, path, _ in entries] == [f"{bucket}/photos/{row_id}" for row_id, _, _ in entries]
+    assert info.skipped == ["notes.txt"] and info.skipped_files == 1
     rows = read_source(source, info).take_all()
-    assert sorted(row["id"] for row in rows) == info.ids
+    assert sorted(row["id"] for row in rows) == [row_id for row_id, _, _ in entries]
     assert {row["id"]: row["image"] for row in rows} == images
     assert {row["status"] for row in rows} == {"ok"}
 
@@ -295,7 +296,7 @@ def test_wrong_secret_fails_inspection_without_echoing_it(s3_bucket, s3_server, 
 
     with enable_iam_authentication():
         # The right secret reads, so the failure below is the secret's alone.
-        assert inspect_source(source(key["SecretAccessKey"])).ids == ["row-0"]
+        assert inspect_source(source(key["SecretAccessKey"])).row_count == 1
         with pytest.raises(SourceError) as raised:
             inspect_source(source(wrong_secret))
 
