@@ -36,13 +36,14 @@ class StagePlan:
     index: int
     name: str
     kind: str
-    num_actors: int
+    num_actors: int  # 0 for a stage that runs as CPU tasks (`tasks`)
     num_cpus: float
     num_gpus: float
     batch_size: int
     device: str
     variants: int
     parameters: dict = field(default_factory=dict)
+    tasks: bool = False  # runs as CPU tasks (`OperatorConfig.runs_as_tasks`), no actor pool
 
 
 @dataclass
@@ -69,9 +70,13 @@ class JobPlan:
             f"cluster: {self.cluster_cpus:g} CPUs, {self.cluster_gpus:g} GPUs",
         ]
         for stage in self.stages:
+            workers = (
+                f"CPU tasks of {stage.num_cpus:g} CPU"
+                if stage.tasks
+                else f"{stage.num_actors} actor(s) x {stage.num_cpus:g} CPU / {stage.num_gpus:g} GPU"
+            )
             lines.append(
-                f"stage {stage.index} {stage.name!r} ({stage.kind}): {stage.num_actors} actor(s) x "
-                f"{stage.num_cpus:g} CPU / {stage.num_gpus:g} GPU, batch_size {stage.batch_size}, "
+                f"stage {stage.index} {stage.name!r} ({stage.kind}): {workers}, batch_size {stage.batch_size}, "
                 f"device {stage.device}, {stage.variants} variant(s) per row"
             )
             for key, value in stage.parameters.items():
@@ -84,6 +89,7 @@ def size_pools(config: JobConfig, cpus: float, gpus: float) -> list[int]:
     """Actors per operator, leaving `run.resources.reserved_cpus` free so reads and writes
     are never starved (a pool that takes every CPU hangs the job).
 
+    A stage that runs as CPU tasks (`runs_as_tasks`) has no pool: 0, and takes no share.
     GPU stages get as many actors as the GPUs allow. CPU stages with `num_actors` take what they
     ask for; the CPUs left are split evenly between the other CPU stages, each getting as many
     actors as its share holds (at least one, or the plan is refused naming the split). An actor
@@ -92,6 +98,9 @@ def size_pools(config: JobConfig, cpus: float, gpus: float) -> list[int]:
     operators = config.operators
     sizes: list[int | None] = [None] * len(operators)
     for index, operator in enumerate(operators):
+        if operator.runs_as_tasks():
+            sizes[index] = 0
+            continue
         if operator.num_gpus > 0:
             if operator.num_actors is not None:
                 sizes[index] = operator.num_actors
@@ -104,7 +113,9 @@ def size_pools(config: JobConfig, cpus: float, gpus: float) -> list[int]:
                 )
             sizes[index] = count
     reserved = config.run.resources.reserved_cpus
-    gpu_stage_cpus = sum(operators[i].num_cpus * sizes[i] for i in range(len(operators)) if sizes[i] is not None)
+    gpu_stage_cpus = sum(
+        operators[i].num_cpus * sizes[i] for i in range(len(operators)) if sizes[i] and operators[i].num_gpus > 0
+    )
     free = cpus - reserved - gpu_stage_cpus
     cpu_stages = [i for i in range(len(operators)) if sizes[i] is None]
     fixed = [i for i in cpu_stages if operators[i].num_actors is not None]
@@ -181,6 +192,7 @@ def plan_job(config: JobConfig, info: SourceInfo, cpus: float, gpus: float, size
                 device=operator.resolved_device(),
                 variants=operator.variant_count(),
                 parameters=parameters,
+                tasks=operator.runs_as_tasks(),
             )
         )
     return JobPlan(
@@ -233,15 +245,26 @@ MODEL_PREFETCH_BATCHES = 2
 
 def stage_steps(config: JobConfig, index: int, stage: StagePlan) -> list[dict]:
     """The `map_batches` arguments of one operator stage: its prepare step (CPU tasks, no model), then
-    its model step (the stage's actor pool, which loads the model once per actor)."""
+    its model step (the stage's actor pool, which loads the model once per actor); or, for a stage
+    that loads no model (`StagePlan.tasks`), both steps in one CPU task, which Ray may fuse with the
+    tasks around it as it would a plain `map_batches`."""
     from ray.data import ActorPoolStrategy
 
     from operators import OPERATORS
-    from operators.steps import model_step, prepare_step
+    from operators.steps import model_step, prepare_step, task_step
 
     operator_class = OPERATORS[type(config.operators[index])]
     arguments = operator_arguments(config, index)
     common = {"batch_size": stage.batch_size, "batch_format": "pyarrow", "zero_copy_batch": True}
+    if stage.tasks:
+        return [
+            {
+                "fn": task_step(operator_class),
+                "fn_kwargs": {"arguments": arguments},
+                "num_cpus": stage.num_cpus,
+                **common,
+            }
+        ]
     prepare = {
         "fn": prepare_step(operator_class),
         "fn_kwargs": {"arguments": arguments},

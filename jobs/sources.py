@@ -95,9 +95,10 @@ def _inspect_table(config: SourceConfig, filesystem, root: str) -> SourceInfo:
         else:
             arrow_fs = arrow_filesystem(filesystem)
             dataset = pyarrow.dataset.dataset(root, filesystem=arrow_fs, format="parquet")
+            files = sorted(dataset.get_fragments(), key=lambda item: item.path)
             # Every file's schema, not only the first's: a column null in one file may be text in another.
-            schema = _unified_schema(config, [fragment.physical_schema for fragment in dataset.get_fragments()])
-            fragments = _row_group_fragments(dataset, root)
+            schema = _unified_schema(config, [file.physical_schema for file in files])
+            fragments = _row_group_fragments(files, root)
     except FileNotFoundError:
         raise SourceError(
             f"cannot read {FORMAT_NAMES[config.format]} at source.uri {config.uri}: it does not exist "
@@ -147,10 +148,11 @@ def limited(fragments: list[Fragment], limit: int | None) -> list[Fragment]:
     return kept
 
 
-def _row_group_fragments(dataset, root: str) -> list[Fragment]:
-    """One fragment per row group of every file, from the files' footers (no data read)."""
+def _row_group_fragments(files: list, root: str) -> list[Fragment]:
+    """One fragment per row group of every file (pyarrow's file fragments, in path order), from the
+    footers their schemas were read from (no data read)."""
     fragments = []
-    for file_fragment in sorted(dataset.get_fragments(), key=lambda item: item.path):
+    for file_fragment in files:
         metadata = file_fragment.metadata
         relative = _file_name(file_fragment.path, root)
         for index in range(metadata.num_row_groups):
@@ -203,8 +205,10 @@ def _inspect_folder(config: SourceConfig, filesystem, root: str) -> SourceInfo:
             raise SourceError(f"source.uri {config.uri} is not a directory")
         if is_local(filesystem):
             entries = _walk_local_folder(root)
-        else:  # an object store lists a prefix in one paginated call
-            entries = ((_relative(path, root), path, None) for path in sorted(filesystem.find(root)))
+        else:  # an object store lists a prefix in one paginated call: its list is sorted in place
+            paths = filesystem.find(root)
+            paths.sort()
+            entries = ((_relative(path, root), path, None) for path in paths)
         for relative, path, problem in entries:
             if not relative or relative.endswith("/"):
                 continue  # an object store's folder marker

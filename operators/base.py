@@ -109,6 +109,17 @@ class OperatorConfig(BaseModel):
         before the job runs; none by default."""
         return []
 
+    def loads_model(self) -> bool:
+        """Whether `setup()` loads something worth keeping (a model), so that the model step runs on
+        an actor pool that loads it once per actor; yes by default."""
+        return True
+
+    def runs_as_tasks(self) -> bool:
+        """Whether this stage runs as CPU tasks (its prepare and model steps in one) instead of an
+        actor pool: it loads no model, reserves no GPU and asks for no fixed `num_actors`. An actor
+        of such a stage would hold a CPU mostly idle between the tasks that feed it."""
+        return not self.loads_model() and self.num_gpus == 0 and self.num_actors is None
+
     def output_libraries(self) -> tuple[str, ...]:
         """The libraries whose versions can change this operator's output bytes: in the config hash and
         recorded per row as `versions`."""

@@ -179,6 +179,10 @@ class StandardizeConfig(OperatorConfig):
         "luminance (ITU-R BT.601 weights), 'rgb' repeats a gray plane three times.",
     )
 
+    def loads_model(self) -> bool:
+        """No model: the histogram references are read once per worker process."""
+        return False
+
     def output_libraries(self) -> tuple[str, ...]:
         """Libraries whose versions can change the standardized bytes."""
         return ("numpy", "opencv", "pillow")

@@ -1,6 +1,7 @@
 """The callables Ray Data runs for an operator's steps (see `operators.base`): the prepare step as a
 task function, the model step as an actor class, each named after its operator (`Img2ImgPrepare`,
-`Img2ImgModel`) so Ray's progress, dashboard and logs say which stage is which. The finish step is
+`Img2ImgModel`) so Ray's progress, dashboard and logs say which stage is which; a stage that loads
+no model runs both as one task function (`StandardizeSteps`). The finish step is
 `operators.finish.finish_batch`."""
 
 from __future__ import annotations
@@ -26,6 +27,37 @@ class ModelStep:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return self.operator.model_batch(batch)
+
+
+def task_step(operator_class: type):
+    """The task function of a stage that runs as CPU tasks (`OperatorConfig.runs_as_tasks`): prepare
+    and model steps in one, with the operator built once per worker process (Ray reuses them)."""
+
+    def steps(batch: pa.Table, arguments: dict) -> pa.Table:
+        operator = _per_process(operator_class, arguments)
+        return operator.model_batch(operator.prepare_batch(batch))
+
+    steps.__name__ = steps.__qualname__ = f"{operator_class.__name__}Steps"
+    return steps
+
+
+_OPERATORS: dict[str, object] = {}
+
+
+def _per_process(operator_class: type, arguments: dict):
+    """This process's operator for these arguments (built, with its `setup()`, on first use)."""
+    import json
+
+    from pydantic import BaseModel
+
+    plain = {
+        name: value.model_dump(mode="json") if isinstance(value, BaseModel) else value
+        for name, value in arguments.items()
+    }
+    key = operator_class.__qualname__ + json.dumps(plain, sort_keys=True)
+    if key not in _OPERATORS:
+        _OPERATORS[key] = operator_class(**arguments)
+    return _OPERATORS[key]
 
 
 def model_step(operator_class: type) -> type:

@@ -253,6 +253,10 @@ class UpscaleConfig(SpeedSettings, OperatorConfig):
             return []
         return [ModelReference("model", self.model, self.revision, self.variant, "pipeline")]
 
+    def loads_model(self) -> bool:
+        """Only the model methods load one; the classical ones are one OpenCV call."""
+        return self.method not in CLASSICAL_METHODS
+
     def output_libraries(self) -> tuple[str, ...]:
         """Libraries whose versions can change the upscaled bytes."""
         if self.method in CLASSICAL_METHODS:

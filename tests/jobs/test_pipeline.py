@@ -94,7 +94,7 @@ def test_a_cpu_stage_that_reserves_what_a_prepare_task_does_still_runs_prepare_a
     job = validate_config(
         {
             "source": {"uri": "in"},
-            "operators": [{"kind": "standardize", "steps": [{"op": "normalize"}], "num_cpus": 0.5}],
+            "operators": [{"kind": "standardize", "steps": [{"op": "normalize"}], "num_cpus": 0.5, "num_actors": 1}],
             "sink": {"uri": "out"},
         }
     )
@@ -152,3 +152,27 @@ def test_progress_log_counts_this_attempts_commit_records(tmp_path):
         line = progress.line()
     assert line.startswith("progress: 15/20 rows committed (75.0%), ")
     assert progress.committed_now() == 15
+
+
+@pytest.mark.parametrize(
+    ("operator", "tasks"),
+    [
+        ({"kind": "standardize", "steps": [{"op": "normalize"}]}, True),
+        ({"kind": "standardize", "steps": [{"op": "normalize"}], "num_actors": 1}, False),
+        ({"kind": "upscale", "method": "lanczos", "scale": 2}, True),
+        ({"kind": "upscale", "method": "sd_x4", "model": "m"}, False),
+        ({"kind": "img2img", "model": "m", "prompt": "p"}, False),
+    ],
+)
+def test_a_stage_that_loads_no_model_runs_as_cpu_tasks_not_an_idle_actor(operator, tasks):
+    """An actor holds its CPU between batches; a stage without a model would leave it mostly idle."""
+    job = validate_config({"source": {"uri": "in"}, "operators": [operator], "sink": {"uri": "out"}})
+    plan = plan_job(job, SourceInfo(fragments=[Fragment("rows.parquet#0", 4)]), cpus=2, gpus=0)
+    steps = stage_steps(job, 0, plan.stages[0])
+    assert plan.stages[0].tasks is tasks
+    if tasks:
+        (step,) = steps
+        assert step["fn"].__name__.endswith("Steps") and "compute" not in step
+        assert plan.stages[0].num_actors == 0 and "CPU tasks of 1 CPU" in plan.describe()
+    else:
+        assert [step.get("compute") is not None for step in steps] == [False, True]

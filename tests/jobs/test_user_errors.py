@@ -115,19 +115,6 @@ CASES = [
         ["--dry-run"],
         "run.ray_address 127.0.0.1:",
     ),
-    (
-        "two-cpu-stages-on-two-cpus",
-        job(
-            operators=[
-                {"kind": "standardize", "name": "a", "steps": [{"op": "normalize", "method": "minmax"}]},
-                {"kind": "standardize", "name": "b", "steps": [{"op": "normalize", "method": "minmax"}]},
-            ],
-            run={"resources": {"num_cpus": 2}},
-        ),
-        ["--dry-run"],
-        "leaving 1 for CPU stages, split between the 2 CPU stages sized automatically (operators[0], operators[1]): "
-        "0.5 CPUs each; set operators[0].num_cpus to 0.5 or less",
-    ),
 ]
 
 # Credentials in the wrong place: the field is named, the value never shown.
@@ -225,9 +212,26 @@ def test_a_stage_with_num_actors_takes_its_cpus_before_the_others_are_split():
     from jobs.config import validate_config
 
     steps = [{"op": "normalize", "method": "minmax"}]
-    stages = [{"kind": "standardize", "name": "a", "num_actors": 5, "steps": steps}]
-    config = validate_config(job(operators=[*stages, {"kind": "standardize", "name": "b", "steps": steps}]))
-    assert jobs.pipeline.size_pools(config, cpus=8, gpus=0) == [5, 2]
+    stages = [
+        {"kind": "standardize", "name": "a", "num_actors": 5, "steps": steps},
+        {"kind": "img2img", "name": "b", "model": "m", "prompt": "p"},
+        {"kind": "standardize", "name": "c", "steps": steps},  # no model: CPU tasks, no pool
+    ]
+    config = validate_config(job(operators=stages))
+    assert jobs.pipeline.size_pools(config, cpus=8, gpus=0) == [5, 2, 0]
+
+
+def test_two_cpu_pools_on_two_cpus_are_refused_naming_the_split():
+    from jobs.config import validate_config
+
+    stages = [{"kind": "img2img", "name": name, "model": "m", "prompt": "p"} for name in ("a", "b")]
+    config = validate_config(job(operators=stages, run={"resources": {"num_cpus": 2}}))
+    with pytest.raises(jobs.pipeline.PlanError) as refused:
+        jobs.pipeline.size_pools(config, cpus=2, gpus=0)
+    assert (
+        "leaving 1 for CPU stages, split between the 2 CPU stages sized automatically (operators[0], operators[1]): "
+        "0.5 CPUs each; set operators[0].num_cpus to 0.5 or less"
+    ) in str(refused.value)
 
 
 def run_restyle(*arguments: str, timeout: float = 60, env: dict | None = None) -> subprocess.CompletedProcess:
