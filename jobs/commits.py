@@ -257,7 +257,8 @@ class SinkState:
         wanted = pc.field(SOURCE_FRAGMENT).isin(keys)
         if ids is not None:
             wanted = wanted & pc.field("id").isin(ids)
-        return dataset.to_table(columns=columns, filter=wanted)
+        # Small batches: only the matching rows are kept, not whole column chunks of every shard.
+        return dataset.scanner(columns=columns, filter=wanted, batch_size=1024).to_table()
 
     def read(self, columns: list[str], ids: list[str] | None = None) -> pa.Table:
         """Columns of the committed rows, optionally only those with the given ids."""

@@ -186,7 +186,8 @@ def plan_job(config: JobConfig, info: SourceInfo, cpus: float, gpus: float, size
                 name=operator.stage_name,
                 kind=operator.kind,
                 num_actors=size,
-                num_cpus=operator.num_cpus,
+                # A stage of CPU tasks reserves what the tasks around it do (see `stage_steps`).
+                num_cpus=config.run.resources.cpu_step_cpus if operator.runs_as_tasks() else operator.num_cpus,
                 num_gpus=operator.num_gpus,
                 batch_size=operator.batch_size,
                 device=operator.resolved_device(),
@@ -257,11 +258,12 @@ def stage_steps(config: JobConfig, index: int, stage: StagePlan) -> list[dict]:
     arguments = operator_arguments(config, index)
     common = {"batch_size": stage.batch_size, "batch_format": "pyarrow", "zero_copy_batch": True}
     if stage.tasks:
+        # Reserving what the tasks around it do lets Ray fuse read, steps, finish and write into one task.
         return [
             {
                 "fn": task_step(operator_class),
                 "fn_kwargs": {"arguments": arguments},
-                "num_cpus": stage.num_cpus,
+                **cpu_step_resources(config),
                 **common,
             }
         ]

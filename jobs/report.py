@@ -224,9 +224,8 @@ def _first_inputs(config: JobConfig, info: SourceInfo, count: int) -> dict[str, 
             table = read_fragment(source, filesystem, root, index, fragment, {}, skip_rows=rest)
             ids, images = table.column("id").to_pylist(), table.column("image").to_pylist()
         else:
-            table = read_fragment(
-                source, filesystem, root, index, fragment, {}, columns=[source.id_column, source.image_column]
-            ).slice(0, need)
+            columns = [source.id_column, source.image_column]
+            table = read_fragment(source, filesystem, root, index, fragment, {}, columns=columns, first=need)
             data = table.column(source.image_column)
             if pa.types.is_struct(data.type):
                 data = pc.struct_field(data, "bytes")

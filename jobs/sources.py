@@ -409,10 +409,12 @@ def read_fragment(
     keep_source_image: bool = False,
     skip_rows: frozenset[int] | None = None,
     columns: list[str] | None = None,
+    first: int | None = None,
 ) -> pa.Table:
     """One fragment's rows in the job's form, with `_fragment` (= `index`) and `_row` (the row's
     position in the fragment) as the last columns, less the rows at the positions in `skip_rows`.
-    With `columns` (tables only), just those source columns, untouched, plus the two tags."""
+    With `columns` (tables only), just those source columns, untouched, plus the two tags; with
+    `first`, only the first rows (a Parquet row group is then read page by page, not whole)."""
     import numpy as np
 
     if config.format == "images":
@@ -422,10 +424,18 @@ def read_fragment(
         raw = raw.select([name for name in columns if name in raw.column_names]) if columns is not None else raw
     else:
         with filesystem.open(fragment.path, "rb") as handle:
-            parquet = pyarrow.parquet.ParquetFile(handle)
+            parquet = pyarrow.parquet.ParquetFile(handle, buffer_size=1 << 20 if first else 0)
             present = None if columns is None else [name for name in columns if name in parquet.schema_arrow.names]
-            raw = parquet.read_row_group(fragment.row_group, columns=present)
-    raw = raw.slice(0, fragment.rows)
+            if first:
+                batches = parquet.iter_batches(batch_size=first, row_groups=[fragment.row_group], columns=present)
+                batch = next(batches, None)
+                empty = parquet.schema_arrow.empty_table()
+                raw = (
+                    pa.Table.from_batches([batch]) if batch is not None else empty.select(present or empty.column_names)
+                )
+            else:
+                raw = parquet.read_row_group(fragment.row_group, columns=present)
+    raw = raw.slice(0, min(fragment.rows, first or fragment.rows))
     raw = raw.append_column(FRAGMENT, pa.array(np.full(raw.num_rows, index, np.int32)))
     raw = raw.append_column(ROW, pa.array(np.arange(raw.num_rows, dtype=np.int64)))
     if skip_rows:

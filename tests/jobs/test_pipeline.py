@@ -173,6 +173,7 @@ def test_a_stage_that_loads_no_model_runs_as_cpu_tasks_not_an_idle_actor(operato
     if tasks:
         (step,) = steps
         assert step["fn"].__name__.endswith("Steps") and "compute" not in step
-        assert plan.stages[0].num_actors == 0 and "CPU tasks of 1 CPU" in plan.describe()
+        assert plan.stages[0].num_actors == 0 and "CPU tasks of 0.5 CPU" in plan.describe()
+        assert step["num_cpus"] == job.run.resources.cpu_step_cpus  # fused with the read, finish and write
     else:
         assert [step.get("compute") is not None for step in steps] == [False, True]
