@@ -258,7 +258,9 @@ class SinkState:
         if ids is not None:
             wanted = wanted & pc.field("id").isin(ids)
         # Small batches: only the matching rows are kept, not whole column chunks of every shard.
-        return dataset.scanner(columns=columns, filter=wanted, batch_size=1024).to_table()
+        return dataset.scanner(
+            columns=columns, filter=wanted, batch_size=1024, batch_readahead=1, fragment_readahead=1
+        ).to_table()
 
     def read(self, columns: list[str], ids: list[str] | None = None) -> pa.Table:
         """Columns of the committed rows, optionally only those with the given ids."""

@@ -147,12 +147,11 @@ def write_summary(sink: SinkConfig, summary: dict) -> str:
 def write_report(config: JobConfig, info: SourceInfo, summary: dict, state) -> str:
     """Write report.html: the first inputs (`sink.report_rows`, in source order) beside their outputs,
     with status and parameters."""
-    inputs = _first_inputs(config, info, config.sink.report_rows)
+    inputs, keys = _first_inputs(config, info, config.sink.report_rows)
     shown_ids = list(inputs)
     stage_names = [operator.stage_name for operator in config.operators]
     fidelity_columns = ["ssim", "psnr", "histogram_distance"] if config.fidelity is not None else []
     columns = ["id", "variant_index", "status", "error", "seed", "width", "height", "image"]
-    keys = sorted({fragment.key for fragment in info.fragments[: len(shown_ids)]})
     table = state.read_fragments(columns + fidelity_columns + stage_names, keys, ids=shown_ids)
     order = {row_id: position for position, row_id in enumerate(shown_ids)}
     rows = sorted(table.to_pylist(), key=lambda row: (order.get(row["id"], len(order)), row["variant_index"]))
@@ -206,19 +205,21 @@ def _skipped_html(info: SourceInfo) -> str:
     )
 
 
-def _first_inputs(config: JobConfig, info: SourceInfo, count: int) -> dict[str, bytes | None]:
+def _first_inputs(config: JobConfig, info: SourceInfo, count: int) -> tuple[dict[str, bytes | None], list[str]]:
     """{id: encoded source image} of the first `count` inputs, in source order, read fragment by
-    fragment as far as needed. A refused input (a link out of the folder, say) is never read, not
-    even for a thumbnail: it shows as None."""
+    fragment as far as needed, and the keys of those fragments. A refused input (a link out of the
+    folder, say) is never read, not even for a thumbnail: it shows as None."""
     from jobs.sources import read_fragment
 
     source = config.source
     filesystem, root = filesystem_for(source.uri, source.storage.storage_options())
     shown: dict[str, bytes | None] = {}
+    keys: list[str] = []
     for index, fragment in enumerate(info.fragments):
         need = count - len(shown)
         if need <= 0:
             break
+        keys.append(fragment.key)
         if source.format == "images":
             rest = frozenset(range(need, fragment.rows))
             table = read_fragment(source, filesystem, root, index, fragment, {}, skip_rows=rest)
@@ -232,7 +233,7 @@ def _first_inputs(config: JobConfig, info: SourceInfo, count: int) -> dict[str, 
             ids = [str(value) for value in table.column(source.id_column).to_pylist()]
             images = data.to_pylist()
         shown.update(zip(ids, images, strict=True))
-    return shown
+    return shown, keys
 
 
 def _thumbnail(data: bytes | None, max_pixels: int | None = None) -> str:

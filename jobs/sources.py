@@ -424,10 +424,12 @@ def read_fragment(
         raw = raw.select([name for name in columns if name in raw.column_names]) if columns is not None else raw
     else:
         with filesystem.open(fragment.path, "rb") as handle:
-            parquet = pyarrow.parquet.ParquetFile(handle, buffer_size=1 << 20 if first else 0)
+            parquet = pyarrow.parquet.ParquetFile(handle, buffer_size=1 << 20 if first else 0, pre_buffer=not first)
             present = None if columns is None else [name for name in columns if name in parquet.schema_arrow.names]
             if first:
-                batches = parquet.iter_batches(batch_size=first, row_groups=[fragment.row_group], columns=present)
+                batches = parquet.iter_batches(
+                    batch_size=first, row_groups=[fragment.row_group], columns=present, use_threads=False
+                )
                 batch = next(batches, None)
                 empty = parquet.schema_arrow.empty_table()
                 raw = (
