@@ -333,7 +333,7 @@ def read_source(
     indices = range(len(info.fragments)) if fragments is None else fragments
     selected = [(index, info.fragments[index], (skip_rows or {}).get(index)) for index in indices]
     if not selected:
-        return ray.data.from_arrow(folder_error_rows({}, keep_source_image))
+        return ray.data.from_arrow(no_rows(keep_source_image))
     source = _fragment_source_class()(config, info.column_types, selected, info.root, keep_source_image)
     return ray.data.read_datasource(source, override_num_blocks=config.read_blocks, **remote)
 
@@ -532,17 +532,14 @@ def normalize_parquet_batch(
     return conform(table, column_types) if column_types else table
 
 
-def folder_error_rows(errors: dict[str, str], keep_source_image: bool = False) -> pa.Table:
-    """Error rows, in the job's row form, of the image-folder inputs that are not read (id -> error)."""
-    nothing = pa.nulls(len(errors), pa.binary())
-    columns = {
-        "id": pa.array(list(errors), pa.string()),
-        "image": nothing,
-        "status": pa.array([ERROR] * len(errors), pa.string()),
-        "error": pa.array(list(errors.values()), pa.string()),
-    }
+def no_rows(keep_source_image: bool = False) -> pa.Table:
+    """An empty table in the job's row form (a job whose fragments are all done or empty)."""
+    columns = {name: pa.array([], pa.string()) for name in ("id", "status", "error")}
+    columns["image"] = pa.array([], pa.binary())
     if keep_source_image:
-        columns["source_image"] = nothing
+        columns["source_image"] = pa.array([], pa.binary())
+    columns[FRAGMENT] = pa.array([], pa.int32())
+    columns[ROW] = pa.array([], pa.int64())
     return pa.table(columns)
 
 

@@ -353,3 +353,10 @@ def test_arrow_files_without_the_id_column_are_refused(tmp_path):
     config = SourceConfig(uri=str(tmp_path), format="arrow")
     with pytest.raises(SourceError, match="source.id_column 'id' has 1 null ids"):
         check_ids(config, inspect_source(config))
+
+
+def test_reading_no_fragments_gives_no_rows_in_the_job_form(ray_session, tmp_path):
+    path = write_image_parquet(tmp_path / "rows.parquet", rows(2))
+    config = SourceConfig(uri=str(path))
+    dataset = read_source(config, inspect_source(config), fragments=[])
+    assert dataset.count() == 0 and {"id", "image", "status", "error", "_fragment", "_row"} <= set(dataset.columns())
