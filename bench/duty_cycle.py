@@ -66,6 +66,7 @@ from typing import ClassVar
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from measure import prepare_spawned_side
 from PIL import Image, ImageOps
 
 from jobs.config import JobConfig, validate_config
@@ -379,15 +380,7 @@ def run_restyle(config: JobConfig, interval_log: Path, seconds: float) -> dict:
 
 
 def _child(target, arguments: tuple, connection) -> None:
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if os.environ.pop("RAY_ADDRESS", None):
-        logger.warning("ignoring RAY_ADDRESS: the benchmark measures this machine, so Ray runs locally")
-    # Ray pickles the actor and operator classes for its workers; in a spawned process this script is
-    # the module `__mp_main__`, which workers cannot import, so its classes travel by value.
-    import ray.cloudpickle
-
-    if __name__ != "__main__":
-        ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    prepare_spawned_side(logger)
     try:
         connection.send(target(*arguments))
     except BaseException:

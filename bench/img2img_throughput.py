@@ -59,7 +59,6 @@ import multiprocessing
 import os
 import sys
 import tempfile
-import threading
 import time
 import traceback
 from pathlib import Path
@@ -67,6 +66,7 @@ from types import SimpleNamespace
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from measure import MEBIBYTE, ProcessTreePeakUss
 from PIL import Image, ImageOps
 
 from jobs.config import JobConfig, validate_config
@@ -82,8 +82,6 @@ PROMPT = "an oil painting"
 STRENGTH = 0.6
 GUIDANCE_SCALE = 7.5
 RUN_SEED = 0
-SAMPLE_INTERVAL_SECONDS = 0.5
-MEBIBYTE = 1024 * 1024
 IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 
 
@@ -203,62 +201,6 @@ def job_config(args: argparse.Namespace, source: Path, sink: Path, model: Path) 
         },
         source_name="benchmark config",
     )
-
-
-class ProcessTreePeakUss:
-    """Samples the summed unique set size of a process and all its descendants in a background thread."""
-
-    def __init__(self, pid: int, interval_seconds: float = SAMPLE_INTERVAL_SECONDS):
-        self.pid = pid
-        self.interval_seconds = interval_seconds
-        self.peak_bytes = 0
-        self.processes_at_peak = 0
-        self.breakdown_at_peak: dict[str, float] = {}
-        self.samples = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="uss-sampler", daemon=True)
-
-    def __enter__(self) -> ProcessTreePeakUss:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def sample(self) -> None:
-        """Add one sample; processes that exit while being read are skipped."""
-        import psutil
-
-        try:
-            root = psutil.Process(self.pid)
-            processes = [root, *root.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            return
-        total = 0
-        counted = 0
-        breakdown: dict[str, float] = {}
-        for process in processes:
-            try:
-                uss = process.memory_full_info().uss
-                title = process.cmdline()[:1] or [process.name()]
-            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-                continue
-            total += uss
-            counted += 1
-            # Ray names its workers by what they run ("ray::MapWorker(...)", "ray::IDLE").
-            name = Path(title[0]).name.split(" ")[0][:60] or process.name()
-            breakdown[name] = breakdown.get(name, 0.0) + uss / MEBIBYTE
-        self.samples += 1
-        if total > self.peak_bytes:
-            self.peak_bytes = total
-            self.processes_at_peak = counted
-            self.breakdown_at_peak = breakdown
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.sample()
-            self._stop.wait(self.interval_seconds)
 
 
 def run_plain_side(args: argparse.Namespace, model: Path, source: Path, output: Path, connection) -> None:

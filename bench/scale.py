@@ -77,6 +77,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from measure import MEBIBYTE, ProcessTreePeakUss, prepare_spawned_side
 from PIL import Image
 
 from jobs.config import JobConfig, validate_config
@@ -93,8 +94,6 @@ GRID_SIDE = 4
 SOURCE_SEED = 0
 RESIZE_STEP = {"op": "resize", "width": OUTPUT_SIDE, "height": OUTPUT_SIDE, "mode": "stretch", "interpolation": "area"}
 DRIVER_INTERVAL_SECONDS = 0.1
-TREE_INTERVAL_SECONDS = 0.5
-MEBIBYTE = 1024 * 1024
 IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 # Disk needed per row: the source (~1.3 kB) and both outputs (16x16 PNGs, ids, restyle's record column).
 SOURCE_BYTES_PER_ROW = 1400
@@ -272,52 +271,6 @@ class DriverSampler:
             self._stop.wait(self.interval_seconds)
 
 
-class ProcessTreePeakUss:
-    """Samples the summed unique set size of a process and all its descendants in a background thread."""
-
-    def __init__(self, pid: int, interval_seconds: float = TREE_INTERVAL_SECONDS):
-        self.pid = pid
-        self.interval_seconds = interval_seconds
-        self.peak_bytes = 0
-        self.processes_at_peak = 0
-        self.samples = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="uss-sampler", daemon=True)
-
-    def __enter__(self) -> ProcessTreePeakUss:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def sample(self) -> None:
-        """Add one sample; processes that exit while being read are skipped."""
-        import psutil
-
-        try:
-            root = psutil.Process(self.pid)
-            processes = [root, *root.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            return
-        total = counted = 0
-        for process in processes:
-            try:
-                total += process.memory_full_info().uss
-            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-                continue
-            counted += 1
-        self.samples += 1
-        if total > self.peak_bytes:
-            self.peak_bytes, self.processes_at_peak = total, counted
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.sample()
-            self._stop.wait(self.interval_seconds)
-
-
 def summary_figures(summary: dict) -> dict:
     """The parts of run_job's summary this benchmark reports (keys that are missing become None)."""
     keys = ("rows_in", "ok", "error", "wall_seconds", "inputs_processed", "rows_already_committed")
@@ -413,15 +366,7 @@ def run_plain(sampler: DriverSampler, source: Path, output: Path, cpus: int, bat
 
 
 def _child(target, arguments: tuple, connection) -> None:
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if os.environ.pop("RAY_ADDRESS", None):
-        logger.warning("ignoring RAY_ADDRESS: the benchmark measures this machine, so Ray runs locally")
-    # Ray pickles `resize_batch` for its workers; in a spawned process this script is the module
-    # `__mp_main__`, which workers cannot import, so its functions travel by value.
-    import ray.cloudpickle
-
-    if __name__ != "__main__":
-        ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    prepare_spawned_side(logger)
     try:
         with DriverSampler() as sampler:
             reply = target(sampler, *arguments)

@@ -1,0 +1,87 @@
+"""What the benchmarks share: a sampler of a process tree's memory, and the set-up of a side that runs
+in its own spawned process. Each benchmark script imports this file from beside it."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+from pathlib import Path
+
+MEBIBYTE = 1024 * 1024
+# Reading one process's unique set size costs about 3 ms of CPU: sampling a dozen processes much more
+# often than this would take CPU from the side being measured.
+SAMPLE_INTERVAL_SECONDS = 0.5
+
+
+class ProcessTreePeakUss:
+    """Samples the summed unique set size of a process and all its descendants in a background thread;
+    keeps the peak, how many processes it was summed over, and each process's share at the peak."""
+
+    def __init__(self, pid: int, interval_seconds: float = SAMPLE_INTERVAL_SECONDS):
+        self.pid = pid
+        self.interval_seconds = interval_seconds
+        self.peak_bytes = 0
+        self.processes_at_peak = 0
+        self.breakdown_at_peak: dict[str, float] = {}
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="uss-sampler", daemon=True)
+
+    def __enter__(self) -> ProcessTreePeakUss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def sample(self) -> None:
+        """Add one sample; processes that exit while being read are skipped."""
+        import psutil
+
+        try:
+            root = psutil.Process(self.pid)
+            processes = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return
+        total = 0
+        counted = 0
+        breakdown: dict[str, float] = {}
+        for process in processes:
+            try:
+                uss = process.memory_full_info().uss
+                title = process.cmdline()[:1] or [process.name()]
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                continue
+            total += uss
+            counted += 1
+            # Ray names its workers by what they run ("ray::MapWorker(...)", "ray::IDLE").
+            name = Path(title[0]).name.split(" ")[0][:60] or process.name()
+            breakdown[name] = breakdown.get(name, 0.0) + uss / MEBIBYTE
+        self.samples += 1
+        if total > self.peak_bytes:
+            self.peak_bytes = total
+            self.processes_at_peak = counted
+            self.breakdown_at_peak = breakdown
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.sample()
+            self._stop.wait(self.interval_seconds)
+
+
+def prepare_spawned_side(logger: logging.Logger) -> None:
+    """Ready a side's spawned process: warnings logged, Ray run locally (RAY_ADDRESS is ignored: a
+    benchmark measures this machine), and the benchmark script's functions and classes sent to Ray's
+    workers by value (in a spawned process the script is the module `__mp_main__`, which workers
+    cannot import)."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if os.environ.pop("RAY_ADDRESS", None):
+        logger.warning("ignoring RAY_ADDRESS: the benchmark measures this machine, so Ray runs locally")
+    import ray.cloudpickle
+
+    script = sys.modules.get("__mp_main__")
+    if script is not None:
+        ray.cloudpickle.register_pickle_by_value(script)
