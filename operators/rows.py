@@ -48,6 +48,7 @@ IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 # Arrow's 2 GiB limit of a binary array.
 PIXELS_TYPE = pa.struct([("data", pa.large_binary()), ("shape", pa.list_(pa.int32())), ("dtype", pa.string())])
 PIXEL_DTYPES = ("uint8", "uint16")
+_PIXEL_DTYPE_NAMES = {np.dtype(name): name for name in PIXEL_DTYPES}
 
 # Columns that live only between the steps of one stage; never written.
 PREPARED_PREFIX = "_prepared_"
@@ -74,10 +75,11 @@ def to_pixels(arrays: list[np.ndarray | None]) -> pa.StructArray:
         if array is None:
             shapes.append(None), dtypes.append(None), sizes.append(0)
             continue
-        if array.dtype.name not in PIXEL_DTYPES or array.ndim not in (2, 3):
+        name = _PIXEL_DTYPE_NAMES.get(array.dtype)  # a lookup: numpy's `dtype.name` costs microseconds
+        if name is None or array.ndim not in (2, 3):
             raise ValueError(f"pixels must be uint8 or uint16, H x W or H x W x C, got {array.dtype} {array.shape}")
         shapes.append(list(array.shape if array.ndim == 3 else (*array.shape, 1)))
-        dtypes.append(array.dtype.name)
+        dtypes.append(name)
         sizes.append(array.nbytes)
         parts.append(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
     offsets = np.zeros(len(arrays) + 1, np.int64)
