@@ -280,8 +280,9 @@ class SinkState:
         (its record deleted first), not rewritten empty."""
         dropped = 0
         for index, shard in enumerate(sorted(self.commits)):
-            if not self.commits[shard].statuses.get(ERROR):
-                continue  # its record says it holds no error rows: not read
+            statuses = self.commits[shard].statuses
+            if statuses and not statuses.get(ERROR):
+                continue  # its record counts no error rows: not read
             table = pq.read_table(join(self.root, shard), filesystem=_arrow(self.filesystem))
             failed = pc.equal(table.column("status"), ERROR)
             count = pc.sum(failed).as_py() or 0

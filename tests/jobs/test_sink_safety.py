@@ -480,3 +480,16 @@ def test_a_write_larger_than_the_byte_cap_becomes_several_committed_shards(tmp_p
     ids = [row["id"] for entry in written for row in pq.read_table(tmp_path / "out" / entry["shard"]).to_pylist()]
     assert ids == [f"row-{i}" for i in range(6)]
     assert len(list((tmp_path / "out" / "_commits").iterdir())) == len(written)
+
+
+def test_rerun_failed_reads_only_shards_whose_records_count_error_rows(tmp_path):
+    sink = tmp_path / "out"
+    config = job(tmp_path / "in", sink)
+    filesystem, root = filesystem_for(str(sink))
+    for name, statuses in (("clean", ["ok", "ok"]), ("mixed", ["ok", "error"])):
+        table = pa.table({"id": [f"{name}-{i}" for i in range(2)], "status": statuses})
+        shard = f"data/part-a0001-old00000-{name}-000.parquet"
+        counts = {status: statuses.count(status) for status in set(statuses)}
+        write_shard(filesystem, root, shard, table, Commit(shard, 2, "h", 1, run_id="old00000", statuses=counts))
+    (sink / "data" / "part-a0001-old00000-clean-000.parquet").write_bytes(b"not parquet")  # never read
+    assert SinkState(config.sink).drop_error_rows(2, "h", "new00000") == 1
