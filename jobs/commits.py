@@ -112,6 +112,23 @@ class Commit:
     statuses: dict[str, int] = field(default_factory=dict)
 
 
+def shard_commit(
+    shard: str, table: pa.Table, config_hash: str, attempt: int, run_id: str, replaces: list[str] | None = None
+) -> Commit:
+    """The commit record of a shard holding `table`'s rows (in output form): their count, and their
+    tallies per source fragment (`jobs.fragments.tally`) and per status."""
+    return Commit(
+        shard,
+        table.num_rows,
+        config_hash,
+        attempt,
+        replaces=replaces or [],
+        run_id=run_id,
+        fragments=tally(table) if SOURCE_FRAGMENT in table.column_names else {},
+        statuses=dict(sorted(Counter(table.column("status").to_pylist()).items())),
+    )
+
+
 def shard_name(attempt: int, run_id: str, task: str, index: int) -> str:
     """A shard's path inside the sink: unique per run (run id), write task and shard index."""
     return f"data/part-a{attempt:04d}-{run_id}-{task}-{index:03d}.parquet"
@@ -291,16 +308,7 @@ class SinkState:
             kept = table.filter(pc.invert(failed))
             if kept.num_rows:
                 name = shard_name(attempt, run_id, f"r{index:04d}", 0)
-                commit = Commit(
-                    name,
-                    kept.num_rows,
-                    job_hash,
-                    attempt,
-                    replaces=[shard],
-                    run_id=run_id,
-                    fragments=tally(kept) if SOURCE_FRAGMENT in kept.column_names else {},
-                    statuses=dict(sorted(Counter(kept.column("status").to_pylist()).items())),
-                )
+                commit = shard_commit(name, kept, job_hash, attempt, run_id, replaces=[shard])
                 write_shard(self.filesystem, self.root, name, kept, commit)
                 self.commits[name] = commit
             self.filesystem.rm(join(self.root, COMMITS, shard.rsplit("/", 1)[-1] + ".json"))

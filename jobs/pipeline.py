@@ -535,6 +535,8 @@ class ResumePlan:
 def plan_resume(info: SourceInfo, state, variants: int) -> ResumePlan:
     """Compare each fragment's committed tally with a complete one's: equal is done, absent is to do,
     anything else is half done, and only then are its committed rows read (`source_fragment` filter)."""
+    from collections import Counter
+
     from jobs.fragments import SOURCE_FRAGMENT, SOURCE_ROW, expected_tally
 
     state.refuse_records_without_tallies()
@@ -558,9 +560,7 @@ def plan_resume(info: SourceInfo, state, variants: int) -> ResumePlan:
             pairs.setdefault(half_done[key], set()).add((row, variant))
         for index in half_done.values():
             done = pairs.get(index, set())
-            per_row: dict[int, int] = {}
-            for row, _ in done:
-                per_row[row] = per_row.get(row, 0) + 1
+            per_row = Counter(row for row, _ in done)
             skip_rows[index] = frozenset(row for row, count in per_row.items() if count >= variants)
             drop_pairs[index] = {pair for pair in done if pair[0] not in skip_rows[index]}
             inputs += info.fragments[index].rows - len(skip_rows[index])

@@ -11,7 +11,6 @@ import math
 from collections import Counter
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.dataset
 
 from jobs.config import JobConfig, SinkConfig
@@ -56,7 +55,7 @@ def account_for_rows(config: JobConfig, plan, info: SourceInfo, state, wall_seco
         if tuple(committed.get(fragment.key, (0, 0))) != expected_tally(fragment, variants)
     ]
     for index, fragment in off:
-        for name, (count, named) in _fragment_problems(config, info, state, index, fragment, variants).items():
+        for name, (count, named) in _fragment_problems(config, state, index, fragment, variants).items():
             problems[name] += count
             examples[name] += named[: EXAMPLES - len(examples[name])]
     planned = {fragment.key for fragment in info.fragments}
@@ -94,11 +93,11 @@ def account_for_rows(config: JobConfig, plan, info: SourceInfo, state, wall_seco
 EXAMPLES = 20  # ids named per kind of problem in summary.json
 
 
-def _fragment_problems(config: JobConfig, info: SourceInfo, state, index: int, fragment, variants: int) -> dict:
+def _fragment_problems(config: JobConfig, state, index: int, fragment, variants: int) -> dict:
     """{problem: (count, examples)} for one fragment whose tally is off: its committed (row, variant)
     pairs against every row once per variant (bounded by the fragment's size)."""
     from jobs.fragments import SOURCE_ROW
-    from jobs.sources import read_fragment
+    from jobs.sources import fragment_ids
 
     table = state.read_fragments(["id", SOURCE_ROW, "variant_index"], [fragment.key])
     counts = Counter(zip(table.column(SOURCE_ROW).to_pylist(), table.column("variant_index").to_pylist(), strict=True))
@@ -107,13 +106,7 @@ def _fragment_problems(config: JobConfig, info: SourceInfo, state, index: int, f
     missing = sorted(expected - counts.keys())
     if missing:  # the ids of rows never committed come from the source
         filesystem, root = filesystem_for(config.source.uri, config.source.storage.storage_options())
-        if config.source.format == "images":
-            ids.update({row: entry[0] for row, entry in enumerate(fragment.entries)})
-        else:
-            source = read_fragment(
-                config.source, filesystem, root, index, fragment, {}, columns=[config.source.id_column]
-            )
-            ids.update(enumerate(str(value) for value in source.column(config.source.id_column).to_pylist()))
+        ids.update(enumerate(fragment_ids(config.source, filesystem, root, index, fragment)))
     duplicated = sorted(pair for pair, count in counts.items() if count > 1)
     unexpected = sorted(counts.keys() - expected)
 
@@ -220,18 +213,8 @@ def _first_inputs(config: JobConfig, info: SourceInfo, count: int) -> tuple[dict
         if need <= 0:
             break
         keys.append(fragment.key)
-        if source.format == "images":
-            rest = frozenset(range(need, fragment.rows))
-            table = read_fragment(source, filesystem, root, index, fragment, {}, skip_rows=rest)
-            ids, images = table.column("id").to_pylist(), table.column("image").to_pylist()
-        else:
-            columns = [source.id_column, source.image_column]
-            table = read_fragment(source, filesystem, root, index, fragment, {}, columns=columns, first=need)
-            data = table.column(source.image_column)
-            if pa.types.is_struct(data.type):
-                data = pc.struct_field(data, "bytes")
-            ids = [str(value) for value in table.column(source.id_column).to_pylist()]
-            images = data.to_pylist()
+        table = read_fragment(source, filesystem, root, index, fragment, {}, first=need)
+        ids, images = table.column("id").to_pylist(), table.column("image").to_pylist()
         shown.update(zip(ids, images, strict=True))
     return shown, keys
 

@@ -27,16 +27,15 @@ import json
 import logging
 import re
 import time
-from collections import Counter
 from collections.abc import Iterable
 
 import pyarrow as pa
 from ray.data import Datasink
 from ray.data.block import Block, BlockAccessor
 
-from jobs.commits import Commit, shard_name, write_shard
+from jobs.commits import shard_commit, shard_name, write_shard
 from jobs.config import SinkConfig
-from jobs.fragments import FRAGMENT, SOURCE_FRAGMENT, name_fragments, tally
+from jobs.fragments import FRAGMENT, name_fragments
 from jobs.lease import require_lease
 from jobs.schema import features as hf_features
 from jobs.schema import normalize_table
@@ -135,19 +134,9 @@ class ParquetImageSink(Datasink):
         for shard_index, (offset, length) in enumerate(
             shard_slices(table, self.config.rows_per_shard, self.config.bytes_per_shard)
         ):
-            rows = table.slice(offset, length)
-            statuses = Counter(rows.column("status").to_pylist())
-            shard = to_output_table(rows, self.config.encoding.extension())
+            shard = to_output_table(table.slice(offset, length), self.config.encoding.extension())
             name = shard_name(self.attempt, self.run_id, f"{ctx.task_idx:05d}", shard_index)
-            commit = Commit(
-                name,
-                shard.num_rows,
-                self.config_hash,
-                self.attempt,
-                run_id=self.run_id,
-                fragments=tally(shard) if SOURCE_FRAGMENT in shard.column_names else {},
-                statuses=dict(sorted(statuses.items())),
-            )
+            commit = shard_commit(name, shard, self.config_hash, self.attempt, self.run_id)
             require_lease(filesystem, root, self.run_id)
             write_shard(filesystem, root, name, shard, commit)
             written.append({"shard": name, "rows": shard.num_rows})

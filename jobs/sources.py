@@ -334,7 +334,7 @@ def read_source(
     selected = [(index, info.fragments[index], (skip_rows or {}).get(index)) for index in indices]
     if not selected:
         return ray.data.from_arrow(no_rows(keep_source_image))
-    source = _fragment_source_class()(config, info.column_types, selected, info.root, keep_source_image)
+    source = _fragment_source_class()(config, info.column_types, selected, keep_source_image)
     return ray.data.read_datasource(source, override_num_blocks=config.read_blocks, **remote)
 
 
@@ -346,10 +346,10 @@ def _fragment_source_class():
     class FragmentSource(Datasource):
         """Reads fragments, one block per fragment, in the job's row form (see `read_fragment`)."""
 
-        def __init__(self, config, column_types, fragments, root, keep_source_image):
+        def __init__(self, config, column_types, fragments, keep_source_image):
             super().__init__()
             self.config, self.column_types, self.fragments = config, column_types, fragments
-            self.root, self.keep_source_image = root, keep_source_image
+            self.keep_source_image = keep_source_image
 
         def get_name(self) -> str:
             return FORMAT_NAMES[self.config.format].replace(" ", "")
@@ -414,11 +414,12 @@ def read_fragment(
     """One fragment's rows in the job's form, with `_fragment` (= `index`) and `_row` (the row's
     position in the fragment) as the last columns, less the rows at the positions in `skip_rows`.
     With `columns` (tables only), just those source columns, untouched, plus the two tags; with
-    `first`, only the first rows (a Parquet row group is then read page by page, not whole)."""
+    `first`, only the first rows (a Parquet row group is then read page by page, not whole; an image
+    folder's later files are not opened)."""
     import numpy as np
 
     if config.format == "images":
-        return _read_folder_fragment(filesystem, root, index, fragment, keep_source_image, skip_rows)
+        return _read_folder_fragment(filesystem, root, index, fragment, keep_source_image, skip_rows, first)
     if config.format == "arrow":
         raw = read_arrow_file(filesystem, fragment.path)
         raw = raw.select([name for name in columns if name in raw.column_names]) if columns is not None else raw
@@ -450,12 +451,14 @@ def read_fragment(
     return _tags_last(table)
 
 
-def _read_folder_fragment(filesystem, root: str, index: int, fragment: Fragment, keep_source_image, skip_rows):
+def _read_folder_fragment(
+    filesystem, root: str, index: int, fragment: Fragment, keep_source_image, skip_rows, first: int | None = None
+):
     """A run of an image folder's files as rows; a file that is no image, cannot be read, or is a
     link out of the folder (when listed, or since) becomes an error row naming it."""
     local_root = os.path.realpath(root) if is_local(filesystem) else None
     ids, images, errors, positions = [], [], [], []
-    for position, (row_id, path, problem) in enumerate(fragment.entries):
+    for position, (row_id, path, problem) in enumerate(fragment.entries[:first]):
         if skip_rows and position in skip_rows:
             continue
         data = None
@@ -603,33 +606,14 @@ def check_ids(config: SourceConfig, info: SourceInfo, tasks: int = 1, num_cpus: 
     groups = _balanced_groups([(index, fragment, None) for index, fragment in enumerate(info.fragments)], tasks)
     buckets = max(1, min(MAX_ID_BUCKETS, info.row_count // ROWS_PER_ID_BUCKET + 1))
     what = f"source.id_column {config.id_column!r}"
-    import ray
-
-    if ray.is_initialized():
-        remote = {"num_cpus": num_cpus} if num_cpus is not None else {}
-        hashing = ray.remote(_hash_ids).options(num_returns=buckets + 1, **remote)
-        parts = [hashing.remote(config, group, buckets) for group in groups]
-        nulls = sum(ray.get([part[0] for part in parts]))
-        if nulls:
-            raise SourceError(f"{what} has {nulls} null ids")
-        counting = ray.remote(_repeated_hashes).options(**remote)
-        counts = ray.get([counting.remote(*[part[1 + bucket] for part in parts]) for bucket in range(buckets)])
-        suspects = {value for _, examples in counts for value in examples}
-        found = (
-            ray.get(
-                [ray.remote(_ids_with_hashes).options(**remote).remote(config, group, suspects) for group in groups]
-            )
-            if suspects
-            else []
-        )
-    else:
-        parts = [_hash_ids(config, group, buckets) for group in groups]
-        nulls = sum(part[0] for part in parts)
-        if nulls:
-            raise SourceError(f"{what} has {nulls} null ids")
-        counts = [_repeated_hashes(*[part[1 + bucket] for part in parts]) for bucket in range(buckets)]
-        suspects = {value for _, examples in counts for value in examples}
-        found = [_ids_with_hashes(config, group, suspects) for group in groups] if suspects else []
+    submit, get = _runner(num_cpus)
+    parts = [submit(_hash_ids, config, group, buckets, returns=buckets + 1) for group in groups]
+    nulls = sum(get([part[0] for part in parts]))
+    if nulls:
+        raise SourceError(f"{what} has {nulls} null ids")
+    counts = get([submit(_repeated_hashes, *[part[1 + bucket] for part in parts]) for bucket in range(buckets)])
+    suspects = {value for _, examples in counts for value in examples}
+    found = get([submit(_ids_with_hashes, config, group, suspects) for group in groups]) if suspects else []
     repeated = sum(count for count, _ in counts)
     if not repeated:
         return
@@ -641,19 +625,42 @@ def check_ids(config: SourceConfig, info: SourceInfo, tasks: int = 1, num_cpus: 
         raise SourceError(f"{what} has {repeated} repeated ids, e.g. {named[:5]}; ids must be unique")
 
 
+def _runner(num_cpus: float | None):
+    """(submit, get) for `check_ids`: Ray tasks of `num_cpus` when Ray runs (their results stay in
+    the object store until fetched, and a task's result passed to another is not fetched here), else
+    plain calls in this process."""
+    import ray
+
+    if not ray.is_initialized():
+        return (lambda function, *arguments, returns=1: function(*arguments)), (lambda values: values)
+    remote = {"num_cpus": num_cpus} if num_cpus is not None else {}
+
+    def submit(function, *arguments, returns=1):
+        return ray.remote(function).options(num_returns=returns, **remote).remote(*arguments)
+
+    return submit, ray.get
+
+
 def _id_hash(row_id: str) -> int:
     return int.from_bytes(hashlib.blake2b(row_id.encode(), digest_size=ID_HASH_BYTES).digest(), "little")
 
 
+def fragment_ids(config: SourceConfig, filesystem, root: str, index: int, fragment: Fragment) -> list[str | None]:
+    """One fragment's ids in row order (strings; None for a null id): an image folder's from its
+    listing, a table's from its id column alone."""
+    if config.format == "images":
+        return [row_id for row_id, _, _ in fragment.entries]
+    table = read_fragment(config, filesystem, root, index, fragment, {}, columns=[config.id_column])
+    if config.id_column not in table.column_names:
+        return [None] * table.num_rows
+    return [None if value is None else str(value) for value in table.column(config.id_column).to_pylist()]
+
+
 def _group_ids(config: SourceConfig, group: list):
-    """The ids (strings, None for null) of a run of fragments, one fragment at a time."""
+    """The ids of a run of fragments, one fragment at a time (`fragment_ids`)."""
     filesystem, root = filesystem_for(config.uri, config.storage.storage_options())
     for index, fragment, _ in group:
-        table = read_fragment(config, filesystem, root, index, fragment, {}, columns=[config.id_column])
-        if config.id_column not in table.column_names:
-            yield [None] * table.num_rows
-        else:
-            yield [None if value is None else str(value) for value in table.column(config.id_column).to_pylist()]
+        yield fragment_ids(config, filesystem, root, index, fragment)
 
 
 def _hash_ids(config: SourceConfig, group: list, buckets: int) -> list:

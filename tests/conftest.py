@@ -151,14 +151,12 @@ def s3_bucket(s3_server):
 
 def source_ids(config, info) -> list[str]:
     """Every id of a planned source, in source order (read fragment by fragment: for small test sources)."""
-    from jobs.sources import read_fragment
+    from jobs.sources import fragment_ids
     from operators.storage import filesystem_for
 
-    if config.format == "images":
-        return [entry[0] for fragment in info.fragments for entry in fragment.entries]
     filesystem, root = filesystem_for(config.uri, config.storage.storage_options())
-    ids = []
-    for index, fragment in enumerate(info.fragments):
-        table = read_fragment(config, filesystem, root, index, fragment, {}, columns=[config.id_column])
-        ids += [str(value) for value in table.column(config.id_column).to_pylist()]
-    return ids
+    return [
+        row_id
+        for index, fragment in enumerate(info.fragments)
+        for row_id in fragment_ids(config, filesystem, root, index, fragment)
+    ]
