@@ -52,13 +52,11 @@ import argparse
 import io
 import json
 import logging
-import multiprocessing
 import os
 import statistics
 import sys
 import tempfile
 import time
-import traceback
 from pathlib import Path
 from types import SimpleNamespace
 from typing import ClassVar
@@ -66,7 +64,7 @@ from typing import ClassVar
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from measure import prepare_spawned_side
+from measure import in_spawned_process, prepare_spawned_side, send_reply
 from PIL import Image, ImageOps
 
 from jobs.config import JobConfig, validate_config
@@ -381,30 +379,12 @@ def run_restyle(config: JobConfig, interval_log: Path, seconds: float) -> dict:
 
 def _child(target, arguments: tuple, connection) -> None:
     prepare_spawned_side(logger)
-    try:
-        connection.send(target(*arguments))
-    except BaseException:
-        connection.send({"failure": traceback.format_exc()})
-        raise
-    finally:
-        connection.close()
+    send_reply(connection, lambda: target(*arguments))
 
 
-def in_spawned_process(target, *arguments) -> dict:
+def run_in_spawned_process(target, *arguments) -> dict:
     """`target(*arguments)` in a fresh spawned process; its returned dict."""
-    context = multiprocessing.get_context("spawn")
-    receiver, sender = context.Pipe(duplex=False)
-    process = context.Process(target=_child, args=(target, arguments, sender), name=target.__name__)
-    process.start()
-    sender.close()
-    try:
-        reply = receiver.recv()
-    except EOFError:
-        reply = {"failure": f"the process exited with code {process.exitcode} before reporting"}
-    process.join()
-    if "failure" in reply:
-        raise RuntimeError(f"{target.__name__} failed:\n{reply['failure']}")
-    return reply
+    return in_spawned_process(_child, (target, arguments), target.__name__)[0]
 
 
 def run_pair(args: argparse.Namespace, scratch: Path, source: Path, model: Path, seconds: float, label: str) -> dict:
@@ -416,9 +396,9 @@ def run_pair(args: argparse.Namespace, scratch: Path, source: Path, model: Path,
         load_before = os.getloadavg()[0]
         logger.info("%s at t = %.1f ms: running", side, seconds * 1000)
         if side == "naive":
-            reply = in_spawned_process(run_naive, source, sink, interval_log, seconds, args)
+            reply = run_in_spawned_process(run_naive, source, sink, interval_log, seconds, args)
         else:
-            reply = in_spawned_process(run_restyle, job_config(args, source, sink, model), interval_log, seconds)
+            reply = run_in_spawned_process(run_restyle, job_config(args, source, sink, model), interval_log, seconds)
         intervals = read_intervals(interval_log)
         first = min(start for start, _ in intervals)
         last = max(end for _, end in intervals)

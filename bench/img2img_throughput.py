@@ -55,7 +55,6 @@ import argparse
 import io
 import json
 import logging
-import multiprocessing
 import os
 import sys
 import tempfile
@@ -66,7 +65,7 @@ from types import SimpleNamespace
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from measure import MEBIBYTE, ProcessTreePeakUss
+from measure import MEBIBYTE, in_spawned_process
 from PIL import Image, ImageOps
 
 from jobs.config import JobConfig, validate_config
@@ -337,19 +336,7 @@ def run_restyle_side(config: JobConfig, connection) -> None:
 def run_side(target, arguments: tuple, name: str) -> dict:
     """Run `target(*arguments, connection)` in a spawned process while sampling that process tree's
     unique set size; return its reply with the peak added. A failure on that side raises."""
-    context = multiprocessing.get_context("spawn")
-    receiver, sender = context.Pipe(duplex=False)
-    process = context.Process(target=target, args=(*arguments, sender), name=name)
-    process.start()
-    sender.close()
-    with ProcessTreePeakUss(process.pid) as tree:
-        try:
-            reply = receiver.recv()
-        except EOFError:
-            reply = {"failure": f"the {name} process exited with code {process.exitcode} before reporting"}
-        process.join()
-    if "failure" in reply:
-        raise RuntimeError(f"{name} failed:\n{reply['failure']}")
+    reply, tree = in_spawned_process(target, arguments, name, sample_memory=True)
     reply.update(
         peak_uss_bytes=tree.peak_bytes,
         processes_at_peak=tree.processes_at_peak,

@@ -1,12 +1,15 @@
-"""What the benchmarks share: a sampler of a process tree's memory, and the set-up of a side that runs
-in its own spawned process. Each benchmark script imports this file from beside it."""
+"""What the benchmarks share: a sampler of a process tree's memory, and running a side in its own
+spawned process (its set-up, its reply, waiting for it). Each benchmark script imports this file from beside it."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import multiprocessing
 import os
 import sys
 import threading
+import traceback
 from pathlib import Path
 
 MEBIBYTE = 1024 * 1024
@@ -85,3 +88,35 @@ def prepare_spawned_side(logger: logging.Logger) -> None:
     script = sys.modules.get("__mp_main__")
     if script is not None:
         ray.cloudpickle.register_pickle_by_value(script)
+
+
+def in_spawned_process(child, arguments: tuple, name: str, sample_memory: bool = False):
+    """Run `child(*arguments, connection)` in a fresh spawned process, so that a side is charged for
+    nothing another left behind, and wait for the dict it sends; with `sample_memory`, sample that
+    process tree's unique set size meanwhile. Returns (reply, the sampler or None); a side that
+    failed, or exited without replying, raises naming it."""
+    context = multiprocessing.get_context("spawn")
+    receiver, sender = context.Pipe(duplex=False)
+    process = context.Process(target=child, args=(*arguments, sender), name=name)
+    process.start()
+    sender.close()
+    with ProcessTreePeakUss(process.pid) if sample_memory else contextlib.nullcontext() as tree:
+        try:
+            reply = receiver.recv()
+        except EOFError:
+            reply = {"failure": f"the {name} process exited with code {process.exitcode} before reporting"}
+        process.join()
+    if "failure" in reply:
+        raise RuntimeError(f"{name} failed:\n{reply['failure']}")
+    return reply, tree
+
+
+def send_reply(connection, produce) -> None:
+    """In a side's process: send what `produce()` returns, or the traceback of its failure."""
+    try:
+        connection.send(produce())
+    except BaseException:
+        connection.send({"failure": traceback.format_exc()})
+        raise
+    finally:
+        connection.close()

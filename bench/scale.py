@@ -62,7 +62,6 @@ import io
 import json
 import logging
 import math
-import multiprocessing
 import os
 import resource
 import shutil
@@ -70,14 +69,13 @@ import sys
 import tempfile
 import threading
 import time
-import traceback
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from measure import MEBIBYTE, ProcessTreePeakUss, prepare_spawned_side
+from measure import MEBIBYTE, in_spawned_process, prepare_spawned_side, send_reply
 from PIL import Image
 
 from jobs.config import JobConfig, validate_config
@@ -367,35 +365,20 @@ def run_plain(sampler: DriverSampler, source: Path, output: Path, cpus: int, bat
 
 def _child(target, arguments: tuple, connection) -> None:
     prepare_spawned_side(logger)
-    try:
+
+    def sampled() -> dict:
         with DriverSampler() as sampler:
             reply = target(sampler, *arguments)
-        reply.update(sampler.figures())
-        connection.send(reply)
-    except BaseException:
-        connection.send({"failure": traceback.format_exc()})
-        raise
-    finally:
-        connection.close()
+        return {**reply, **sampler.figures()}
+
+    send_reply(connection, sampled)
 
 
 def run_side(target, *arguments) -> dict:
     """`target(sampler, *arguments)` in a fresh spawned process while sampling that process tree's
     unique set size; its reply with the peak and the load average around it. A failure raises."""
-    context = multiprocessing.get_context("spawn")
-    receiver, sender = context.Pipe(duplex=False)
-    process = context.Process(target=_child, args=(target, arguments, sender), name=target.__name__)
     load_before = os.getloadavg()[0]
-    process.start()
-    sender.close()
-    with ProcessTreePeakUss(process.pid) as tree:
-        try:
-            reply = receiver.recv()
-        except EOFError:
-            reply = {"failure": f"the process exited with code {process.exitcode} before reporting"}
-        process.join()
-    if "failure" in reply:
-        raise RuntimeError(f"{target.__name__} failed:\n{reply['failure']}")
+    reply, tree = in_spawned_process(_child, (target, arguments), target.__name__, sample_memory=True)
     reply.update(
         total_peak_uss_bytes=tree.peak_bytes,
         processes_at_peak=tree.processes_at_peak,
