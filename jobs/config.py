@@ -128,8 +128,9 @@ class SourceConfig(_Frozen):
         None,
         ge=1,
         le=1_000_000,
-        description="Blocks to read the source into (Ray's `override_num_blocks`, a hint Ray may combine for small "
-        "Parquet files); output is committed a block at a time, so more blocks mean smaller steps. Default: Ray's.",
+        description="Blocks to read the source into (Ray's `override_num_blocks`). Default: one per fragment, so "
+        "that Ray reads each in the task that runs the CPU steps after it; Ray's own when there are fewer than "
+        "two fragments per cluster CPU.",
         strict=True,
     )
     max_image_pixels: int = Field(

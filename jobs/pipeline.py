@@ -240,6 +240,10 @@ def operator_arguments(config: JobConfig, index: int) -> dict:
     }
 
 
+# Fragments per cluster CPU from which each is read as one block (see `read_source`): two, so that
+# no CPU waits long for the last fragment.
+READ_BLOCKS_PER_CPU = 2
+
 # Batches queued on each model actor: one running, one ready for when it finishes.
 MODEL_PREFETCH_BATCHES = 2
 
@@ -262,9 +266,10 @@ def stage_steps(config: JobConfig, index: int, stage: StagePlan) -> list[dict]:
         return [
             {
                 "fn": task_step(operator_class),
-                "fn_kwargs": {"arguments": arguments},
+                "fn_kwargs": {"arguments": arguments, "batch_size": stage.batch_size},
                 **cpu_step_resources(config),
                 **common,
+                "batch_size": None,  # whole blocks, batched by the step itself (see `task_step`)
             }
         ]
     prepare = {
@@ -322,7 +327,9 @@ def finish_args(config: JobConfig) -> dict:
             "max_image_pixels": config.source.max_image_pixels,
         },
         **cpu_step_resources(config),
-        "batch_size": config.operators[-1].batch_size,
+        # Whole blocks: each row is finished on its own, and a batch size would keep Ray from fusing
+        # the read with the steps before it (see `read_source`).
+        "batch_size": None,
         "batch_format": "pyarrow",
         "zero_copy_batch": True,
     }
@@ -637,6 +644,7 @@ def _run_holding_lease(config, info, job_hash, run_id, state, lease, rerun_faile
             keep_source_image=config.fidelity is not None,
             fragments=resume.todo,
             skip_rows=resume.skip_rows,
+            min_blocks=READ_BLOCKS_PER_CPU * max(int(cpus), 1),
             **cpu_step_resources(config),
         )
         for index, stage in enumerate(plan.stages):

@@ -119,28 +119,38 @@ class ParquetImageSink(Datasink):
         return "RestyleParquet"
 
     def write(self, blocks: Iterable[Block], ctx) -> list[dict]:
-        tables = [BlockAccessor.for_block(block).to_arrow() for block in blocks]
-        tables = [table for table in tables if table.num_rows]
-        if not tables:
-            return []
-        table = pa.concat_tables(tables, promote_options="permissive")
-        if FRAGMENT in table.column_names:
-            table = name_fragments(table, self.fragment_keys)
+        """Commit the task's rows shard by shard as its blocks arrive: a shard is written once the rows
+        after it start the next one (`shard_slices`), so a task holds at most one shard's rows beyond
+        the block in hand, however many rows it writes."""
         filesystem, root = filesystem_for(self.config.uri, self.config.storage.storage_options())
-        if self.config.write_images:
-            # Before the shards: a committed row's image file always exists.
-            table = self._write_images(table, filesystem, root)
-        written = []
-        for shard_index, (offset, length) in enumerate(
-            shard_slices(table, self.config.rows_per_shard, self.config.bytes_per_shard)
-        ):
-            shard = to_output_table(table.slice(offset, length), self.config.encoding.extension())
-            name = shard_name(self.attempt, self.run_id, f"{ctx.task_idx:05d}", shard_index)
-            commit = shard_commit(name, shard, self.config_hash, self.attempt, self.run_id)
-            require_lease(filesystem, root, self.run_id)
-            write_shard(filesystem, root, name, shard, commit)
-            written.append({"shard": name, "rows": shard.num_rows})
+        written: list[dict] = []
+        pending: pa.Table | None = None  # rows not yet in a shard
+        for block in blocks:
+            table = BlockAccessor.for_block(block).to_arrow()
+            if not table.num_rows:
+                continue
+            if FRAGMENT in table.column_names:
+                table = name_fragments(table, self.fragment_keys)
+            if self.config.write_images:
+                # Before the shards: a committed row's image file always exists.
+                table = self._write_images(table, filesystem, root)
+            pending = table if pending is None else pa.concat_tables([pending, table], promote_options="permissive")
+            slices = shard_slices(pending, self.config.rows_per_shard, self.config.bytes_per_shard)
+            for offset, length in slices[:-1]:
+                written.append(self._commit(pending.slice(offset, length), filesystem, root, ctx, len(written)))
+            pending = pending.slice(*slices[-1])
+        if pending is not None:
+            written.append(self._commit(pending, filesystem, root, ctx, len(written)))
         return written
+
+    def _commit(self, rows: pa.Table, filesystem, root: str, ctx, index: int) -> dict:
+        """Write one shard of `rows` and its commit record, while this run holds the sink's lease."""
+        shard = to_output_table(rows, self.config.encoding.extension())
+        name = shard_name(self.attempt, self.run_id, f"{ctx.task_idx:05d}", index)
+        commit = shard_commit(name, shard, self.config_hash, self.attempt, self.run_id)
+        require_lease(filesystem, root, self.run_id)
+        write_shard(filesystem, root, name, shard, commit)
+        return {"shard": name, "rows": shard.num_rows}
 
     def _write_images(self, table: pa.Table, filesystem, root: str) -> pa.Table:
         """Write each output's PNG; a row whose file cannot be written becomes an error row."""

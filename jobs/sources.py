@@ -321,12 +321,18 @@ def read_source(
     fragments: list[int] | None = None,
     skip_rows: dict[int, frozenset[int]] | None = None,
     num_cpus: float | None = None,
+    min_blocks: int = 1,
 ):
     """A Ray Dataset of the source's rows in the job's form, each tagged with its fragment and its
     position in it (`jobs.fragments`): those of every fragment, or of the fragments whose indices
     `fragments` lists, less the rows `skip_rows` names per fragment (a resumed job's). With
     `keep_source_image`, a copy of each image travels as `source_image` (for the fidelity checks of
-    the finish step). `num_cpus` is what each read task reserves (Ray's default of one when None)."""
+    the finish step). `num_cpus` is what each read task reserves (Ray's default of one when None).
+
+    Unless `source.read_blocks` says otherwise, each fragment is one block when there are at least
+    `min_blocks` of them: Ray then reads a fragment in the same task as the CPU steps after it (it
+    fuses a read with nothing once it splits its blocks), so rows never wait in the object store in
+    between. With fewer fragments Ray's own default splits them, for parallelism."""
     import ray.data
 
     remote = {"num_cpus": num_cpus} if num_cpus is not None else {}  # Ray's default is one CPU
@@ -335,7 +341,8 @@ def read_source(
     if not selected:
         return ray.data.from_arrow(no_rows(keep_source_image))
     source = _fragment_source_class()(config, info.column_types, selected, keep_source_image)
-    return ray.data.read_datasource(source, override_num_blocks=config.read_blocks, **remote)
+    blocks = config.read_blocks or (len(selected) if len(selected) >= min_blocks else None)
+    return ray.data.read_datasource(source, override_num_blocks=blocks, **remote)
 
 
 def _fragment_source_class():

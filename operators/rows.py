@@ -67,6 +67,12 @@ def derive_seed(run_seed: int, row_id: str, variant_index: int) -> int:
     return int.from_bytes(hashlib.sha256(key).digest()[:8], "big") & (2**63 - 1)
 
 
+def dtype_name(array: np.ndarray) -> str:
+    """An array's dtype name ('uint8'), looked up for the pixel dtypes: numpy's `str(dtype)` costs
+    microseconds, which a per-row record would pay twice."""
+    return _PIXEL_DTYPE_NAMES.get(array.dtype) or str(array.dtype)
+
+
 def to_pixels(arrays: list[np.ndarray | None]) -> pa.StructArray:
     """Arrays (uint8 or uint16, H x W or H x W x C; None for no image) as a `PIXELS_TYPE` array. The
     pixel bytes are copied once, into one buffer."""

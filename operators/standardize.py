@@ -16,6 +16,7 @@ over every reference image, so a reference set of any size costs 2 MiB and is re
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections.abc import Iterable
@@ -30,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from operators.base import Item, Operator, OperatorConfig
 from operators.diffusion import a1111_parameters
 from operators.images import DEFAULT_MAX_IMAGE_PIXELS, ImageError, decode_array, input_array
-from operators.rows import RowError
+from operators.rows import RowError, dtype_name
 
 if TYPE_CHECKING:
     import fsspec
@@ -548,7 +549,7 @@ class Standardize(Operator):
         """Run the steps on one item and set its output, size and record."""
         array = item.input
         reference = self.distance_histogram
-        record = {"input_dtype": str(array.dtype), "input_channels": channel_count(array)}
+        record = {"input_dtype": dtype_name(array), "input_channels": channel_count(array)}
         if reference is not None:
             record["input_histogram_distance"] = histogram_distance(array, reference)
         for index, step in enumerate(self.config.steps):
@@ -560,7 +561,7 @@ class Standardize(Operator):
                     f"steps[{index}] ({step.op}) failed on a {array.dtype} {array.shape} image: {message}"
                 ) from None
         array = convert_dtype(convert_mode(array, self.config.output_mode), self.config.output_dtype)
-        record["output_dtype"] = str(array.dtype)
+        record["output_dtype"] = dtype_name(array)
         record["output_channels"] = channel_count(array)
         if reference is not None:
             record["histogram_distance"] = histogram_distance(array, reference)
@@ -569,12 +570,13 @@ class Standardize(Operator):
 
     def parameters_text(self, item: Item) -> str:
         """The AUTOMATIC1111 `parameters` text of one output: the steps, the size and the bit depth."""
-        fields = {
-            "Standardize": self.a1111_steps,
-            "Size": f"{item.size[0]}x{item.size[1]}",
-            "Bit depth": 8 * item.output.dtype.itemsize,
-        }
-        return a1111_parameters("", None, fields)
+        return _standardize_text(self.a1111_steps, item.size, 8 * item.output.dtype.itemsize)
 
     def record(self, item: Item) -> dict:
         return {"steps": self.steps_text, "reference": self.reference_label, **item.record}
+
+
+@functools.lru_cache(maxsize=1024)
+def _standardize_text(steps: str, size: tuple[int, int], bits: int) -> str:
+    """`Standardize.parameters_text`, made once per size and bit depth: a job's outputs share a few."""
+    return a1111_parameters("", None, {"Standardize": steps, "Size": f"{size[0]}x{size[1]}", "Bit depth": bits})

@@ -177,3 +177,58 @@ def test_a_stage_that_loads_no_model_runs_as_cpu_tasks_not_an_idle_actor(operato
         assert step["num_cpus"] == job.run.resources.cpu_step_cpus  # fused with the read, finish and write
     else:
         assert [step.get("compute") is not None for step in steps] == [False, True]
+
+
+def standardize_job(source, rows_per_shard=1000, batch_size=3):
+    return validate_config(
+        {
+            "source": {"uri": str(source)},
+            "operators": [{"kind": "standardize", "steps": [{"op": "normalize"}], "batch_size": batch_size}],
+            "sink": {"uri": str(source.parent / "out"), "rows_per_shard": rows_per_shard},
+        }
+    )
+
+
+@pytest.mark.parametrize(("row_groups", "fused"), [(4, True), (1, False)])
+def test_a_cpu_stage_runs_in_the_read_task_when_each_fragment_can_be_a_block(ray_session, tmp_path, row_groups, fused):
+    """Ray fuses the read with the steps after it unless it splits blocks or a step asks for a batch
+    size; then rows never wait in the object store between reading and writing. One fragment on two
+    CPUs is split for parallelism instead (Ray's default), so nothing is fused."""
+    import pyarrow.parquet as pq
+
+    from jobs.pipeline import READ_BLOCKS_PER_CPU
+    from jobs.sources import inspect_source, read_source
+    from tests.conftest import make_batch, png_bytes
+
+    table = make_batch([png_bytes(8, 8, (i, 0, 0)) for i in range(16)]).select(["id", "image"])
+    pq.write_table(table, tmp_path / "rows.parquet", row_group_size=16 // row_groups)
+    job = standardize_job(tmp_path / "rows.parquet")
+    info = inspect_source(job.source)
+    assert len(info.fragments) == row_groups
+    plan = plan_job(job, info, cpus=2, gpus=0)
+    dataset = read_source(job.source, info, min_blocks=READ_BLOCKS_PER_CPU * 2, num_cpus=0.5)
+    for step in stage_steps(job, 0, plan.stages[0]):
+        dataset = add_step(dataset, step)
+    dataset = dataset.map_batches(**finish_args(job)).materialize()
+    assert sorted(row["id"] for row in dataset.take_all()) == sorted(table.column("id").to_pylist())
+    assert ("ReadParquet->MapBatches(StandardizeSteps)->MapBatches(finish_batch)" in dataset.stats()) is fused
+
+
+def test_a_task_stage_runs_its_operator_on_batches_of_its_batch_size():
+    """A task step takes whole blocks (so Ray can fuse it with the read) and batches them itself."""
+    from jobs.pipeline import operator_arguments
+    from operators import OPERATORS
+    from operators.finish import finish_batch
+    from operators.steps import task_step
+    from tests.conftest import make_batch, png_bytes
+
+    job = standardize_job(__import__("pathlib").Path("in"), batch_size=3)
+    operator_class = OPERATORS[type(job.operators[0])]
+    block = make_batch([png_bytes(8, 8, (i, 0, 0)) for i in range(7)])
+    outputs = list(task_step(operator_class)(block, operator_arguments(job, 0), batch_size=3))
+    assert [output.num_rows for output in outputs] == [3, 3, 1]
+    operator = operator_class(**operator_arguments(job, 0))
+    whole = finish_batch(operator.model_batch(operator.prepare_batch(block)), job.operators[0].stage_name)
+    pieces = [finish_batch(output, job.operators[0].stage_name) for output in outputs]
+    assert [row["image"] for piece in pieces for row in piece.to_pylist()] == whole.column("image").to_pylist()
+    assert list(task_step(operator_class)(block.slice(0, 0), operator_arguments(job, 0), batch_size=3)) == []

@@ -493,3 +493,37 @@ def test_rerun_failed_reads_only_shards_whose_records_count_error_rows(tmp_path)
         write_shard(filesystem, root, shard, table, Commit(shard, 2, "h", 1, run_id="old00000", statuses=counts))
     (sink / "data" / "part-a0001-old00000-clean-000.parquet").write_bytes(b"not parquet")  # never read
     assert SinkState(config.sink).drop_error_rows(2, "h", "new00000") == 1
+
+
+def test_a_write_task_commits_each_shard_before_it_takes_the_next_block(tmp_path):
+    """A task that writes a whole fragment holds at most one shard's rows beyond the block in hand:
+    a shard is committed as soon as the rows after it begin the next one."""
+    config = job(tmp_path / "in", tmp_path / "out")
+    config = config.model_copy(update={"sink": config.sink.model_copy(update={"rows_per_shard": 2})})
+    commits = tmp_path / "out" / "_commits"
+    seen = []
+
+    def blocks():
+        for start in range(0, 9, 3):
+            seen.append(len(list(commits.iterdir())) if commits.exists() else 0)
+            yield pa.table(
+                {
+                    "id": pa.array([f"row-{i}" for i in range(start, start + 3)], pa.string()),
+                    "variant_index": pa.array([0] * 3, pa.int64()),
+                    "image": pa.array([png_bytes(4, 4, (i, 0, 0)) for i in range(start, start + 3)], pa.binary()),
+                    "status": pa.array(["ok"] * 3, pa.string()),
+                    "error": pa.array([None] * 3, pa.string()),
+                }
+            )
+
+    filesystem, root = filesystem_for(str(tmp_path / "out"))
+    lease = SinkLease(filesystem, root, str(tmp_path / "out"), "run00001", "h", seconds=60)
+    lease.acquire()
+    try:
+        written = ParquetImageSink(config.sink, "h", 1, "run00001").write(blocks(), types.SimpleNamespace(task_idx=0))
+    finally:
+        lease.release()
+    assert seen == [0, 1, 2]  # rows 0-1 committed before block 2 was asked for, rows 2-3 before block 3
+    assert [entry["rows"] for entry in written] == [2, 2, 2, 2, 1]
+    ids = [row["id"] for entry in written for row in pq.read_table(tmp_path / "out" / entry["shard"]).to_pylist()]
+    assert ids == [f"row-{i}" for i in range(9)]

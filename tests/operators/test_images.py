@@ -261,6 +261,18 @@ def test_encode_image_and_encode_array_write_the_default_level():
     assert encode(Image.fromarray(array), "PNG", pnginfo=png_info("Steps: 3")) != expected
 
 
+def test_png_parameters_chunk_is_the_one_pillow_writes():
+    # encode_output inserts the chunk itself; the bytes are Pillow's own, for every array Pillow writes
+    # and for Latin-1 (tEXt) and other (iTXt) texts alike.
+    texts = ["Steps: 3, Size: 16x16", "a caf\u00e9\nSteps: 3", "\u732b, Steps: 3", ""]
+    for name in ("uint8 rgb", "uint8 gray", "uint16 gray"):
+        for text in texts:
+            image = Image.fromarray(ARRAYS[name])
+            expected = encode(image, "PNG", pnginfo=png_info(text), compress_level=DEFAULT_PNG_COMPRESS_LEVEL)
+            assert encode_output(ARRAYS[name], EncodingConfig(), text) == expected, (name, text)
+            assert read_parameters(expected) == text
+
+
 def test_sixteen_bit_rgb_png_is_written_at_the_configured_level():
     array = np.tile(np.arange(0, 65536, 256, dtype=np.uint16), (64, 2))[..., None].repeat(3, axis=2)
     stored = encode_output(array, EncodingConfig(png_compress_level=0))
