@@ -32,7 +32,8 @@ def skimage_data_dir() -> Path:
 
 
 def make_demo_data(directory: str | Path, max_side: int = 128) -> Path:
-    """Write demo.parquet (id, image as HF {bytes, path}, caption, source_file) and return its path.
+    """Write demo.parquet (id, image as HF {bytes, path}, caption, source_file) and return its path;
+    beside it inpaint.parquet, the same rows with a `mask` column (PNG, white = repaint).
 
     Images are shrunk to `max_side` so the demo runs in seconds on a CPU.
     """
@@ -58,7 +59,23 @@ def make_demo_data(directory: str | Path, max_side: int = 128) -> Path:
     )
     path = directory / "demo.parquet"
     pq.write_table(table, path)
+    pq.write_table(
+        table.append_column("mask", pa.array([_center_mask(row["bytes"]) for row in rows["image"]])),
+        directory / "inpaint.parquet",
+    )
     return path
+
+
+def _center_mask(data: bytes) -> bytes:
+    """A PNG mask for one demo image: a white ellipse over the middle third (white = repaint)."""
+    from PIL import ImageDraw
+
+    width, height = Image.open(io.BytesIO(data)).size
+    mask = Image.new("L", (width, height), 0)
+    ImageDraw.Draw(mask).ellipse((width // 3, height // 3, 2 * width // 3, 2 * height // 3), fill=255)
+    buffer = io.BytesIO()
+    mask.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 # Uncompressed 16-bit slices in pydicom's test data.

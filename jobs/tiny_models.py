@@ -35,6 +35,7 @@ logger = logging.getLogger(__name__)
 
 TINY_MODEL_NAMES = (
     "sd-img2img",
+    "sd-inpainting",
     "controlnet-canny",
     "sd-x4-upscaler",
     "sd-latent-x2-upscaler",
@@ -283,7 +284,7 @@ def _make_text_encoder(tokenizer, seed: int, hidden_act: str, with_projection: b
 # --------------------------------------------------------------------------
 
 
-def _make_sd_unet(seed: int):
+def _make_sd_unet(seed: int, in_channels: int = 4):
     from diffusers import UNet2DConditionModel
 
     return _seeded(
@@ -293,7 +294,7 @@ def _make_sd_unet(seed: int):
             layers_per_block=1,
             # Latent side of a 64x64 image, the default generation size.
             sample_size=64 // SD_VAE_SCALE_FACTOR,
-            in_channels=4,
+            in_channels=in_channels,
             out_channels=4,
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
@@ -362,6 +363,16 @@ def _build_sd_img2img(path: pathlib.Path, seed: int) -> None:
     # Saved as the text-to-image class, like real SD checkpoints;
     # AutoPipelineForImage2Image maps it to the img2img pipeline on load.
     _make_sd_pipeline(seed).save_pretrained(path, safe_serialization=True)
+
+
+def _build_sd_inpainting(path: pathlib.Path, seed: int) -> None:
+    # An inpainting checkpoint's UNet takes 9 channels: the noisy latents, the
+    # mask and the masked image's latents; it is saved as its inpainting class.
+    from diffusers import StableDiffusionInpaintPipeline
+
+    plain = _make_sd_pipeline(seed)
+    components = {**plain.components, "unet": _make_sd_unet(seed, in_channels=9)}
+    StableDiffusionInpaintPipeline(**components).save_pretrained(path, safe_serialization=True)
 
 
 # Side of the images the tiny safety checker's CLIP vision tower sees.
@@ -822,6 +833,7 @@ def _build_lora_sd(path: pathlib.Path, seed: int) -> None:
 
 _BUILDERS: dict[str, Callable[[pathlib.Path, int], None]] = {
     "sd-img2img": _build_sd_img2img,
+    "sd-inpainting": _build_sd_inpainting,
     "controlnet-canny": _build_controlnet_canny,
     "sd-x4-upscaler": _build_sd_x4_upscaler,
     "sd-latent-x2-upscaler": _build_sd_latent_x2_upscaler,

@@ -7,10 +7,12 @@ torch or diffusers: operators import them when they load a model.
 
 from operators.controlnet import ControlNetImg2Img, ControlNetImg2ImgConfig
 from operators.img2img import Img2Img, Img2ImgConfig
+from operators.inpaint import Inpaint, InpaintConfig
+from operators.outpaint import Outpaint, OutpaintConfig
 from operators.standardize import Standardize, StandardizeConfig
 from operators.upscale import Upscale, UpscaleConfig
 
-OPERATOR_CLASSES = (Img2Img, ControlNetImg2Img, Upscale, Standardize)
+OPERATOR_CLASSES = (Img2Img, ControlNetImg2Img, Inpaint, Outpaint, Upscale, Standardize)
 OPERATORS = {operator.config_class: operator for operator in OPERATOR_CLASSES}
 
 __all__ = [
@@ -20,6 +22,10 @@ __all__ = [
     "ControlNetImg2ImgConfig",
     "Img2Img",
     "Img2ImgConfig",
+    "Inpaint",
+    "InpaintConfig",
+    "Outpaint",
+    "OutpaintConfig",
     "Standardize",
     "StandardizeConfig",
     "Upscale",

@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
+import numpy as np
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -299,7 +300,8 @@ class Operator:
 
     def prepare(self, image, row: dict) -> Any:
         """Decode and check one input image (encoded bytes, or an array from the stage before) on a CPU
-        worker: return its array, or a dict of named arrays with the model's input under "image".
+        worker: return its array, or a dict of named arrays with the model's input under "image" (a
+        named value that is not an array, such as a note on what prepare did, travels as text).
         Raise RowError for a bad row."""
         raise NotImplementedError
 
@@ -359,7 +361,10 @@ class Operator:
             PREPARE_SECONDS: pa.array(seconds, pa.float64()),
         }
         for name in names:
-            columns[PREPARED_PREFIX + name] = to_pixels([value.get(name) if value else None for value in prepared])
+            values = [value.get(name) if value else None for value in prepared]
+            # Arrays travel as pixels; anything else a prepare step returns (a note on what it did) as text.
+            texts = not any(isinstance(value, np.ndarray) for value in values)
+            columns[PREPARED_PREFIX + name] = pa.array(values, pa.string()) if texts else to_pixels(values)
         return replace_columns(batch, columns)
 
     def model_batch(self, batch: pa.Table) -> pa.Table:
@@ -368,7 +373,14 @@ class Operator:
         _kill_once_if_asked()
         extras = [name for name in batch.column_names if name.startswith(PREPARED_PREFIX)]
         images = pixel_arrays(batch.column("image"))
-        extra_values = {name[len(PREPARED_PREFIX) :]: pixel_arrays(batch.column(name)) for name in extras}
+        extra_values = {
+            name[len(PREPARED_PREFIX) :]: (
+                pixel_arrays(batch.column(name))
+                if is_pixels(batch.column(name).type)
+                else batch.column(name).to_pylist()
+            )
+            for name in extras
+        }
         prepare_seconds = batch.column(PREPARE_SECONDS).to_pylist()
         passed = batch.drop_columns([PREPARE_SECONDS, *extras])
         rows = passed.drop_columns(["image"]).to_pylist()

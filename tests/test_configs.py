@@ -51,6 +51,7 @@ def example(path: Path, tiny_models, demo_dir: Path, out_dir: Path) -> dict:
 def test_there_is_an_example_per_use():
     names = {path.stem for path in CONFIGS}
     assert {"img2img_augment", "controlnet_canny", "upscale_x4", "standardize", "chain", "demo"} <= names
+    assert {"inpaint_mask_column", "outpaint"} <= names
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[path.stem for path in CONFIGS])

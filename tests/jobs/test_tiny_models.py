@@ -16,6 +16,7 @@ from jobs.tiny_models import LORA_WEIGHT_NAME, REAL_LAYOUT_NAMES, TINY_MODEL_NAM
 # watermarker, IP-adapter image encoder) are saved as null.
 PIPELINE_COMPONENTS = {
     "sd-img2img": {"vae", "text_encoder", "tokenizer", "unet", "scheduler"},
+    "sd-inpainting": {"vae", "text_encoder", "tokenizer", "unet", "scheduler"},
     "sd-x4-upscaler": {"vae", "text_encoder", "tokenizer", "unet", "scheduler", "low_res_scheduler"},
     "sd-latent-x2-upscaler": {"vae", "text_encoder", "tokenizer", "unet", "scheduler"},
     "ldm-super-resolution": {"vqvae", "unet", "scheduler"},
@@ -25,6 +26,7 @@ PIPELINE_NAMES = tuple(PIPELINE_COMPONENTS)
 # (model, tokenizer folder, the text encoder folder it feeds)
 TOKENIZERS = (
     ("sd-img2img", "tokenizer", "text_encoder"),
+    ("sd-inpainting", "tokenizer", "text_encoder"),
     ("sd-x4-upscaler", "tokenizer", "text_encoder"),
     ("sd-latent-x2-upscaler", "tokenizer", "text_encoder"),
     ("sdxl-img2img", "tokenizer", "text_encoder"),
