@@ -33,7 +33,8 @@ def skimage_data_dir() -> Path:
 
 def make_demo_data(directory: str | Path, max_side: int = 128) -> Path:
     """Write demo.parquet (id, image as HF {bytes, path}, caption, source_file) and return its path;
-    beside it inpaint.parquet, the same rows with a `mask` column (PNG, white = repaint).
+    beside it inpaint.parquet, the same rows with a `mask` column (PNG, white = repaint), and
+    style.png, a colour style reference.
 
     Images are shrunk to `max_side` so the demo runs in seconds on a CPU.
     """
@@ -59,6 +60,8 @@ def make_demo_data(directory: str | Path, max_side: int = 128) -> Path:
     )
     path = directory / "demo.parquet"
     pq.write_table(table, path)
+    # A colour style reference for the IP-Adapter example (configs/ip_adapter_style.yaml).
+    Image.open(skimage_data_dir() / "coffee.png").convert("RGB").resize((64, 64)).save(directory / "style.png")
     pq.write_table(
         table.append_column("mask", pa.array([_center_mask(row["bytes"]) for row in rows["image"]])),
         directory / "inpaint.parquet",

@@ -208,16 +208,18 @@ def plan_job(config: JobConfig, info: SourceInfo, cpus: float, gpus: float, size
 
 
 def check_input_columns(config: JobConfig, info: SourceInfo) -> None:
-    """Refuse operators that read columns the source does not have (prompt templates, prompt and
-    control-image columns)."""
+    """Refuse operators that read columns (prompt templates, prompt, mask, reference and control-image
+    columns) that neither the source nor an earlier stage (`written_columns`, e.g. a saved depth map)
+    provides."""
     available = {"id", *info.passthrough_columns}
     for index, operator in enumerate(config.operators):
         missing = sorted(operator.input_columns() - available)
         if missing:
             raise PlanError(
-                f"operators[{index}] prompt refers to columns {missing} that the source does not have; "
+                f"operators[{index}] reads columns {missing} that neither the source nor an earlier stage has; "
                 f"columns: {sorted(available)}"
             )
+        available |= operator.written_columns()
 
 
 def assumed_resources(config: JobConfig) -> tuple[float, float]:

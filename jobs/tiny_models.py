@@ -7,7 +7,8 @@ Their weights are random, so the images they produce are noise; what matters
 is that shapes, configs and file layout match the real models closely enough
 to exercise the pipeline code, in well under a second per call on a CPU.
 ``lora-sd`` is not a checkpoint but a LoRA adapter for ``sd-img2img``'s UNet,
-saved as the single safetensors file that ``load_lora_weights`` reads.
+saved as the single safetensors file that ``load_lora_weights`` reads;
+``ip-adapter-sd`` an IP-Adapter for that UNet, in the layout ``load_ip_adapter`` reads.
 :data:`REAL_LAYOUT_NAMES`, built only when named, reproduce the file layouts
 real checkpoints ship in (safety checker, fp16 variant, pickle beside
 safetensors, shards).
@@ -43,6 +44,13 @@ TINY_MODEL_NAMES = (
     "sdxl-img2img",
     "controlnet-sdxl-canny",
     "lora-sd",
+    "sd-instruct-pix2pix",
+    "ip-adapter-sd",
+    "t2i-adapter-canny",
+    "depth-dpt",
+    "seg-segformer",
+    "sd3-img2img",
+    "flux-img2img",
 )
 
 # Layouts real checkpoints ship in, built on request (not by default): Stable
@@ -61,11 +69,14 @@ REAL_LAYOUT_NAMES = (
 
 # The file name diffusers' load_lora_weights looks for by default.
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+# The file name of the tiny IP-Adapter's weights (diffusers' single-file layout).
+IP_ADAPTER_WEIGHT_NAME = "ip_adapter.safetensors"
 
 # Files whose presence means a directory already holds a finished model.
 # Pipelines write model_index.json, single models (the ControlNets)
-# config.json, and a LoRA adapter is its one weights file.
-_MARKER_FILES = ("model_index.json", "config.json", LORA_WEIGHT_NAME)
+# config.json, a LoRA adapter is its one weights file and an IP-Adapter its
+# weights file beside image_encoder/.
+_MARKER_FILES = ("model_index.json", "config.json", LORA_WEIGHT_NAME, IP_ADAPTER_WEIGHT_NAME)
 
 # Pickle-based weight formats that must never appear: the project loads with
 # use_safetensors=True and an unexpected .bin would hide a loading bug.
@@ -305,7 +316,7 @@ def _make_sd_unet(seed: int, in_channels: int = 4):
     )
 
 
-def _make_sd_vae(seed: int, scaling_factor: float = 0.18215):
+def _make_sd_vae(seed: int, scaling_factor: float = 0.18215, latent_channels: int = 4, **options):
     from diffusers import AutoencoderKL
 
     # Four blocks give three 2x downsamplings: the same 8x factor as SD's VAE.
@@ -317,11 +328,12 @@ def _make_sd_vae(seed: int, scaling_factor: float = 0.18215):
             out_channels=3,
             down_block_types=("DownEncoderBlock2D",) * 4,
             up_block_types=("UpDecoderBlock2D",) * 4,
-            latent_channels=4,
+            latent_channels=latent_channels,
             layers_per_block=1,
             norm_num_groups=32,
             sample_size=64,
             scaling_factor=scaling_factor,
+            **options,
         ).eval(),
     )
 
@@ -831,6 +843,300 @@ def _build_lora_sd(path: pathlib.Path, seed: int) -> None:
     )
 
 
+def _build_sd_instruct_pix2pix(path: pathlib.Path, seed: int) -> None:
+    # An InstructPix2Pix checkpoint's UNet takes 8 channels: the noisy latents
+    # and the input image's latents; saved as its own class, like
+    # timbrooks/instruct-pix2pix.
+    from diffusers import StableDiffusionInstructPix2PixPipeline
+
+    plain = _make_sd_pipeline(seed)
+    components = {**plain.components, "unet": _make_sd_unet(seed, in_channels=8)}
+    pipeline = StableDiffusionInstructPix2PixPipeline(**components, requires_safety_checker=False)
+    pipeline.save_pretrained(path, safe_serialization=True)
+
+
+# --------------------------------------------------------------------------
+# IP-Adapter for the sd-img2img UNet
+# --------------------------------------------------------------------------
+
+# Side of the images the tiny IP-Adapter's CLIP vision encoder sees.
+_IP_ADAPTER_IMAGE_SIZE = 32
+
+
+def _build_ip_adapter_sd(path: pathlib.Path, seed: int) -> None:
+    """An IP-Adapter for ``sd-img2img``'s UNet as ``load_ip_adapter`` reads it: one safetensors file of
+    ``image_proj.*`` (a plain IP-Adapter's projection of the image embedding to 4 tokens) and
+    ``ip_adapter.*`` tensors (the key and value projections of each cross-attention layer, numbered as
+    diffusers numbers them), and beside it ``image_encoder/``: a CLIP vision model with projection and
+    its image processor config, as h94/IP-Adapter ships them."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    unet = _make_sd_unet(seed)
+    tokens = 4  # image tokens a plain IP-Adapter adds to the text's
+
+    def weights() -> dict:
+        cross_attention_dim = unet.config.cross_attention_dim
+        tensors = {
+            "image_proj.proj.weight": torch.randn(tokens * cross_attention_dim, _TEXT_HIDDEN_SIZE) * 0.2,
+            "image_proj.proj.bias": torch.randn(tokens * cross_attention_dim) * 0.2,
+            "image_proj.norm.weight": torch.ones(cross_attention_dim),
+            "image_proj.norm.bias": torch.zeros(cross_attention_dim),
+        }
+        # diffusers numbers the cross-attention processors 1, 3, 5, ... in `attn_processors` order
+        # (the original IP-Adapter's numbering, where the even numbers were self-attention's).
+        number = 1
+        for name in unet.attn_processors:
+            if name.endswith("attn2.processor"):
+                attention = unet.get_submodule(name.removesuffix(".processor"))
+                shape = (attention.to_k.out_features, attention.to_k.in_features)
+                tensors[f"ip_adapter.{number}.to_k_ip.weight"] = torch.randn(shape) * 0.2
+                tensors[f"ip_adapter.{number}.to_v_ip.weight"] = torch.randn(shape) * 0.2
+                number += 2
+        return {key: value.contiguous() for key, value in tensors.items()}
+
+    save_file(_seeded(seed, weights), str(path / IP_ADAPTER_WEIGHT_NAME))
+    encoder_config = CLIPVisionConfig(
+        hidden_size=_TEXT_HIDDEN_SIZE,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=_IP_ADAPTER_IMAGE_SIZE,
+        patch_size=8,
+        projection_dim=_TEXT_HIDDEN_SIZE,
+    )
+    encoder = _seeded(seed, lambda: CLIPVisionModelWithProjection(encoder_config).eval())
+    encoder.save_pretrained(path / "image_encoder", safe_serialization=True)
+    processor = CLIPImageProcessor(size=_IP_ADAPTER_IMAGE_SIZE, crop_size=_IP_ADAPTER_IMAGE_SIZE)
+    processor.save_pretrained(path / "image_encoder")
+
+
+# --------------------------------------------------------------------------
+# Stable Diffusion 3 and Flux (flow-matching transformers)
+# --------------------------------------------------------------------------
+
+# Width of the tiny T5 encoder, which both transformers attend to. SD3 pads
+# its two CLIP encoders' concatenated hidden states up to this width, so it
+# is at least their sum.
+_T5_HIDDEN_SIZE = 2 * _TEXT_HIDDEN_SIZE
+# Prompt tokens T5 sees: SD3's and Flux's pipelines pad prompts to their own
+# max_sequence_length (256 and 512); this is the tokenizer's own limit.
+_T5_MAX_LENGTH = 512
+# SD3's and Flux's VAEs have 16 latent channels (SD's have 4).
+_FLOW_LATENT_CHANNELS = 16
+
+
+def _make_t5_tokenizer():
+    """An offline T5 tokenizer: a Unigram model over the printable ASCII
+    characters, alone and after SentencePiece's word-start mark, with T5's
+    special tokens and sentinel ids. Other characters become <unk>."""
+    from transformers import T5TokenizerFast
+
+    characters = [chr(code) for code in range(ord("!"), ord("~") + 1)]
+    # T5's layout: <pad>, </s>, <unk>, then the pieces; whole-word-start
+    # pieces score higher, so a word begins with one.
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\N{LOWER ONE EIGHTH BLOCK}", -3.0)]
+    vocab += [("\N{LOWER ONE EIGHTH BLOCK}" + char, -2.0) for char in characters]
+    vocab += [(char, -3.0) for char in characters]
+    return T5TokenizerFast(vocab=vocab, extra_ids=100, model_max_length=_T5_MAX_LENGTH)
+
+
+def _make_t5_encoder(tokenizer, seed: int):
+    """A tiny T5 v1.1 encoder (gated GELU), as SD3 and Flux ship."""
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(
+        vocab_size=max(256, len(tokenizer)),
+        d_model=_T5_HIDDEN_SIZE,
+        d_kv=8,
+        d_ff=37,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        feed_forward_proj="gated-gelu",
+        dropout_rate=0.0,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+    )
+    return _seeded(seed, lambda: T5EncoderModel(config).eval())
+
+
+def _make_flow_vae(seed: int, scaling_factor: float, shift_factor: float):
+    """SD3's and Flux's VAE layout: 16 latent channels, a shift besides the
+    scale, no quantisation convolutions; the same 8x factor as SD's."""
+    return _make_sd_vae(
+        seed,
+        scaling_factor,
+        latent_channels=_FLOW_LATENT_CHANNELS,
+        shift_factor=shift_factor,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+
+
+def _build_sd3_img2img(path: pathlib.Path, seed: int) -> None:
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    tokenizer = _make_tokenizer()
+    t5_tokenizer = _make_t5_tokenizer()
+    transformer = _seeded(
+        seed,
+        lambda: SD3Transformer2DModel(
+            sample_size=64 // SD_VAE_SCALE_FACTOR,
+            # SD3 denoises 2x2 patches of latents: image sides are multiples of 16.
+            patch_size=2,
+            in_channels=_FLOW_LATENT_CHANNELS,
+            out_channels=_FLOW_LATENT_CHANNELS,
+            num_layers=2,
+            attention_head_dim=8,
+            num_attention_heads=4,
+            joint_attention_dim=_T5_HIDDEN_SIZE,
+            # The transformer's width (heads x head size), as in the real model.
+            caption_projection_dim=32,
+            # Both CLIP encoders' pooled projections, concatenated.
+            pooled_projection_dim=2 * _TEXT_HIDDEN_SIZE,
+            # Position embeddings for latents up to 64x64 (512x512 images).
+            pos_embed_max_size=32,
+        ).eval(),
+    )
+    pipeline = StableDiffusion3Pipeline(
+        transformer=transformer,
+        # SD3 medium's scheduler.
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+        vae=_make_flow_vae(seed, scaling_factor=1.5305, shift_factor=0.0609),
+        # CLIP ViT-L and OpenCLIP bigG, both with their pooled projections,
+        # then T5-XXL in the real model.
+        text_encoder=_make_text_encoder(tokenizer, seed, hidden_act="quick_gelu", with_projection=True),
+        tokenizer=tokenizer,
+        text_encoder_2=_make_text_encoder(tokenizer, seed + 1, hidden_act="gelu", with_projection=True),
+        tokenizer_2=tokenizer,
+        text_encoder_3=_make_t5_encoder(t5_tokenizer, seed),
+        tokenizer_3=t5_tokenizer,
+    )
+    # Saved as the text-to-image class, like real SD3 checkpoints.
+    pipeline.save_pretrained(path, safe_serialization=True)
+
+
+def _build_flux_img2img(path: pathlib.Path, seed: int) -> None:
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    tokenizer = _make_tokenizer()
+    t5_tokenizer = _make_t5_tokenizer()
+    transformer = _seeded(
+        seed,
+        lambda: FluxTransformer2DModel(
+            patch_size=1,
+            # The pipeline packs 2x2 latent patches into the channels (so image
+            # sides are multiples of 16).
+            in_channels=4 * _FLOW_LATENT_CHANNELS,
+            num_layers=1,
+            num_single_layers=1,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=_T5_HIDDEN_SIZE,
+            # CLIP's pooled output.
+            pooled_projection_dim=_TEXT_HIDDEN_SIZE,
+            # FLUX.1 [dev]: guidance_scale is embedded, not applied as CFG.
+            guidance_embeds=True,
+            # Rotary axes (id, row, column), summing to the head size.
+            axes_dims_rope=(4, 6, 6),
+        ).eval(),
+    )
+    pipeline = FluxPipeline(
+        # FLUX.1 [dev]'s scheduler: the shift grows with the image's size.
+        scheduler=FlowMatchEulerDiscreteScheduler(
+            num_train_timesteps=1000,
+            shift=3.0,
+            use_dynamic_shifting=True,
+            base_shift=0.5,
+            max_shift=1.15,
+            base_image_seq_len=256,
+            max_image_seq_len=4096,
+        ),
+        vae=_make_flow_vae(seed, scaling_factor=0.3611, shift_factor=0.1159),
+        text_encoder=_make_text_encoder(tokenizer, seed, hidden_act="quick_gelu"),
+        tokenizer=tokenizer,
+        text_encoder_2=_make_t5_encoder(t5_tokenizer, seed),
+        tokenizer_2=t5_tokenizer,
+        transformer=transformer,
+    )
+    # Saved as the text-to-image class, like real Flux checkpoints.
+    pipeline.save_pretrained(path, safe_serialization=True)
+
+
+def _build_t2i_adapter_canny(path: pathlib.Path, seed: int) -> None:
+    """A T2I-Adapter for sd-img2img, taking one-channel edge maps as TencentARC's canny adapters do.
+
+    Its feature widths are the UNet's block widths. sd-img2img's UNet starts with a plain
+    DownBlock2D, which (like SDXL's) takes the adapter's features after its downsampler, so the
+    adapter has SDXL's layout: both feature maps at 1/16 of the image (a total downscale of 32).
+    """
+    from diffusers import T2IAdapter
+
+    channels = list(_make_sd_unet(seed).config.block_out_channels)
+    adapter = _seeded(
+        seed,
+        lambda: T2IAdapter(
+            in_channels=1,
+            channels=channels,
+            num_res_blocks=1,
+            downscale_factor=2 * SD_VAE_SCALE_FACTOR,
+            adapter_type="full_adapter_xl",
+        ).eval(),
+    )
+    adapter.save_pretrained(path, safe_serialization=True)
+
+
+def _build_depth_dpt(path: pathlib.Path, seed: int) -> None:
+    """A depth annotator in transformers' layout: a DPT (ViT backbone, four reassembled stages) with
+    the image processor Intel/dpt-hybrid-midas ships, at 32x32 so a call takes milliseconds."""
+    from transformers import DPTConfig, DPTForDepthEstimation, DPTImageProcessor
+
+    config = DPTConfig(
+        hidden_size=32,
+        num_hidden_layers=4,
+        backbone_out_indices=[0, 1, 2, 3],
+        num_attention_heads=4,
+        intermediate_size=37,
+        image_size=32,
+        patch_size=8,
+        neck_hidden_sizes=[16, 16, 16, 16],
+        fusion_hidden_size=16,
+        head_hidden_size=8,
+        is_hybrid=False,
+    )
+    _seeded(seed, lambda: DPTForDepthEstimation(config).eval()).save_pretrained(path, safe_serialization=True)
+    DPTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(path)
+
+
+def _build_seg_segformer(path: pathlib.Path, seed: int) -> None:
+    """A segmentation annotator in transformers' layout: a two-stage SegFormer with ADE20K's 150
+    labels (named as nvidia/segformer-b0-finetuned-ade-512-512 names them) and its image processor."""
+    from transformers import SegformerConfig, SegformerForSemanticSegmentation, SegformerImageProcessor
+
+    from operators.annotators import ADE20K_CLASSES
+
+    config = SegformerConfig(
+        num_encoder_blocks=2,
+        depths=[1, 1],
+        sr_ratios=[2, 1],
+        hidden_sizes=[8, 16],
+        patch_sizes=[7, 3],
+        strides=[4, 2],
+        num_attention_heads=[1, 2],
+        mlp_ratios=[2, 2],
+        decoder_hidden_size=16,
+        num_labels=len(ADE20K_CLASSES),
+        id2label=dict(enumerate(ADE20K_CLASSES)),
+        label2id={name: index for index, name in enumerate(ADE20K_CLASSES)},
+    )
+    model = _seeded(seed, lambda: SegformerForSemanticSegmentation(config).eval())
+    model.save_pretrained(path, safe_serialization=True)
+    SegformerImageProcessor(size={"height": 32, "width": 32}, do_reduce_labels=True).save_pretrained(path)
+
+
 _BUILDERS: dict[str, Callable[[pathlib.Path, int], None]] = {
     "sd-img2img": _build_sd_img2img,
     "sd-inpainting": _build_sd_inpainting,
@@ -841,10 +1147,17 @@ _BUILDERS: dict[str, Callable[[pathlib.Path, int], None]] = {
     "sdxl-img2img": _build_sdxl_img2img,
     "controlnet-sdxl-canny": _build_controlnet_sdxl_canny,
     "lora-sd": _build_lora_sd,
+    "sd-instruct-pix2pix": _build_sd_instruct_pix2pix,
+    "ip-adapter-sd": _build_ip_adapter_sd,
+    "t2i-adapter-canny": _build_t2i_adapter_canny,
+    "depth-dpt": _build_depth_dpt,
+    "seg-segformer": _build_seg_segformer,
     "sd15-safety-checker": _build_sd15_safety_checker,
     "sd-fp16-variant": _build_sd_fp16_variant,
     "sd-bin-beside-safetensors": _build_sd_bin_beside_safetensors,
     "sd-sharded": _build_sd_sharded,
+    "sd3-img2img": _build_sd3_img2img,
+    "flux-img2img": _build_flux_img2img,
 }
 
 _PICKLE_BESIDE_SAFETENSORS = {"sd-bin-beside-safetensors"}

@@ -8,11 +8,22 @@ torch or diffusers: operators import them when they load a model.
 from operators.controlnet import ControlNetImg2Img, ControlNetImg2ImgConfig
 from operators.img2img import Img2Img, Img2ImgConfig
 from operators.inpaint import Inpaint, InpaintConfig
+from operators.instruct import InstructEdit, InstructEditConfig
 from operators.outpaint import Outpaint, OutpaintConfig
 from operators.standardize import Standardize, StandardizeConfig
+from operators.t2i_adapter import T2IAdapterText2Image, T2IAdapterText2ImageConfig
 from operators.upscale import Upscale, UpscaleConfig
 
-OPERATOR_CLASSES = (Img2Img, ControlNetImg2Img, Inpaint, Outpaint, Upscale, Standardize)
+OPERATOR_CLASSES = (
+    Img2Img,
+    ControlNetImg2Img,
+    Inpaint,
+    Outpaint,
+    InstructEdit,
+    T2IAdapterText2Image,
+    Upscale,
+    Standardize,
+)
 OPERATORS = {operator.config_class: operator for operator in OPERATOR_CLASSES}
 
 __all__ = [
@@ -26,8 +37,12 @@ __all__ = [
     "InpaintConfig",
     "Outpaint",
     "OutpaintConfig",
+    "InstructEdit",
+    "InstructEditConfig",
     "Standardize",
     "StandardizeConfig",
+    "T2IAdapterText2Image",
+    "T2IAdapterText2ImageConfig",
     "Upscale",
     "UpscaleConfig",
 ]

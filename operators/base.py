@@ -105,6 +105,11 @@ class OperatorConfig(BaseModel):
         control-image columns), checked against the source before the job runs; none by default."""
         return set()
 
+    def written_columns(self) -> set[str]:
+        """Columns this stage adds to every row besides the ones every stage sets (such as a control
+        image kept with `save_as`): later stages may read them; none by default."""
+        return set()
+
     def model_references(self) -> list:
         """The checkpoints and adapters this operator loads (`operators.models.ModelReference`), vetted
         before the job runs; none by default."""
@@ -305,6 +310,11 @@ class Operator:
         Raise RowError for a bad row."""
         raise NotImplementedError
 
+    def prepare_extras(self, row: dict) -> dict:
+        """Named inputs every operator of a family prepares besides its own (a diffusers operator's
+        per-row IP-Adapter reference), added to what `prepare` returned; none by default."""
+        return {}
+
     def process(self, items: list[Item]) -> None:
         """Set `output` (an array) and `record` (or `error`) on each item."""
         raise NotImplementedError
@@ -312,6 +322,11 @@ class Operator:
     def parameters_text(self, item: Item) -> str | None:
         """The AUTOMATIC1111 `parameters` text the output file carries; `item.size` is set."""
         return None
+
+    def output_columns(self, items: list[Item]) -> dict[str, pa.Array]:
+        """Columns this stage writes besides the ones every stage sets, one value per item in order
+        (such as a control image kept as its own column); none by default."""
+        return {}
 
     def record(self, item: Item) -> dict:
         """The stage column's fields for one item (also called for error rows); the base class adds
@@ -349,7 +364,10 @@ class Operator:
             image = images[index]
             try:
                 value = self.prepare(image, rows[index])
-                prepared[index] = value if isinstance(value, dict) else {"image": value}
+                prepared[index] = {
+                    **(value if isinstance(value, dict) else {"image": value}),
+                    **self.prepare_extras(rows[index]),
+                }
             except RowError as problem:
                 statuses[index], errors[index] = ERROR, str(problem)
             seconds[index] = time.perf_counter() - started
@@ -465,5 +483,6 @@ class Operator:
             "height": pa.array([item.size[1] if item.size else None for item in items], pa.int32()),
             self.config.stage_name: pa.array(records, self.stage_type),
             PARAMETERS: pa.array(texts, pa.string()),
+            **self.output_columns(items),
         }
         return replace_columns(batch.take([item.source_index for item in items]), columns)

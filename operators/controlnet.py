@@ -12,14 +12,18 @@ import pyarrow as pa
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from operators.annotators import AnnotatorConfig
 from operators.base import Item
 from operators.diffusion import GENERATION_FIELDS, a1111_model_hash
 from operators.images import eight_bit_rgb
 from operators.img2img import Img2Img, Img2ImgConfig, decode_rgb
 from operators.models import ModelReference, resolve_model
-from operators.rows import RowError
+from operators.rows import RESERVED_COLUMNS, RowError
 
 logger = logging.getLogger(__name__)
+
+# Preprocessors that run a model (`operators.annotators`) on the model's actor, not in the prepare step.
+MODEL_PREPROCESSORS = ("depth", "segmentation")
 
 
 class ControlSource(BaseModel):
@@ -36,8 +40,21 @@ class ControlSource(BaseModel):
         "default: the plain weights.",
     )
     conditioning_scale: float = Field(1.0, ge=0, description="Weight of this ControlNet's residuals.")
-    preprocessor: Literal["canny", "grayscale", "sobel", "laplacian"] | None = Field(
-        None, description="Compute the control image from the row's image with this (no weights needed)."
+    preprocessor: Literal["canny", "grayscale", "sobel", "laplacian", "lineart", "depth", "segmentation"] | None = (
+        Field(
+            None,
+            description="Compute the control image from the row's image with this: canny, grayscale, sobel, "
+            "laplacian and lineart need no weights; depth and segmentation run the `annotator` model on the "
+            "model's actor.",
+        )
+    )
+    annotator: AnnotatorConfig | None = Field(
+        None, description="The model of the depth and segmentation preprocessors (required for those, only for those)."
+    )
+    save_as: str | None = Field(
+        None,
+        description="Also write this control image (PNG bytes) into an output column of this name, so a later run "
+        "can read it with `column:` instead of computing it again.",
     )
     column: str | None = Field(
         None, description="Read the control image from this column (encoded bytes or {bytes, path}): depth, pose..."
@@ -49,6 +66,19 @@ class ControlSource(BaseModel):
     def _one_control_source(self) -> ControlSource:
         if (self.preprocessor is None) == (self.column is None):
             raise ValueError("give exactly one of preprocessor or column")
+        if self.preprocessor in MODEL_PREPROCESSORS and self.annotator is None:
+            raise ValueError(f"preprocessor {self.preprocessor} needs an annotator: {{model: DIRECTORY}}")
+        if self.preprocessor not in MODEL_PREPROCESSORS and self.annotator is not None:
+            raise ValueError(
+                f"annotator is only for the depth and segmentation preprocessors, got it with "
+                f"{f'preprocessor {self.preprocessor}' if self.preprocessor else f'column {self.column}'}"
+            )
+        if self.save_as is not None and self.column is not None:
+            raise ValueError(f"save_as writes a computed control image; column {self.column} is read, not computed")
+        if self.save_as is not None and (not self.save_as.isidentifier() or self.save_as in RESERVED_COLUMNS):
+            raise ValueError(
+                f"save_as must be an identifier other than {', '.join(RESERVED_COLUMNS)}, got {self.save_as!r}"
+            )
         if self.low_threshold >= self.high_threshold:
             raise ValueError(
                 f"low_threshold must be below high_threshold, got {self.low_threshold} >= {self.high_threshold}"
@@ -61,6 +91,8 @@ class ControlSource(BaseModel):
             source = f"column:{self.column}"
         elif self.preprocessor == "canny":
             source = f"canny({self.low_threshold},{self.high_threshold})"
+        elif self.annotator is not None:
+            source = f"{self.preprocessor}({self.annotator.model})"
         else:
             source = str(self.preprocessor)
         return f"{self.model}[{source}]x{self.conditioning_scale:g}"
@@ -81,20 +113,41 @@ class ControlNetImg2ImgConfig(Img2ImgConfig):
                 "control_guidance_start must be below control_guidance_end, got "
                 f"{self.control_guidance_start} >= {self.control_guidance_end}"
             )
+        check_saved_columns(self.controlnets, self.stage_name)
         return self
 
     def input_columns(self) -> set[str]:
         return super().input_columns() | {net.column for net in self.controlnets if net.column}
+
+    def written_columns(self) -> set[str]:
+        return {net.save_as for net in self.controlnets if net.save_as}
 
     def output_libraries(self) -> tuple[str, ...]:
         preprocessed = any(net.preprocessor is not None for net in self.controlnets)
         return super().output_libraries() + (("opencv",) if preprocessed else ())
 
     def model_references(self) -> list[ModelReference]:
-        return super().model_references() + [
-            ModelReference(f"controlnets[{index}].model", net.model, net.revision, net.variant, "model")
-            for index, net in enumerate(self.controlnets)
-        ]
+        return super().model_references() + control_references("controlnets", self.controlnets)
+
+
+def check_saved_columns(sources: list[ControlSource], stage_name: str) -> None:
+    """Refuse `save_as` columns that repeat each other or the stage's own column."""
+    saved = [source.save_as for source in sources if source.save_as]
+    if len(set(saved)) < len(saved) or stage_name in saved:
+        raise ValueError(f"save_as columns must differ from each other and from the stage name, got {saved}")
+
+
+def control_references(field_name: str, sources: list[ControlSource]) -> list[ModelReference]:
+    """The checkpoints of a list of condition sources (ControlNets or adapters, and their annotators)
+    at `field_name`, for vetting."""
+    return [
+        ModelReference(f"{field_name}[{index}].model", source.model, source.revision, source.variant, "model")
+        for index, source in enumerate(sources)
+    ] + [
+        source.annotator.reference(f"{field_name}[{index}].annotator.model")
+        for index, source in enumerate(sources)
+        if source.annotator is not None
+    ]
 
 
 def control_image(image: Image.Image, source: ControlSource) -> Image.Image:
@@ -110,9 +163,26 @@ def control_image(image: Image.Image, source: ControlSource) -> Image.Image:
         edges = _to_uint8(np.hypot(x, y))
     elif source.preprocessor == "laplacian":
         edges = _to_uint8(np.abs(cv2.Laplacian(gray, cv2.CV_32F, ksize=3)))
+    elif source.preprocessor == "lineart":
+        edges = line_drawing(np.asarray(image))
     else:
         edges = gray
     return Image.fromarray(edges).convert("RGB")
+
+
+def line_drawing(rgb: np.ndarray, sigma: float = 6.0, threshold: float = 8.0) -> np.ndarray:
+    """White lines on black from an RGB image, without weights: how far each pixel is darker than its
+    Gaussian-blurred surroundings (the darkest channel's difference), scaled so the median line is mid
+    gray. This is sd-webui-controlnet's `lineart_standard` preprocessor (at the image's own size), whose
+    maps lineart ControlNets accept."""
+    import cv2
+
+    pixels = rgb.astype(np.float32)
+    blurred = cv2.GaussianBlur(pixels, (0, 0), sigma)
+    intensity = np.min(blurred - pixels, axis=2).clip(0, 255)
+    lines = intensity[intensity > threshold]
+    intensity /= max(16.0, float(np.median(lines)) if lines.size else 0.0)
+    return (intensity * 127).clip(0, 255).astype(np.uint8)
 
 
 def _to_uint8(values: np.ndarray) -> np.ndarray:
@@ -120,8 +190,34 @@ def _to_uint8(values: np.ndarray) -> np.ndarray:
     return np.zeros(values.shape, np.uint8) if peak == 0 else np.round(values * (255.0 / peak)).astype(np.uint8)
 
 
-def load_controlnets(sources: list[ControlSource], dtype: str, offline: bool, storage_options: dict):
-    """Load each ControlNet (safetensors only); returns the models and their resolved revisions."""
+# sd-webui-controlnet's preprocessor ("Module") names for the preprocessors whose names differ there.
+A1111_MODULES = {"lineart": "lineart_standard", "depth": "depth_midas", "segmentation": "seg_ofade20k"}
+
+
+def a1111_control_unit(
+    source: ControlSource, revision: str, guidance_start: float, guidance_end: float, module: str | None = None
+) -> str:
+    """One ControlNet unit as sd-webui-controlnet serialises it (T2I-Adapters too, which it runs as
+    ControlNet units): `Field: value` pairs whose values hold no comma or colon (the whole unit is
+    quoted when written)."""
+    name = "".join(char for char in source.model.rstrip("/").rsplit("/", 1)[-1] if char not in ",:")
+    short_hash = a1111_model_hash(revision, digits=8)
+    fields = {
+        "Module": module or A1111_MODULES.get(source.preprocessor or "", source.preprocessor or "none"),
+        "Model": f"{name} [{short_hash}]" if short_hash else name,
+        "Weight": source.conditioning_scale,
+    }
+    if source.preprocessor == "canny":
+        fields.update({"Threshold A": source.low_threshold, "Threshold B": source.high_threshold})
+    fields.update({"Guidance Start": guidance_start, "Guidance End": guidance_end})
+    return ", ".join(f"{key}: {value}" for key, value in fields.items())
+
+
+def load_controlnets(
+    sources: list[ControlSource], dtype: str, offline: bool, storage_options: dict, model_class: str = "ControlNetModel"
+):
+    """Load each ControlNet (or each model of another diffusers `model_class`, such as `T2IAdapter`),
+    safetensors only; returns the models and their resolved revisions."""
     import diffusers
     import torch
 
@@ -131,7 +227,7 @@ def load_controlnets(sources: list[ControlSource], dtype: str, offline: bool, st
             source.model, source.revision, offline, storage_options, pipeline=False, variant=source.variant
         )
         models.append(
-            diffusers.ControlNetModel.from_pretrained(
+            getattr(diffusers, model_class).from_pretrained(
                 str(resolved.path),
                 dtype=getattr(torch, dtype),
                 variant=source.variant,
@@ -141,6 +237,85 @@ def load_controlnets(sources: list[ControlSource], dtype: str, offline: bool, st
         )
         revisions.append(resolved.revision)
     return models, revisions
+
+
+def control_inputs(operator, data, row: dict, sources: list[ControlSource], size) -> dict[str, np.ndarray]:
+    """One row's prepared inputs: the RGB image after the size policy as "image", and each source's
+    control image, computed or read from its column and resized to the image, as "control_N"."""
+    image = decode_rgb(operator, data, size)
+    prepared = {"image": np.asarray(image)}
+    for index, source in enumerate(sources):
+        if source.preprocessor in MODEL_PREPROCESSORS:
+            continue  # computed on the model's actor, which holds the annotator (`annotate`)
+        if source.column is None:
+            prepared[f"control_{index}"] = np.asarray(control_image(image, source))
+            continue
+        value = row.get(source.column)
+        if isinstance(value, dict):
+            value = value.get("bytes")
+        try:
+            control = eight_bit_rgb(value, operator.max_image_pixels)
+        except RowError as problem:
+            raise RowError(f"control image in column {source.column!r}: {problem}") from None
+        control = control if control.size == image.size else control.resize(image.size, resample=3)
+        prepared[f"control_{index}"] = np.asarray(control)
+    return prepared
+
+
+def load_annotators(operator, sources: list[ControlSource]) -> list:
+    """Each source's annotator (`operators.annotators`), loaded once per actor; None for the others."""
+    from operators.annotators import load_annotator
+
+    return [
+        load_annotator(
+            source.preprocessor, source.annotator, operator.offline, operator.model_storage_options, operator.device
+        )
+        if source.annotator is not None
+        else None
+        for source in sources
+    ]
+
+
+def annotate(items: list[Item], annotators: list) -> None:
+    """Add each row's model-made control images ("control_N") to its prepared inputs, once per input
+    row (its variants share them). An annotator that fails on a row makes that row's error."""
+    if not any(annotators):
+        return
+    rows: dict[int, list[Item]] = {}
+    for item in items:
+        rows.setdefault(item.source_index, []).append(item)
+    for members in rows.values():
+        inputs = members[0].input
+        inputs = dict(inputs) if isinstance(inputs, dict) else {"image": inputs}
+        image = Image.fromarray(inputs["image"])
+        try:
+            for index, annotator in enumerate(annotators):
+                if annotator is not None:
+                    inputs[f"control_{index}"] = annotator(image)
+        except Exception as error:  # one image's failure must not sink the batch
+            message = f"annotator {annotator.config.model} failed on this row: {type(error).__name__}: {error}"
+            logger.warning("%s (row %s)", message, members[0].row_id)
+            for item in members:
+                item.error = message
+            continue
+        for item in members:
+            item.input = inputs
+
+
+def saved_controls(items: list[Item], sources: list[ControlSource]) -> dict[str, pa.Array]:
+    """The `save_as` columns: each row's control image as PNG bytes (null where there is none)."""
+    from operators.images import encode_array
+
+    columns = {}
+    for index, source in enumerate(sources):
+        if source.save_as is None:
+            continue
+        values = []
+        for item in items:
+            control = item.input.get(f"control_{index}") if isinstance(item.input, dict) else None
+            values.append(encode_array(control) if control is not None else None)
+        columns[source.save_as] = pa.array(values, pa.binary())
+    return columns
 
 
 class ControlNetImg2Img(Img2Img):
@@ -157,33 +332,29 @@ class ControlNetImg2Img(Img2Img):
         ("controlnet_revisions", pa.string()),
         ("control_guidance_start", pa.float64()),
         ("control_guidance_end", pa.float64()),
+        # The depth and segmentation annotators that made control images: 'N=model@revision' per ControlNet.
+        ("annotators", pa.string()),
     ]
 
     def components(self) -> dict:
         config = self.config
+        self.annotators = load_annotators(self, config.controlnets)
         controlnets, revisions = load_controlnets(
             config.controlnets, config.resolved_dtype(), self.offline, self.model_storage_options
         )
         self.controlnet_revisions = ",".join(revisions)
         return {"controlnet": controlnets[0] if len(controlnets) == 1 else controlnets}
 
+    def process(self, items: list[Item]) -> None:
+        """Annotate (depth, segmentation) on this actor, then generate the rows annotation did not fail."""
+        annotate(items, self.annotators)
+        super().process([item for item in items if item.error is None])
+
+    def output_columns(self, items: list[Item]) -> dict[str, pa.Array]:
+        return saved_controls(items, self.config.controlnets)
+
     def prepare(self, data, row: dict) -> dict[str, np.ndarray]:
-        image = decode_rgb(self, data, self.config.size)
-        prepared = {"image": np.asarray(image)}
-        for index, source in enumerate(self.config.controlnets):
-            if source.column is None:
-                prepared[f"control_{index}"] = np.asarray(control_image(image, source))
-                continue
-            value = row.get(source.column)
-            if isinstance(value, dict):
-                value = value.get("bytes")
-            try:
-                control = eight_bit_rgb(value, self.max_image_pixels)
-            except RowError as problem:
-                raise RowError(f"control image in column {source.column!r}: {problem}") from None
-            control = control if control.size == image.size else control.resize(image.size, resample=3)
-            prepared[f"control_{index}"] = np.asarray(control)
-        return prepared
+        return control_inputs(self, data, row, self.config.controlnets, self.config.size)
 
     def call_inputs(self, members: list[Item]) -> dict:
         """The image and ControlNet arguments of one model call."""
@@ -212,28 +383,19 @@ class ControlNetImg2Img(Img2Img):
         revisions = self.controlnet_revisions.split(",")
         return {
             **super().infotext_fields(item),
-            **{
-                f"ControlNet {index}": self.a1111_unit(net, revision)
-                for index, (net, revision) in enumerate(zip(self.config.controlnets, revisions, strict=True))
-            },
+            **{f"ControlNet {index}": self.a1111_unit(index, revision) for index, revision in enumerate(revisions)},
         }
 
-    def a1111_unit(self, net: ControlSource, revision: str) -> str:
-        """One ControlNet unit as sd-webui-controlnet serialises it: `Field: value` pairs whose values
-        hold no comma or colon (the whole unit is quoted when written)."""
-        name = "".join(char for char in net.model.rstrip("/").rsplit("/", 1)[-1] if char not in ",:")
-        short_hash = a1111_model_hash(revision, digits=8)
-        fields = {
-            "Module": net.preprocessor or "none",
-            "Model": f"{name} [{short_hash}]" if short_hash else name,
-            "Weight": net.conditioning_scale,
-        }
-        if net.preprocessor == "canny":
-            fields.update({"Threshold A": net.low_threshold, "Threshold B": net.high_threshold})
-        fields.update(
-            {"Guidance Start": self.config.control_guidance_start, "Guidance End": self.config.control_guidance_end}
+    def a1111_unit(self, index: int, revision: str) -> str:
+        """ControlNet `index`'s unit as sd-webui-controlnet serialises it."""
+        annotator = self.annotators[index]
+        return a1111_control_unit(
+            self.config.controlnets[index],
+            revision,
+            self.config.control_guidance_start,
+            self.config.control_guidance_end,
+            annotator.module if annotator is not None else None,
         )
-        return ", ".join(f"{key}: {value}" for key, value in fields.items())
 
     def record(self, item: Item) -> dict:
         record = super().record(item)
@@ -242,5 +404,9 @@ class ControlNetImg2Img(Img2Img):
             controlnet_revisions=self.controlnet_revisions,
             control_guidance_start=self.config.control_guidance_start,
             control_guidance_end=self.config.control_guidance_end,
+            annotators="; ".join(
+                f"{index}={annotator.label}" for index, annotator in enumerate(self.annotators) if annotator
+            )
+            or None,
         )
         return record

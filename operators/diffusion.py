@@ -10,13 +10,20 @@ import logging
 import string
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import ClassVar, Literal, get_args
 
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from operators.acceleration import SPEED_FIELDS, SpeedSettings, check_speed_settings
 from operators.base import Operator, OperatorConfig
+from operators.ip_adapter import (
+    IP_ADAPTER_FIELDS,
+    IPAdapterConfig,
+    ip_adapter_record,
+    load_ip_adapter,
+    prepare_reference,
+)
 from operators.models import ModelReference
 from operators.rows import RowError
 
@@ -41,7 +48,9 @@ SCHEDULERS = {
     "UniPCMultistepScheduler": "UniPC",
 }
 
-SweepParameter = Literal["prompt", "negative_prompt", "strength", "guidance_scale", "num_inference_steps", "seed"]
+SweepParameter = Literal[
+    "prompt", "negative_prompt", "strength", "guidance_scale", "image_guidance_scale", "num_inference_steps", "seed"
+]
 
 
 class _Frozen(BaseModel):
@@ -67,6 +76,9 @@ class Sweep(_Frozen):
     negative_prompt: list[str] | None = Field(None, min_length=1, description="Negative prompts.")
     strength: list[float] | None = Field(None, min_length=1, description="Strengths, each in [0, 1].")
     guidance_scale: list[float] | None = Field(None, min_length=1, description="Guidance scales, each >= 0.")
+    image_guidance_scale: list[float] | None = Field(
+        None, min_length=1, description="Image guidance scales of `instruct_edit`, each >= 1."
+    )
     num_inference_steps: list[int] | None = Field(None, min_length=1, description="Step counts, each >= 1.")
     seed: list[int] | None = Field(
         None, min_length=1, description="Seeds used as given (the same for every row) instead of derived ones."
@@ -78,7 +90,7 @@ class Sweep(_Frozen):
         if not lists:
             raise ValueError(
                 "a sweep needs at least one list: prompt, negative_prompt, strength, guidance_scale, "
-                "num_inference_steps or seed"
+                "image_guidance_scale, num_inference_steps or seed"
             )
         if self.mode == "zip" and len({len(values) for values in lists.values()}) > 1:
             lengths = {name: len(values) for name, values in lists.items()}
@@ -89,6 +101,9 @@ class Sweep(_Frozen):
         for value in self.guidance_scale or []:
             if value < 0:
                 raise ValueError(f"sweep.guidance_scale values must be >= 0, got {value}")
+        for value in self.image_guidance_scale or []:
+            if value < 1:  # diffusers' InstructPix2Pix switches all guidance off below 1
+                raise ValueError(f"sweep.image_guidance_scale values must be >= 1, got {value}")
         for value in self.num_inference_steps or []:
             if value < 1:
                 raise ValueError(f"sweep.num_inference_steps values must be >= 1, got {value}")
@@ -99,7 +114,7 @@ class Sweep(_Frozen):
 
     def lists(self) -> dict[str, list]:
         """The given lists by parameter name."""
-        names = ("prompt", "negative_prompt", "strength", "guidance_scale", "num_inference_steps", "seed")
+        names = get_args(SweepParameter)
         return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
 
     def combinations(self) -> list[dict]:
@@ -156,6 +171,9 @@ class DiffusionConfig(SpeedSettings, OperatorConfig):
     )
     sweep: Sweep | None = Field(None, description="Parameter lists expanded into more variants.")
     loras: list[LoraAdapter] = Field(default_factory=list, description="LoRA adapters applied to the pipeline.")
+    ip_adapter: IPAdapterConfig | None = Field(
+        None, description="An IP-Adapter that steers each output towards a reference image (SD 1.x/2.x and SDXL)."
+    )
     model_batch_size: int | None = Field(
         None,
         ge=1,
@@ -173,19 +191,36 @@ class DiffusionConfig(SpeedSettings, OperatorConfig):
             raise ValueError("give exactly one of prompt, prompt_column or sweep.prompt")
         if self.sweep is not None and self.sweep.seed is not None and self.variants > 1:
             raise ValueError("variants must be 1 when sweep.seed gives the seeds")
+        if self.sweep is not None:
+            # A sweep varies only what this operator passes to its pipeline.
+            accepted = ["prompt", *self.call_defaults(), "seed"]
+            refused = [name for name in self.sweep.lists() if name not in accepted]
+            if refused:
+                raise ValueError(f"sweep.{refused[0]} is no parameter of {self.kind}; it sweeps {', '.join(accepted)}")
+        if self.ip_adapter is not None and self.attention == "eager":
+            raise ValueError("ip_adapter brings diffusers' IP-Adapter attention processors; use attention 'sdpa'")
         check_speed_settings(self)
         return self
 
     def model_references(self) -> list[ModelReference]:
         """The checkpoint and LoRA adapters this operator loads, for vetting before the job runs."""
         references = [
-            ModelReference("model", self.model, self.revision, self.variant, "pipeline", None, self.safety_checker)
+            ModelReference(
+                "model",
+                self.model,
+                self.revision,
+                self.variant,
+                "pipeline",
+                None,
+                self.safety_checker,
+                negative_prompt=bool(self.negative_prompt or (self.sweep and self.sweep.negative_prompt)),
+            )
         ]
         references += [
             ModelReference(f"loras[{index}]", lora.model, lora.revision, None, "lora", lora.weight_name)
             for index, lora in enumerate(self.loras)
         ]
-        return references
+        return references + (self.ip_adapter.model_references() if self.ip_adapter else [])
 
     def output_libraries(self) -> tuple[str, ...]:
         """Libraries whose versions can change the generated bytes (peft applies LoRA adapters)."""
@@ -218,9 +253,11 @@ class DiffusionConfig(SpeedSettings, OperatorConfig):
         """Columns the prompt templates and `prompt_column` refer to."""
         templates = [self.prompt, self.negative_prompt, *(self.sweep.prompt or [] if self.sweep else [])]
         templates += self.sweep.negative_prompt or [] if self.sweep else []
-        return {
-            name for template in templates if template for _, name, _, _ in string.Formatter().parse(template) if name
-        } | ({self.prompt_column} if self.prompt_column else set())
+        return (
+            {name for template in templates if template for _, name, _, _ in string.Formatter().parse(template) if name}
+            | ({self.prompt_column} if self.prompt_column else set())
+            | (self.ip_adapter.input_columns() if self.ip_adapter else set())
+        )
 
 
 def resolve_dtype(dtype: str, device: str) -> str:
@@ -486,6 +523,8 @@ GENERATION_FIELDS = [
     ("model", pa.string()),
     ("model_revision", pa.string()),
     ("model_variant", pa.string()),
+    # The diffusers pipeline class that ran (AutoPipeline picks it from the checkpoint).
+    ("pipeline", pa.string()),
     # Whether the checkpoint's safety checker ran, and whether it flagged (and blacked out) this image.
     ("safety_checker", pa.bool_()),
     ("nsfw_content_detected", pa.bool_()),
@@ -496,6 +535,7 @@ GENERATION_FIELDS = [
     ("guidance_scale", pa.float64()),
     ("scheduler", pa.string()),
     ("loras", pa.string()),
+    *IP_ADAPTER_FIELDS,
     ("dtype", pa.string()),
     ("device", pa.string()),
     # Most rows per model call: batched kernels round differently per batch size.
@@ -510,15 +550,16 @@ PROMPT_CACHE_SIZE = 256
 
 def prompt_embedding_arguments(pipeline) -> tuple[str, ...] | None:
     """The pipeline arguments its `encode_prompt`'s results go to, in that order (SD 1.x/2.x: prompt
-    and negative embeddings; SDXL: also the pooled ones); None for a text encoding restyle does not
-    know, whose pipeline then gets the prompt strings."""
+    and negative embeddings; SDXL and SD3: also the pooled ones); None for a text encoding restyle
+    does not know, whose pipeline then gets the prompt strings (Flux, whose `encode_prompt` makes no
+    negative embeddings)."""
     import inspect
 
     encode = getattr(pipeline, "encode_prompt", None)
     if encode is None:
         return None
     parameters = inspect.signature(encode).parameters
-    if "pooled_prompt_embeds" in parameters and "prompt_2" in parameters:  # SDXL
+    if {"pooled_prompt_embeds", "prompt_2", "do_classifier_free_guidance"} <= set(parameters):  # SDXL, SD3
         return ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
     if list(parameters)[:4] == ["prompt", "device", "num_images_per_prompt", "do_classifier_free_guidance"]:
         return ("prompt_embeds", "negative_prompt_embeds")
@@ -540,13 +581,15 @@ class DiffusersOperator(Operator):
 
     def setup(self) -> None:
         from operators.acceleration import CompileClock
-        from operators.models import resolve_model
+        from operators.models import check_pipeline_options, resolve_model
 
         self.start_torch()
         config = self.config
         self.model = resolve_model(
             config.model, config.revision, self.offline, self.model_storage_options, variant=config.variant
         )
+        # What vetting checks of a local checkpoint before the job, checked of s3:// and Hub ones here.
+        check_pipeline_options(self.model.path, config.model_references()[0])
         self.pipeline, self.speed = load_pipeline(
             self.pipeline_class,
             self.model.path,
@@ -559,7 +602,9 @@ class DiffusersOperator(Operator):
         )
         set_scheduler(self.pipeline, config.scheduler)
         self.loras = load_loras(self.pipeline, config.loras, self.offline, self.model_storage_options)
+        self.ip_adapter = load_ip_adapter(self)
         self.scheduler_name = type(self.pipeline.scheduler).__name__
+        self.pipeline_name = type(self.pipeline).__name__
         self.safety_checker = getattr(self.pipeline, "safety_checker", None) is not None
         self.clock = CompileClock(config.compile, self.device)
         self.prompt_cache: dict[tuple, tuple] = {}
@@ -567,6 +612,10 @@ class DiffusersOperator(Operator):
     def components(self) -> dict:
         """Pipeline components loaded before the pipeline (ControlNets, adapters); none by default."""
         return {}
+
+    def prepare_extras(self, row: dict) -> dict:
+        """A per-row IP-Adapter reference, decoded on the prepare step."""
+        return prepare_reference(self.config.ip_adapter, row, self.max_image_pixels)
 
     def call_model(self, group: list, run) -> list | None:
         """`run(subgroup)` returns one output per item of `subgroup`; it runs on the whole group, in halves
@@ -608,7 +657,10 @@ class DiffusersOperator(Operator):
 
     def encode_prompt(self, prompt: str, negative_prompt: str | None) -> tuple:
         """One prompt's embeddings (batch of one), from a small per-actor cache. Always with the
-        negative embeddings: a pipeline that does not guide ignores them."""
+        negative embeddings: a pipeline that does not guide ignores them. The other text encoders'
+        prompts (SDXL's `prompt_2`, SD3's `prompt_2` and `prompt_3`) are None: the same prompt."""
+        import inspect
+
         import torch
 
         key = (prompt, negative_prompt)
@@ -616,10 +668,13 @@ class DiffusersOperator(Operator):
         if key not in cache:
             if len(cache) >= PROMPT_CACHE_SIZE:
                 cache.pop(next(iter(cache)))
+            parameters = inspect.signature(self.pipeline.encode_prompt).parameters
+            others = {name: None for name in ("prompt_2", "prompt_3") if name in parameters}
             with torch.no_grad():
                 cache[key] = tuple(
                     self.pipeline.encode_prompt(
                         prompt=prompt,
+                        **others,
                         device=self.pipeline._execution_device,
                         num_images_per_prompt=1,
                         do_classifier_free_guidance=True,
@@ -636,6 +691,7 @@ class DiffusersOperator(Operator):
                 self.input_image(item).shape,
                 *(item.parameters[name] for name in self.call_parameters),
                 item.parameters["negative_prompt"],
+                self.ip_adapter.key(item) if self.ip_adapter else None,
             ),
             size=self.model_batch_size(),
         )
@@ -665,6 +721,7 @@ class DiffusersOperator(Operator):
                 "generator": generators([item.seed for item in members], self.device),
                 "output_type": "pil",
                 **self.call_inputs(members),
+                **(self.ip_adapter.call_arguments(members) if self.ip_adapter else {}),
             }
             result = self.pipeline(**arguments)
             flags = getattr(result, "nsfw_content_detected", None) if self.safety_checker else None
@@ -700,6 +757,7 @@ class DiffusersOperator(Operator):
             "Model": self.config.model,
             "Denoising strength": parameters.get("strength"),
             "Lora hashes": a1111_lora_hashes(self.loras),
+            **(self.ip_adapter.infotext_fields(item) if self.ip_adapter else {}),
         }
 
     def record(self, item) -> dict:
@@ -711,6 +769,7 @@ class DiffusersOperator(Operator):
             "model": config.model,
             "model_revision": self.model.revision,
             "model_variant": config.variant,
+            "pipeline": self.pipeline_name,
             "safety_checker": self.safety_checker,
             "nsfw_content_detected": item.record.get("nsfw_content_detected"),
             "prompt": parameters.get("prompt"),
@@ -718,6 +777,7 @@ class DiffusersOperator(Operator):
             **{name: parameters.get(name, value) for name, value in defaults.items()},
             "scheduler": self.scheduler_name,
             "loras": lora_record(self.loras),
+            **ip_adapter_record(self.ip_adapter, item),
             "dtype": config.resolved_dtype(),
             "device": self.device,
             "model_batch_size": self.model_batch_size(),

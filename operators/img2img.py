@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import logging
 from typing import Literal
 
@@ -24,6 +26,11 @@ class Img2ImgConfig(DiffusionConfig):
 
     def call_defaults(self) -> dict:
         return {**super().call_defaults(), "strength": self.strength}
+
+    def model_references(self) -> list:
+        """The checkpoint, vetted also for the size multiple (SD3 and Flux need 16), and LoRAs."""
+        model, *others = super().model_references()
+        return [dataclasses.replace(model, multiple_of=self.size.multiple_of), *others]
 
     @model_validator(mode="after")
     def _denoises_at_least_one_step(self) -> Img2ImgConfig:
@@ -56,3 +63,11 @@ class Img2Img(DiffusersOperator):
 
     def prepare(self, image, row: dict) -> np.ndarray:
         return np.asarray(decode_rgb(self, image, self.config.size))
+
+    def call_inputs(self, members: list) -> dict:
+        inputs = super().call_inputs(members)
+        # SD3's and Flux's pipelines make 1024x1024 images unless given a size; SD's take the input's.
+        if "height" in inspect.signature(self.pipeline).parameters:
+            height, width = self.input_image(members[0]).shape[:2]
+            inputs.update(height=height, width=width)
+        return inputs

@@ -14,6 +14,7 @@ import pyarrow as pa
 from PIL import Image, ImageFilter
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from operators.annotators import ADE20K_CLASSES, AnnotatorConfig
 from operators.base import Item
 from operators.diffusion import GENERATION_FIELDS
 from operators.images import decode_image, eight_bit_rgb, fit_size, to_rgb
@@ -66,6 +67,29 @@ class ColorKey(BaseModel):
         return self
 
 
+class SegmentationMask(BaseModel):
+    """Repaint the pixels a segmentation model (`operators.annotators`) assigns to the named classes."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    annotator: AnnotatorConfig = Field(description="An ADE20K segmentation model (SegFormer, UperNet).")
+    classes: list[str] = Field(min_length=1, description="ADE20K class names to repaint, e.g. ['sky', 'person'].")
+
+    @model_validator(mode="after")
+    def _known_classes(self) -> SegmentationMask:
+        unknown = [name for name in self.classes if name not in ADE20K_CLASSES]
+        if unknown:
+            raise ValueError(
+                f"segmentation.classes {unknown} are no ADE20K classes; accepted: the 150 ADE20K names, such as "
+                f"{', '.join(ADE20K_CLASSES[:8])}, ... (operators.annotators.ADE20K_CLASSES)"
+            )
+        return self
+
+    def class_ids(self) -> list[int]:
+        """The classes' ADE20K ids."""
+        return [ADE20K_CLASSES.index(name) for name in self.classes]
+
+
 class MaskConfig(BaseModel):
     """Where each row's mask comes from (exactly one of `column`, `rectangle`, `color_key`, `alpha`)
     and how it is shaped. White (or the selected pixels) is repainted."""
@@ -76,6 +100,9 @@ class MaskConfig(BaseModel):
     rectangle: Rectangle | None = Field(None, description="The same rectangle in every row.")
     color_key: ColorKey | None = Field(None, description="The pixels of one colour.")
     alpha: bool = Field(False, description="The transparent pixels of an RGBA (or LA, or P) input.")
+    segmentation: SegmentationMask | None = Field(
+        None, description="The pixels of these ADE20K classes, segmented on the model's actor."
+    )
     alpha_threshold: int = Field(128, ge=1, le=255, description="Alpha below this counts as transparent.", strict=True)
     invert: bool = Field(False, description="Repaint what the mask leaves instead (A1111's 'Inpaint not masked').")
     dilation: int = Field(0, ge=0, le=256, description="Grow the mask by this many pixels first.", strict=True)
@@ -85,9 +112,11 @@ class MaskConfig(BaseModel):
     def _one_source(self) -> MaskConfig:
         given = [name for name in ("column", "rectangle", "color_key") if getattr(self, name) is not None]
         given += ["alpha"] if self.alpha else []
+        given += ["segmentation"] if self.segmentation is not None else []
         if len(given) != 1:
             raise ValueError(
-                f"give exactly one mask source of column, rectangle, color_key, alpha; got {given or 'none'}"
+                "give exactly one mask source of column, rectangle, color_key, alpha, segmentation; got "
+                f"{given or 'none'}"
             )
         return self
 
@@ -101,6 +130,8 @@ class MaskConfig(BaseModel):
         elif self.color_key is not None:
             red, green, blue = self.color_key.color
             source = f"color:#{red:02x}{green:02x}{blue:02x}~{self.color_key.tolerance}"
+        elif self.segmentation is not None:
+            source = f"segmentation:{'+'.join(self.segmentation.classes)}({self.segmentation.annotator.model})"
         else:
             source = f"alpha<{self.alpha_threshold}"
         return f"{source}{' inverted' if self.invert else ''}"
@@ -130,6 +161,11 @@ class InpaintConfig(MaskedConfig):
 
     def input_columns(self) -> set[str]:
         return super().input_columns() | ({self.mask.column} if self.mask.column else set())
+
+    def model_references(self) -> list:
+        segmentation = self.mask.segmentation
+        extra = [segmentation.annotator.reference("mask.segmentation.annotator.model")] if segmentation else []
+        return super().model_references() + extra
 
 
 def rule_mask(config: MaskConfig, image: Image.Image) -> np.ndarray:
@@ -225,6 +261,8 @@ class Inpaint(Img2Img):
             source = eight_bit_rgb(data, self.max_image_pixels)
             return np.asarray(source), rule_mask(mask_config, image), None
         source = eight_bit_rgb(data, self.max_image_pixels)
+        if mask_config.segmentation is not None:
+            return np.asarray(source), None, None  # segmented on the model's actor (`segment`)
         if mask_config.column is not None:
             mask, note = column_mask(mask_config, row.get(mask_config.column), source.size, self.max_image_pixels)
             return np.asarray(source), mask, note
@@ -234,8 +272,29 @@ class Inpaint(Img2Img):
         """The mask shaping of this operator (None: the mask is used as `masked_input` makes it)."""
         return self.config.mask
 
+    def components(self) -> dict:
+        """The segmentation model of a `mask.segmentation` source, loaded once per actor."""
+        from operators.annotators import load_annotator
+
+        shaping = self.mask_config()
+        segmentation = shaping.segmentation if shaping is not None else None
+        self.segmenter = (
+            load_annotator(
+                "segmentation", segmentation.annotator, self.offline, self.model_storage_options, self.device
+            )
+            if segmentation is not None
+            else None
+        )
+        return super().components()
+
     def prepare(self, data, row: dict) -> dict:
         source, mask, note = self.masked_input(data, row)
+        if mask is None:  # a segmentation mask, made on the model's actor (`segment`)
+            height, width = source.shape[:2]
+            size = fit_size(width, height, self.config.size.max_side, self.config.size.multiple_of)
+            image = Image.fromarray(source)
+            image = image if size == (width, height) else image.resize(size, resample=Image.BICUBIC)
+            return {"image": np.asarray(image), "source": source, "note": note}
         shaping = self.mask_config()
         selected = int(np.count_nonzero(mask))
         if shaping is not None:
@@ -254,7 +313,41 @@ class Inpaint(Img2Img):
             "note": note,
         }
 
+    def segment(self, items: list[Item]) -> None:
+        """The masks of a `mask.segmentation` source, once per input row (its variants share them): the
+        named classes' pixels at the source's size, counted, shaped and sized for the model as `prepare`
+        does for the other sources. A segmentation that fails makes that row's error."""
+        if self.segmenter is None:
+            return
+        shaping = self.config.mask
+        rows: dict[int, list[Item]] = {}
+        for item in items:
+            rows.setdefault(item.source_index, []).append(item)
+        for members in rows.values():
+            inputs = members[0].input
+            try:
+                classes = self.segmenter.classes(Image.fromarray(inputs["source"]))
+            except Exception as error:  # one image's failure must not sink the batch
+                message = (
+                    f"mask segmentation: annotator {shaping.segmentation.annotator.model} failed on this row: "
+                    f"{type(error).__name__}: {error}"
+                )
+                logger.warning("%s (row %s)", message, members[0].row_id)
+                for item in members:
+                    item.error = message
+                continue
+            mask = np.where(np.isin(classes, shaping.segmentation.class_ids()), 255, 0).astype(np.uint8)
+            inputs["selected"] = str(int(np.count_nonzero(mask)))
+            inputs["mask"] = mask = shape_mask(mask, shaping)
+            height, width = inputs["image"].shape[:2]
+            model_mask = Image.fromarray(mask)
+            if model_mask.size != (width, height):
+                model_mask = model_mask.resize((width, height), Image.BILINEAR)
+            inputs["model_mask"] = np.asarray(model_mask)
+
     def process(self, items: list[Item]) -> None:
+        self.segment(items)
+        items = [item for item in items if item.error is None]
         super().process([item for item in items if item.input["selected"] != "0"])
         for item in items:
             item.record["mask_pixels"] = int(item.input["selected"])
@@ -295,7 +388,10 @@ class Inpaint(Img2Img):
         }
 
     def mask_description(self) -> str:
-        return self.config.mask.describe()
+        description = self.config.mask.describe()
+        if self.segmenter is not None:  # name the segmentation model's revision too
+            return description.replace(f"({self.segmenter.config.model})", f"({self.segmenter.label})")
+        return description
 
     def record(self, item: Item) -> dict:
         record = super().record(item)

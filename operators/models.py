@@ -53,15 +53,21 @@ class ResolvedModel:
 class ModelReference:
     """A checkpoint an operator config names: which field, where it lives, and how it is loaded
     ('pipeline': a diffusers pipeline directory, 'model': a single model such as a ControlNet,
-    'lora': a LoRA adapter file)."""
+    'lora': a LoRA adapter file, 'ip_adapter': an IP-Adapter's weights at `weight_name` inside the
+    directory, with its image encoder beside them when `image_encoder_beside`). `negative_prompt` and
+    `multiple_of` say what the config asks of a pipeline: a negative prompt, and image sides rounded to
+    a multiple of this."""
 
     field: str
     uri: str
     revision: str | None = None
     variant: str | None = None
-    kind: Literal["pipeline", "model", "lora"] = "pipeline"
+    kind: Literal["pipeline", "model", "lora", "ip_adapter"] = "pipeline"
     weight_name: str | None = None
     safety_checker: bool | None = None
+    negative_prompt: bool = False
+    multiple_of: int | None = None
+    image_encoder_beside: bool = False
 
 
 def vet_models(operators: list, offline: bool = True) -> list[str]:
@@ -100,6 +106,11 @@ def vet_reference(reference: ModelReference, offline: bool = True) -> None:
         lora = LoraAdapter(model=uri, weight_name=reference.weight_name, revision=reference.revision)
         resolve_lora(lora, offline, {})
         return
+    if reference.kind == "ip_adapter":
+        from operators.ip_adapter import vet_ip_adapter
+
+        vet_ip_adapter(reference, offline)
+        return
     pipeline = reference.kind == "pipeline"
     if is_hub_id(uri):
         path = resolve_model(uri, reference.revision, offline, pipeline=pipeline, variant=reference.variant).path
@@ -108,6 +119,41 @@ def vet_reference(reference: ModelReference, offline: bool = True) -> None:
         check_files(path, pipeline, reference.variant)
     if pipeline:
         ships_safety_checker(path, reference.safety_checker)
+        check_pipeline_options(path, reference)
+
+
+# Pipeline families (`_class_name` prefixes in model_index.json) whose transformer denoises 2x2
+# patches of latents (SD3's patch_size, Flux's packing): image sides are multiples of twice the VAE's
+# scale factor (16 for their 8x VAEs).
+PATCHED_LATENT_FAMILIES = ("StableDiffusion3", "Flux")
+# Families that use a negative prompt only under true classifier-free guidance (`true_cfg_scale` > 1,
+# default 1), which restyle does not run: FLUX.1 [dev] is guidance-distilled, FLUX.1 [schnell] unguided.
+NO_NEGATIVE_PROMPT_FAMILIES = ("Flux",)
+
+
+def check_pipeline_options(path: Path, reference: ModelReference) -> None:
+    """Refuse what a vetted pipeline checkpoint cannot do as the config asks: a negative prompt for a
+    family that ignores it, or image sides rounded to a multiple its latents cannot take."""
+    if reference.kind != "pipeline" or not (reference.negative_prompt or reference.multiple_of):
+        return
+    index = read_json(path / "model_index.json")
+    class_name = str(index.get("_class_name")) if isinstance(index, dict) else ""
+    if reference.negative_prompt and class_name.startswith(NO_NEGATIVE_PROMPT_FAMILIES):
+        raise ModelError(
+            f"negative_prompt is set, but {reference.uri} is a {class_name}, which uses no negative prompt "
+            "(only under true classifier-free guidance, which restyle does not run); remove negative_prompt "
+            "and sweep.negative_prompt"
+        )
+    if reference.multiple_of and class_name.startswith(PATCHED_LATENT_FAMILIES):
+        vae = path / "vae" / "config.json"
+        config = read_json(vae) if vae.is_file() else {}
+        blocks = config.get("block_out_channels") if isinstance(config, dict) else None
+        needed = 2 * 2 ** (len(blocks) - 1) if isinstance(blocks, list) and blocks else 16
+        if reference.multiple_of % needed:
+            raise ModelError(
+                f"size.multiple_of is {reference.multiple_of}, but {reference.uri} is a {class_name}, whose "
+                f"image sides must be multiples of {needed}; set size.multiple_of to {needed}"
+            )
 
 
 def ships_safety_checker(path: Path, wanted: bool | None = None) -> bool:

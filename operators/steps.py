@@ -38,10 +38,18 @@ def task_step(operator_class: type):
     that asks for no batch size, and a CPU operator's output does not depend on its batches."""
 
     def steps(block: pa.Table, arguments: dict, batch_size: int) -> Iterator[pa.Table]:
+        from ray.data.exceptions import UserCodeException
+
         operator = _per_process(operator_class, arguments)
         for offset in range(0, block.num_rows, batch_size):
             batch = block.slice(offset, batch_size)
-            yield operator.model_batch(operator.prepare_batch(batch))
+            try:
+                output = operator.model_batch(operator.prepare_batch(batch))
+            except Exception as error:
+                # As Ray Data wraps what a plain function raises (it does not wrap what a generator
+                # raises), so that a failed job ends with the cause in one line, not Ray's traceback.
+                raise UserCodeException("UDF failed to process a data block.") from error
+            yield output
 
     steps.__name__ = steps.__qualname__ = f"{operator_class.__name__}Steps"
     return steps

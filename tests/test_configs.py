@@ -52,6 +52,7 @@ def test_there_is_an_example_per_use():
     names = {path.stem for path in CONFIGS}
     assert {"img2img_augment", "controlnet_canny", "upscale_x4", "standardize", "chain", "demo"} <= names
     assert {"inpaint_mask_column", "outpaint"} <= names
+    assert {"controlnet_depth", "controlnet_segmentation"} <= names
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[path.stem for path in CONFIGS])
@@ -125,7 +126,37 @@ def check_chain(rows):
         assert (row["upscale"]["input_width"], row["width"], row["height"]) == (64, 256, 256)
 
 
+def check_controlnet_depth(rows):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    for row in rows:
+        depth = np.asarray(Image.open(io.BytesIO(row["depth_map"])))
+        assert depth.shape == (row["height"], row["width"], 3) and (depth.min(), depth.max()) == (0, 255)
+        assert row["depth_pass"]["annotators"].startswith("0=") and row["refine_pass"]["annotators"] is None
+        assert row["refine_pass"]["controlnets"].endswith("[column:depth_map]x0.8")
+
+
+def check_controlnet_segmentation(rows):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from operators.annotators import ADE20K_PALETTE
+
+    palette = {tuple(colour) for colour in ADE20K_PALETTE.tolist()}
+    for row in rows:
+        painted = np.asarray(Image.open(io.BytesIO(row["segmentation_map"])))
+        assert {tuple(colour) for colour in painted.reshape(-1, 3).tolist()} <= palette
+        assert "seg-segformer@sha256:" in row["controlnet_img2img"]["annotators"]
+
+
 CHECKS = {
+    "controlnet_depth": check_controlnet_depth,
+    "controlnet_segmentation": check_controlnet_segmentation,
     "img2img_augment": check_augment,
     "controlnet_canny": check_controlnet,
     "upscale_x4": check_upscale,

@@ -232,3 +232,28 @@ def test_a_task_stage_runs_its_operator_on_batches_of_its_batch_size():
     pieces = [finish_batch(output, job.operators[0].stage_name) for output in outputs]
     assert [row["image"] for piece in pieces for row in piece.to_pylist()] == whole.column("image").to_pylist()
     assert list(task_step(operator_class)(block.slice(0, 0), operator_arguments(job, 0), batch_size=3)) == []
+
+
+def test_a_stage_may_read_a_column_an_earlier_stage_writes_but_not_one_nobody_has():
+    from jobs.pipeline import check_input_columns
+
+    controlnet = {"kind": "controlnet_img2img", "model": "m", "prompt": "p"}
+    job = validate_config(
+        {
+            "source": {"uri": "in"},
+            "operators": [
+                {
+                    **controlnet,
+                    "name": "a",
+                    "controlnets": [{"model": "c", "preprocessor": "canny", "save_as": "e"}],
+                },
+                {**controlnet, "name": "b", "controlnets": [{"model": "c", "column": "e"}]},
+            ],
+            "sink": {"uri": "out"},
+        }
+    )
+    info = SourceInfo(fragments=[Fragment("rows.parquet#0", 1)], passthrough_columns=["caption"])
+    check_input_columns(job, info)
+    reversed_job = job.model_copy(update={"operators": job.operators[::-1]})
+    with pytest.raises(PlanError, match=r"operators\[0\] reads columns \['e'\] that neither the source nor an"):
+        check_input_columns(reversed_job, info)

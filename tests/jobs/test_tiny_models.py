@@ -10,17 +10,27 @@ import pytest
 import torch
 from PIL import Image
 
-from jobs.tiny_models import LORA_WEIGHT_NAME, REAL_LAYOUT_NAMES, TINY_MODEL_NAMES, make_tiny_models
+from jobs.tiny_models import (
+    IP_ADAPTER_WEIGHT_NAME,
+    LORA_WEIGHT_NAME,
+    REAL_LAYOUT_NAMES,
+    TINY_MODEL_NAMES,
+    make_tiny_models,
+)
 
 # Every saved component of each pipeline; optional ones (safety checker,
 # watermarker, IP-adapter image encoder) are saved as null.
 PIPELINE_COMPONENTS = {
     "sd-img2img": {"vae", "text_encoder", "tokenizer", "unet", "scheduler"},
     "sd-inpainting": {"vae", "text_encoder", "tokenizer", "unet", "scheduler"},
+    "sd-instruct-pix2pix": {"vae", "text_encoder", "tokenizer", "unet", "scheduler"},
     "sd-x4-upscaler": {"vae", "text_encoder", "tokenizer", "unet", "scheduler", "low_res_scheduler"},
     "sd-latent-x2-upscaler": {"vae", "text_encoder", "tokenizer", "unet", "scheduler"},
     "ldm-super-resolution": {"vqvae", "unet", "scheduler"},
     "sdxl-img2img": {"vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet", "scheduler"},
+    "sd3-img2img": {"vae", "scheduler", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3"}
+    | {"tokenizer", "tokenizer_2", "tokenizer_3"},
+    "flux-img2img": {"vae", "scheduler", "transformer", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"},
 }
 PIPELINE_NAMES = tuple(PIPELINE_COMPONENTS)
 # (model, tokenizer folder, the text encoder folder it feeds)
@@ -187,6 +197,8 @@ def test_weights_are_safetensors_only(models, name):
         marker = "model_index.json"
     elif name == "lora-sd":
         marker = LORA_WEIGHT_NAME
+    elif name == "ip-adapter-sd":
+        marker = IP_ADAPTER_WEIGHT_NAME
     else:
         marker = "config.json"
     assert (path / marker).is_file()

@@ -59,7 +59,7 @@ def operator(sd_model) -> Inpaint:
 @pytest.mark.parametrize(
     ("mask", "message"),
     [
-        ({}, "give exactly one mask source of column, rectangle, color_key, alpha; got none"),
+        ({}, "give exactly one mask source of column, rectangle, color_key, alpha, segmentation; got none"),
         ({"column": "m", "alpha": True}, r"got \['column', 'alpha'\]"),
         (
             {"rectangle": {"left": 0.5, "top": 0, "width": 0.6, "height": 1, "units": "fraction"}},
