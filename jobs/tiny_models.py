@@ -49,6 +49,7 @@ TINY_MODEL_NAMES = (
     "t2i-adapter-canny",
     "depth-dpt",
     "seg-segformer",
+    "pose-vitpose",
     "sd3-img2img",
     "flux-img2img",
 )
@@ -1137,6 +1138,32 @@ def _build_seg_segformer(path: pathlib.Path, seed: int) -> None:
     SegformerImageProcessor(size={"height": 32, "width": 32}, do_reduce_labels=True).save_pretrained(path)
 
 
+def _build_pose_vitpose(path: pathlib.Path, seed: int) -> None:
+    """A pose annotator in transformers' layout: a two-layer ViTPose (ViT backbone, simple decoder) with
+    COCO's 17 keypoints (named as usyd-community/vitpose-base-simple names them) and its image processor,
+    at 32x24 so a call takes milliseconds."""
+    from transformers import VitPoseBackboneConfig, VitPoseConfig, VitPoseForPoseEstimation, VitPoseImageProcessor
+
+    from operators.annotators import COCO_KEYPOINTS
+
+    backbone = VitPoseBackboneConfig(
+        image_size=[32, 24],
+        patch_size=[8, 8],
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        mlp_ratio=2,
+        out_indices=[2],
+    )
+    config = VitPoseConfig(
+        backbone_config=backbone,
+        id2label=dict(enumerate(COCO_KEYPOINTS)),
+        label2id={name: index for index, name in enumerate(COCO_KEYPOINTS)},
+    )
+    _seeded(seed, lambda: VitPoseForPoseEstimation(config).eval()).save_pretrained(path, safe_serialization=True)
+    VitPoseImageProcessor(size={"height": 32, "width": 24}).save_pretrained(path)
+
+
 _BUILDERS: dict[str, Callable[[pathlib.Path, int], None]] = {
     "sd-img2img": _build_sd_img2img,
     "sd-inpainting": _build_sd_inpainting,
@@ -1152,6 +1179,7 @@ _BUILDERS: dict[str, Callable[[pathlib.Path, int], None]] = {
     "t2i-adapter-canny": _build_t2i_adapter_canny,
     "depth-dpt": _build_depth_dpt,
     "seg-segformer": _build_seg_segformer,
+    "pose-vitpose": _build_pose_vitpose,
     "sd15-safety-checker": _build_sd15_safety_checker,
     "sd-fp16-variant": _build_sd_fp16_variant,
     "sd-bin-beside-safetensors": _build_sd_bin_beside_safetensors,

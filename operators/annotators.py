@@ -1,15 +1,17 @@
-"""Control images computed from the image by a model: depth and semantic segmentation, each a
+"""Control images computed from the image by a model: depth, semantic segmentation and pose, each a
 `transformers` model loaded once per actor (from a local directory, an s3:// prefix or a Hub id with a
 pinned revision, safetensors only, vetted as ControlNets are) and applied to one RGB image at a time.
 
 The maps are what the matching ControlNets were trained on: depth as inverse depth (near is white)
 scaled to 0-255 in three equal channels, as ControlNet's MiDaS annotator writes it; segmentation as
-each pixel's ADE20K class painted in the ADE20K palette, as its UniFormer/OneFormer annotators write it.
+each pixel's ADE20K class painted in the ADE20K palette, as its UniFormer/OneFormer annotators write it;
+pose as OpenPose's 18-point body skeleton on black, as its OpenPose annotator draws it.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from typing import ClassVar
 
 import numpy as np
@@ -74,6 +76,35 @@ ADE20K_PALETTE = np.array(
     dtype=np.uint8,
 )  # fmt: skip
 
+# COCO's 17 keypoints, in the order ViTPose (and every COCO keypoint model) predicts them.
+COCO_KEYPOINTS = (
+    "nose", "left_eye", "right_eye", "left_ear", "right_ear", "left_shoulder", "right_shoulder", "left_elbow",
+    "right_elbow", "left_wrist", "right_wrist", "left_hip", "right_hip", "left_knee", "right_knee", "left_ankle",
+    "right_ankle",
+)  # fmt: skip
+# OpenPose's 18 body points (nose, neck, right shoulder, elbow, wrist, left shoulder, elbow, wrist, right hip,
+# knee, ankle, left hip, knee, ankle, right eye, left eye, right ear, left ear): the COCO keypoint each one
+# is, None for the neck, which COCO lacks (drawn at the midpoint of the shoulders).
+OPENPOSE_FROM_COCO = (0, None, 6, 8, 10, 5, 7, 9, 12, 14, 16, 11, 13, 15, 2, 1, 4, 3)
+# The limbs (pairs of OpenPose points, 0-based here, 1-based there) and the colours (RGB) of the points
+# and limbs: `limbSeq` and `colors` of `draw_bodypose` in ControlNet's OpenPose annotator
+# (lllyasviel/ControlNet-v1-1-nightly, annotator/openpose/util.py, and the same tables in
+# huggingface/controlnet_aux, src/controlnet_aux/open_pose/util.py, whose drawing order `draw_openpose`
+# follows). Only the first 17 limbs are drawn: the last two (shoulder to ear) are in the table, not the maps.
+OPENPOSE_LIMBS = (
+    (1, 2), (1, 5), (2, 3), (3, 4), (5, 6), (6, 7), (1, 8), (8, 9), (9, 10), (1, 11), (11, 12), (12, 13),
+    (1, 0), (0, 14), (14, 16), (0, 15), (15, 17), (2, 16), (5, 17),
+)  # fmt: skip
+OPENPOSE_COLOURS = (
+    (255, 0, 0), (255, 85, 0), (255, 170, 0), (255, 255, 0), (170, 255, 0), (85, 255, 0), (0, 255, 0),
+    (0, 255, 85), (0, 255, 170), (0, 255, 255), (0, 170, 255), (0, 85, 255), (0, 0, 255), (85, 0, 255),
+    (170, 0, 255), (255, 0, 255), (255, 0, 170), (255, 0, 85),
+)  # fmt: skip
+# Keypoints scored at or below this are not drawn (nor the limbs that end in them): the cut DWPose's
+# COCO-to-OpenPose conversion uses (huggingface/controlnet_aux, src/controlnet_aux/dwpose/wholebody.py,
+# where the neck, too, is the shoulders' midpoint, kept when both shoulders pass).
+POSE_SCORE_THRESHOLD = 0.3
+
 
 class AnnotatorConfig(BaseModel):
     """A `transformers` model that computes a control image from the row's image."""
@@ -85,7 +116,8 @@ class AnnotatorConfig(BaseModel):
         "preprocessor_config.json, as save_pretrained writes them): a local directory, an s3:// prefix, or a "
         "Hub id. Depth: a DPT or Depth-Anything model (relative inverse depth, as Intel/dpt-hybrid-midas and "
         "depth-anything/Depth-Anything-V2-Small-hf give); segmentation: an ADE20K SegFormer or UperNet model "
-        "(150 classes, as nvidia/segformer-b0-finetuned-ade-512-512 and openmmlab/upernet-convnext-small)."
+        "(150 classes, as nvidia/segformer-b0-finetuned-ade-512-512 and openmmlab/upernet-convnext-small); pose: a "
+        "ViTPose model on COCO's 17 keypoints (as usyd-community/vitpose-base-simple)."
     )
     revision: str | None = Field(None, description="Hub revision (required for Hub ids); recorded per row.")
 
@@ -200,6 +232,77 @@ class SegmentationAnnotator(Annotator):
         return ADE20K_PALETTE[self.class_ids(outputs, size)]
 
 
+class PoseAnnotator(Annotator):
+    """Pose (`VitPoseForPoseEstimation`: ViTPose, ViTPose+) on COCO's 17 keypoints, drawn as OpenPose's
+    18-point body (`draw_openpose`). ViTPose is top-down: it finds the keypoints of one person in a given
+    box, and without a person detector the box is the whole image, so each image gets one skeleton (the
+    most prominent person; a crowd is not separated)."""
+
+    auto_class = "VitPoseForPoseEstimation"
+    a1111_module = "openpose"
+
+    def check(self) -> None:
+        labels = self.model.config.num_labels
+        if labels != len(COCO_KEYPOINTS):
+            raise ModelError(
+                f"annotator {self.config.model} predicts {labels} keypoints; the pose annotator draws COCO's "
+                f"{len(COCO_KEYPOINTS)}: use a COCO ViTPose model"
+            )
+
+    def keypoints(self, image: Image.Image) -> tuple[np.ndarray, np.ndarray]:
+        """The person's 17 COCO keypoints in the image's pixels (17 x 2, x then y) and their scores."""
+        import torch
+
+        boxes = [[[0.0, 0.0, float(image.width), float(image.height)]]]  # COCO [x, y, width, height]
+        inputs = self.processor(images=image, boxes=boxes, return_tensors="pt").to(self.device)
+        if self.model.config.backbone_config.num_experts > 1:  # ViTPose+: expert 0 is the COCO head
+            inputs["dataset_index"] = torch.zeros(1, dtype=torch.long, device=self.device)
+        with torch.no_grad():
+            outputs = self.model(**inputs)
+        person = self.processor.post_process_pose_estimation(outputs, boxes=boxes)[0][0]
+        return person["keypoints"].float().cpu().numpy(), person["scores"].float().cpu().numpy()
+
+    def __call__(self, image: Image.Image) -> np.ndarray:
+        keypoints, scores = self.keypoints(image)
+        return draw_openpose(keypoints, scores, (image.height, image.width))
+
+
+def draw_openpose(
+    keypoints: np.ndarray, scores: np.ndarray, size: tuple[int, int], threshold: float = POSE_SCORE_THRESHOLD
+) -> np.ndarray:
+    """COCO keypoints (17 x 2 pixel coordinates and their scores) drawn as ControlNet's OpenPose annotator
+    draws a body (`draw_bodypose`), on a black canvas of `size` (height, width): the 17 limbs as filled
+    ellipses 4 pixels thick in their colours at 60%, then each point as a disc of radius 4 in its full
+    colour. The neck is the midpoint of the shoulders, drawn when both are; points scored at or below
+    `threshold` (or not finite) are left out with their limbs."""
+    import cv2
+
+    visible = (np.asarray(scores) > threshold) & np.isfinite(keypoints).all(axis=1)
+    points: list[tuple[float, float] | None] = []
+    for coco in OPENPOSE_FROM_COCO:
+        if coco is None:
+            left, right = COCO_KEYPOINTS.index("left_shoulder"), COCO_KEYPOINTS.index("right_shoulder")
+            both = visible[left] and visible[right]
+            points.append(tuple((keypoints[left] + keypoints[right]) / 2) if both else None)
+        else:
+            points.append(tuple(keypoints[coco]) if visible[coco] else None)
+    canvas = np.zeros((*size, 3), np.uint8)
+    for (start, end), colour in zip(OPENPOSE_LIMBS[:17], OPENPOSE_COLOURS, strict=False):
+        if points[start] is None or points[end] is None:
+            continue
+        (x1, y1), (x2, y2) = points[start], points[end]
+        length = ((x1 - x2) ** 2 + (y1 - y2) ** 2) ** 0.5
+        angle = math.degrees(math.atan2(y1 - y2, x1 - x2))
+        centre = (int((x1 + x2) / 2), int((y1 + y2) / 2))
+        polygon = cv2.ellipse2Poly(centre, (int(length / 2), 4), int(angle), 0, 360, 1)
+        cv2.fillConvexPoly(canvas, polygon, colour)
+    canvas = (canvas * 0.6).astype(np.uint8)
+    for point, colour in zip(points, OPENPOSE_COLOURS, strict=True):
+        if point is not None:
+            cv2.circle(canvas, (int(point[0]), int(point[1])), 4, colour, thickness=-1)
+    return canvas
+
+
 def depth_to_rgb(depth: np.ndarray) -> np.ndarray:
     """A depth map scaled to 0-255 (its minimum black, its maximum white; a flat map is black) and
     repeated in three channels."""
@@ -210,9 +313,13 @@ def depth_to_rgb(depth: np.ndarray) -> np.ndarray:
     return np.repeat(gray[:, :, None], 3, axis=2)
 
 
-ANNOTATORS: dict[str, type[Annotator]] = {"depth": DepthAnnotator, "segmentation": SegmentationAnnotator}
+ANNOTATORS: dict[str, type[Annotator]] = {
+    "depth": DepthAnnotator,
+    "segmentation": SegmentationAnnotator,
+    "pose": PoseAnnotator,
+}
 
 
 def load_annotator(kind: str, config: AnnotatorConfig, offline: bool, storage_options: dict, device: str) -> Annotator:
-    """The annotator of `kind` ('depth' or 'segmentation'), loaded from `config`'s checkpoint."""
+    """The annotator of `kind` ('depth', 'segmentation' or 'pose'), loaded from `config`'s checkpoint."""
     return ANNOTATORS[kind](config, offline, storage_options, device)

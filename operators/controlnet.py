@@ -23,7 +23,7 @@ from operators.rows import RESERVED_COLUMNS, RowError
 logger = logging.getLogger(__name__)
 
 # Preprocessors that run a model (`operators.annotators`) on the model's actor, not in the prepare step.
-MODEL_PREPROCESSORS = ("depth", "segmentation")
+MODEL_PREPROCESSORS = ("depth", "segmentation", "pose")
 
 
 class ControlSource(BaseModel):
@@ -40,16 +40,17 @@ class ControlSource(BaseModel):
         "default: the plain weights.",
     )
     conditioning_scale: float = Field(1.0, ge=0, description="Weight of this ControlNet's residuals.")
-    preprocessor: Literal["canny", "grayscale", "sobel", "laplacian", "lineart", "depth", "segmentation"] | None = (
-        Field(
-            None,
-            description="Compute the control image from the row's image with this: canny, grayscale, sobel, "
-            "laplacian and lineart need no weights; depth and segmentation run the `annotator` model on the "
-            "model's actor.",
-        )
+    preprocessor: (
+        Literal["canny", "grayscale", "sobel", "laplacian", "lineart", "depth", "segmentation", "pose"] | None
+    ) = Field(
+        None,
+        description="Compute the control image from the row's image with this: canny, grayscale, sobel, "
+        "laplacian and lineart need no weights; depth, segmentation and pose (OpenPose skeletons) run the "
+        "`annotator` model on the model's actor.",
     )
     annotator: AnnotatorConfig | None = Field(
-        None, description="The model of the depth and segmentation preprocessors (required for those, only for those)."
+        None,
+        description="The model of the depth, segmentation and pose preprocessors (required for those, only for those).",
     )
     save_as: str | None = Field(
         None,
@@ -70,7 +71,7 @@ class ControlSource(BaseModel):
             raise ValueError(f"preprocessor {self.preprocessor} needs an annotator: {{model: DIRECTORY}}")
         if self.preprocessor not in MODEL_PREPROCESSORS and self.annotator is not None:
             raise ValueError(
-                f"annotator is only for the depth and segmentation preprocessors, got it with "
+                f"annotator is only for the depth, segmentation and pose preprocessors, got it with "
                 f"{f'preprocessor {self.preprocessor}' if self.preprocessor else f'column {self.column}'}"
             )
         if self.save_as is not None and self.column is not None:
@@ -191,7 +192,12 @@ def _to_uint8(values: np.ndarray) -> np.ndarray:
 
 
 # sd-webui-controlnet's preprocessor ("Module") names for the preprocessors whose names differ there.
-A1111_MODULES = {"lineart": "lineart_standard", "depth": "depth_midas", "segmentation": "seg_ofade20k"}
+A1111_MODULES = {
+    "lineart": "lineart_standard",
+    "depth": "depth_midas",
+    "segmentation": "seg_ofade20k",
+    "pose": "openpose",
+}
 
 
 def a1111_control_unit(
@@ -332,7 +338,7 @@ class ControlNetImg2Img(Img2Img):
         ("controlnet_revisions", pa.string()),
         ("control_guidance_start", pa.float64()),
         ("control_guidance_end", pa.float64()),
-        # The depth and segmentation annotators that made control images: 'N=model@revision' per ControlNet.
+        # The depth, segmentation and pose annotators that made control images: 'N=model@revision' per ControlNet.
         ("annotators", pa.string()),
     ]
 
@@ -346,7 +352,7 @@ class ControlNetImg2Img(Img2Img):
         return {"controlnet": controlnets[0] if len(controlnets) == 1 else controlnets}
 
     def process(self, items: list[Item]) -> None:
-        """Annotate (depth, segmentation) on this actor, then generate the rows annotation did not fail."""
+        """Annotate (depth, segmentation, pose) on this actor, then generate the rows annotation did not fail."""
         annotate(items, self.annotators)
         super().process([item for item in items if item.error is None])
 

@@ -99,7 +99,7 @@ class T2IAdapterText2Image(DiffusersOperator):
         ("adapters", pa.string()),
         ("adapter_revisions", pa.string()),
         ("adapter_conditioning_factor", pa.float64()),
-        # The depth and segmentation annotators that made condition images: 'N=model@revision' per adapter.
+        # The depth, segmentation and pose annotators that made condition images: 'N=model@revision' per adapter.
         ("annotators", pa.string()),
     ]
     call_parameters = ("num_inference_steps", "guidance_scale")
@@ -167,7 +167,7 @@ class T2IAdapterText2Image(DiffusersOperator):
         return control_inputs(self, data, row, self.config.adapters, self.config.size)
 
     def process(self, items: list[Item]) -> None:
-        """Annotate (depth, segmentation) on this actor, then generate the rows annotation did not fail."""
+        """Annotate (depth, segmentation, pose) on this actor, then generate the rows annotation did not fail."""
         annotate(items, self.annotators)
         super().process([item for item in items if item.error is None])
 

@@ -1,5 +1,6 @@
-"""Control images computed from the image: the depth and segmentation annotators on their tiny offline
-models, the weight-free line drawing, and the ControlNet operator that runs them, without Ray."""
+"""Control images computed from the image: the depth, segmentation and pose annotators on their tiny
+offline models, the OpenPose drawing, the weight-free line drawing, and the ControlNet operator that runs
+them, without Ray."""
 
 from __future__ import annotations
 
@@ -14,8 +15,11 @@ from pydantic import ValidationError
 from operators.annotators import (
     ADE20K_CLASSES,
     ADE20K_PALETTE,
+    COCO_KEYPOINTS,
+    OPENPOSE_COLOURS,
     AnnotatorConfig,
     depth_to_rgb,
+    draw_openpose,
     load_annotator,
 )
 from operators.controlnet import ControlNetImg2Img, ControlNetImg2ImgConfig, ControlSource, control_image
@@ -95,6 +99,94 @@ def test_ade20k_table_has_150_classes_and_colours():
     assert ADE20K_PALETTE[0].tolist() == [120, 120, 120] and ADE20K_PALETTE[149].tolist() == [92, 0, 255]
 
 
+def coco_pose(**points: tuple[float, float, float]) -> tuple[np.ndarray, np.ndarray]:
+    """17 COCO keypoints and scores: the named ones at (x, y, score), the rest at the origin, scored 0."""
+    keypoints, scores = np.zeros((len(COCO_KEYPOINTS), 2)), np.zeros(len(COCO_KEYPOINTS))
+    for name, (x, y, score) in points.items():
+        keypoints[COCO_KEYPOINTS.index(name)], scores[COCO_KEYPOINTS.index(name)] = (x, y), score
+    return keypoints, scores
+
+
+def limb(colour_index: int) -> tuple[int, ...]:
+    """A limb's colour: its table colour at 60%, as draw_bodypose dims the limbs."""
+    return tuple(int(channel * 0.6) for channel in OPENPOSE_COLOURS[colour_index])
+
+
+def test_openpose_drawing_uses_controlnets_limbs_and_colours_and_skips_unsure_points():
+    keypoints, scores = coco_pose(
+        nose=(30, 8, 0.9),
+        left_shoulder=(40, 20, 0.8),
+        right_shoulder=(20, 20, 0.8),
+        left_elbow=(50, 40, 0.9),
+        right_elbow=(10, 40, 0.1),  # below the threshold: neither it nor its limb is drawn
+    )
+    drawn = draw_openpose(keypoints, scores, (48, 64))
+    assert drawn.shape == (48, 64, 3) and drawn.dtype == np.uint8
+
+    def pixel(x: int, y: int) -> tuple[int, ...]:
+        return tuple(drawn[y, x].tolist())
+
+    # Points in their OpenPose colours: nose 0, neck 1 (the shoulders' midpoint), right shoulder 2,
+    # left shoulder 5, left elbow 6.
+    assert pixel(30, 8) == OPENPOSE_COLOURS[0] and pixel(30, 20) == OPENPOSE_COLOURS[1]
+    assert pixel(20, 20) == OPENPOSE_COLOURS[2] and pixel(40, 20) == OPENPOSE_COLOURS[5]
+    assert pixel(50, 40) == OPENPOSE_COLOURS[6]
+    # Limbs at their midpoints: neck-right shoulder 0, neck-left shoulder 1, left shoulder-elbow 4, neck-nose 12.
+    assert (pixel(25, 20), pixel(35, 20), pixel(45, 30), pixel(30, 14)) == (limb(0), limb(1), limb(4), limb(12))
+    assert limb(1) == (153, 51, 0)
+    assert pixel(10, 40) == pixel(15, 30) == (0, 0, 0)  # the unsure right elbow and its limb
+    expected = {(0, 0, 0), limb(0), limb(1), limb(4), limb(12)} | {OPENPOSE_COLOURS[i] for i in (0, 1, 2, 5, 6)}
+    assert {tuple(colour) for colour in drawn.reshape(-1, 3).tolist()} == expected
+    # A right shoulder scored at the threshold is left out: no neck, and nothing that ends in it.
+    keypoints, scores = coco_pose(left_shoulder=(40, 20, 0.8), right_shoulder=(20, 20, 0.3), nose=(30, 8, 0.9))
+    alone = draw_openpose(keypoints, scores, (48, 64))
+    assert {tuple(colour) for colour in alone.reshape(-1, 3).tolist()} == {
+        (0, 0, 0), OPENPOSE_COLOURS[0], OPENPOSE_COLOURS[5]
+    }  # fmt: skip
+    assert not draw_openpose(*coco_pose(), (8, 8)).any()
+
+
+def test_pose_map_is_the_openpose_drawing_of_the_models_keypoints(tiny_models):
+    annotator = load_annotator("pose", AnnotatorConfig(model=str(tiny_models["pose-vitpose"])), True, {}, "cpu")
+    image = rgb(photo())
+    drawn = annotator(image)
+    assert drawn.shape == (48, 64, 3) and drawn.dtype == np.uint8 and drawn.any()
+    keypoints, scores = annotator.keypoints(image)
+    assert keypoints.shape == (17, 2) and scores.shape == (17,)
+    assert np.array_equal(drawn, draw_openpose(keypoints, scores, (48, 64)))
+    assert annotator.module == "openpose" and annotator.label.startswith(f"{tiny_models['pose-vitpose']}@sha256:")
+
+
+def test_pose_controlnet_records_openpose_and_its_annotator(tiny_models):
+    pose = {"preprocessor": "pose", "annotator": {"model": str(tiny_models["pose-vitpose"])}, "save_as": "pose_map"}
+    config = make_config(tiny_models, pose)
+    assert vet_models([config]) == []
+    operator = ControlNetImg2Img(config, seed=5)
+    row = operator(make_batch([photo()])).to_pylist()[0]
+    assert row["status"] == "ok", row["error"]
+    annotator = operator.annotators[0]
+    prepared = operator.prepare(photo(), {})["image"]
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(row["pose_map"]))), annotator(Image.fromarray(prepared)))
+    stage = row["controlnet_img2img"]
+    assert stage["annotators"] == f"0={tiny_models['pose-vitpose']}@{annotator.revision}"
+    assert stage["controlnets"] == f"{tiny_models['controlnet-canny']}[pose({tiny_models['pose-vitpose']})]x1"
+    text = Image.open(io.BytesIO(row["image"])).text["parameters"]
+    assert 'ControlNet 0: "Module: openpose, Model: controlnet-canny [' in text
+
+
+def test_a_pose_annotator_must_predict_coco_keypoints(tmp_path):
+    from transformers import VitPoseBackboneConfig, VitPoseConfig, VitPoseForPoseEstimation, VitPoseImageProcessor
+
+    backbone = VitPoseBackboneConfig(
+        image_size=[16, 16], patch_size=[8, 8], hidden_size=8, num_hidden_layers=1, num_attention_heads=1,
+        mlp_ratio=1, out_indices=[1],
+    )  # fmt: skip
+    VitPoseForPoseEstimation(VitPoseConfig(backbone_config=backbone, num_labels=2)).save_pretrained(tmp_path)
+    VitPoseImageProcessor(size={"height": 16, "width": 16}).save_pretrained(tmp_path)
+    with pytest.raises(ModelError, match="predicts 2 keypoints; the pose annotator draws COCO's 17"):
+        load_annotator("pose", AnnotatorConfig(model=str(tmp_path)), True, {}, "cpu")
+
+
 def test_lineart_draws_white_lines_on_black_without_weights():
     drawing = np.full((48, 64, 3), 255, np.uint8)
     drawing[10:12, 8:56] = drawing[36:38, 8:56] = drawing[10:38, 8:10] = drawing[10:38, 54:56] = 0  # a black box
@@ -154,7 +246,8 @@ def test_an_annotator_that_fails_on_one_image_fails_that_row_only(depth_operator
     [
         ({"preprocessor": "depth"}, {}, "preprocessor depth needs an annotator"),
         ({"preprocessor": "segmentation"}, {}, "preprocessor segmentation needs an annotator"),
-        ({"preprocessor": "lineart", "annotator": {"model": "d"}}, {}, "annotator is only for the depth and"),
+        ({"preprocessor": "pose"}, {}, "preprocessor pose needs an annotator"),
+        ({"preprocessor": "lineart", "annotator": {"model": "d"}}, {}, "only for the depth, segmentation and pose"),
         ({"column": "c", "annotator": {"model": "d"}}, {}, "got it with column c"),
         ({"column": "c", "save_as": "m"}, {}, "column c is read, not computed"),
         ({"preprocessor": "canny", "save_as": "image"}, {}, "save_as must be an identifier other than"),

@@ -107,7 +107,7 @@ def test_two_controlnets_with_their_own_scales(tiny_models):
         ({"controlnets": []}, "at least 1 item"),
         ({"controlnets": [{"model": "m"}]}, "give exactly one of preprocessor or column"),
         ({"controlnets": [{"model": "m", "preprocessor": "canny", "column": "d"}]}, "give exactly one of"),
-        ({"controlnets": [{"model": "m", "preprocessor": "pose"}]}, "'lineart', 'depth' or 'segmentation'"),
+        ({"controlnets": [{"model": "m", "preprocessor": "hed"}]}, "'segmentation' or 'pose'"),
         ({"controlnets": [{"model": "m", "preprocessor": "depth"}]}, "preprocessor depth needs an annotator"),
         ({"control_guidance_start": 0.9, "control_guidance_end": 0.2}, "must be below control_guidance_end"),
     ],
