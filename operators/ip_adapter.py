@@ -116,6 +116,8 @@ class IPAdapterConfig(BaseModel):
                     "ip_adapter.image_encoder", self.image_encoder, self.image_encoder_revision, kind="model"
                 )
             )
+        if self.image is not None:  # a fixed reference that cannot be read is refused before the job
+            references.append(ModelReference("ip_adapter.image", self.image, kind="image"))
         return references
 
     def input_columns(self) -> set[str]:
@@ -197,6 +199,18 @@ def vet_ip_adapter(reference: ModelReference, offline: bool) -> None:
     resolve_ip_adapter(
         reference.uri, reference.revision, reference.weight_name or "", reference.image_encoder_beside, offline, {}
     )
+
+
+def vet_reference_image(uri: str) -> None:
+    """Refuse (ModelError) a fixed local reference image that cannot be read or decoded, on the driver
+    before the job starts; one on s3:// is read when the actors load the adapter."""
+    from operators.images import DEFAULT_MAX_IMAGE_PIXELS
+
+    data = read_reference(uri, {})
+    try:
+        decode_reference(data, "cannot be used", DEFAULT_MAX_IMAGE_PIXELS)
+    except RowError as problem:
+        raise ModelError(str(problem)) from None
 
 
 def reference_hash(data: bytes) -> str:

@@ -54,7 +54,8 @@ class ModelReference:
     """A checkpoint an operator config names: which field, where it lives, and how it is loaded
     ('pipeline': a diffusers pipeline directory, 'model': a single model such as a ControlNet,
     'lora': a LoRA adapter file, 'ip_adapter': an IP-Adapter's weights at `weight_name` inside the
-    directory, with its image encoder beside them when `image_encoder_beside`). `negative_prompt` and
+    directory, with its image encoder beside them when `image_encoder_beside`, 'image': a reference
+    image the model reads, which must decode). `negative_prompt` and
     `multiple_of` say what the config asks of a pipeline: a negative prompt, and image sides rounded to
     a multiple of this."""
 
@@ -62,7 +63,7 @@ class ModelReference:
     uri: str
     revision: str | None = None
     variant: str | None = None
-    kind: Literal["pipeline", "model", "lora", "ip_adapter"] = "pipeline"
+    kind: Literal["pipeline", "model", "lora", "ip_adapter", "image"] = "pipeline"
     weight_name: str | None = None
     safety_checker: bool | None = None
     negative_prompt: bool = False
@@ -97,6 +98,11 @@ def vet_reference(reference: ModelReference, offline: bool = True) -> None:
     """Vet one reference without staging or downloading anything; raises ModelError."""
     uri = reference.uri
     if uri.startswith("s3://"):
+        return
+    if reference.kind == "image":
+        from operators.ip_adapter import vet_reference_image
+
+        vet_reference_image(uri)
         return
     if is_hub_id(uri) and reference.revision is not None and not offline:
         return

@@ -98,6 +98,20 @@ def test_the_driver_vets_the_adapter(tiny_models, sd_model, adapter):
     assert "holds no IP-Adapter: it needs image_proj.* and ip_adapter.* tensors" in problem
 
 
+def test_a_fixed_reference_that_cannot_be_used_is_refused_before_the_job(sd_model, adapter, reference_file, tmp_path):
+    """A fixed reference is read by every actor: one that is missing or undecodable would fail the
+    job, so the driver refuses it with the models, naming the field."""
+    config = make_config(sd_model, adapter)
+    assert [reference.field for reference in config.model_references()][-1] == "ip_adapter.image"
+    assert vet_models([config]) == []
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    (problem,) = vet_models([make_config(sd_model, {**adapter, "image": str(broken)})])
+    assert problem.startswith("operators[0].ip_adapter.image: cannot be used: cannot decode image")
+    (problem,) = vet_models([make_config(sd_model, {**adapter, "image": str(tmp_path / "missing.png")})])
+    assert problem.startswith("operators[0].ip_adapter.image: ip_adapter.image ") and "cannot be read" in problem
+
+
 def test_the_adapter_changes_the_output_and_records_the_reference(sd_model, styled, reference_file):
     plain = Img2Img(make_config(sd_model), seed=4)
     batch = make_batch([SOURCE], ids=["cat"])
