@@ -195,3 +195,14 @@ def test_paste_back_keeps_the_source_where_the_mask_is_black():
     resized = np.asarray(Image.fromarray(generated).resize((8, 8), resample=Image.BICUBIC))
     assert np.array_equal(out[mask == 255], resized[mask == 255])
     assert out.dtype == np.uint8 and out.shape == source.shape
+
+
+def test_an_sdxl_checkpoint_inpaints_through_the_same_operator(tiny_models):
+    """`AutoPipelineForInpainting` picks SDXL's inpainting pipeline from an SDXL checkpoint."""
+    operator = Inpaint(make_config(tiny_models["sdxl-img2img"]), seed=3)
+    source = photo()
+    out = operator(make_batch([encoded(source)]))
+    assert out.column("status").to_pylist() == ["ok"], out.column("error").to_pylist()
+    assert out.column("inpaint").to_pylist()[0]["pipeline"] == "StableDiffusionXLInpaintPipeline"
+    outside = expected_mask(operator, source) == 0
+    assert np.array_equal(decoded(out.column("image")[0].as_py())[outside], np.asarray(source)[outside])
