@@ -5,7 +5,7 @@ operator (`AutoPipelineForImage2Image` with `controlnet=` picks the matching pip
 from __future__ import annotations
 
 import logging
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -18,7 +18,7 @@ from operators.diffusion import GENERATION_FIELDS, a1111_model_hash
 from operators.images import eight_bit_rgb
 from operators.img2img import Img2Img, Img2ImgConfig, decode_rgb
 from operators.models import ModelReference, resolve_model
-from operators.rows import RESERVED_COLUMNS, RowError
+from operators.rows import RESERVED_COLUMNS, RowError, cell_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -99,9 +99,34 @@ class ControlSource(BaseModel):
         return f"{self.model}[{source}]x{self.conditioning_scale:g}"
 
 
-class ControlNetImg2ImgConfig(Img2ImgConfig):
+class ControlledConfig:
+    """What a config whose conditions are `ControlSource`s declares from them (ControlNets, T2I-Adapters,
+    listed in its `control_field`): their columns, the maps it saves, OpenCV for the preprocessors, and
+    their checkpoints and annotators for vetting. Put before the config's base class."""
+
+    control_field: ClassVar[str]
+
+    def control_sources(self) -> list[ControlSource]:
+        return getattr(self, self.control_field)
+
+    def input_columns(self) -> set[str]:
+        return super().input_columns() | {source.column for source in self.control_sources() if source.column}
+
+    def written_columns(self) -> set[str]:
+        return {source.save_as for source in self.control_sources() if source.save_as}
+
+    def output_libraries(self) -> tuple[str, ...]:
+        preprocessed = any(source.preprocessor is not None for source in self.control_sources())
+        return super().output_libraries() + (("opencv",) if preprocessed else ())
+
+    def model_references(self) -> list[ModelReference]:
+        return super().model_references() + control_references(self.control_field, self.control_sources())
+
+
+class ControlNetImg2ImgConfig(ControlledConfig, Img2ImgConfig):
     """Config of the `controlnet_img2img` operator."""
 
+    control_field: ClassVar[str] = "controlnets"
     kind: Literal["controlnet_img2img"] = Field(description="Operator kind.")  # type: ignore[assignment]
     controlnets: list[ControlSource] = Field(min_length=1, description="ControlNets applied together.")
     control_guidance_start: float = Field(0.0, ge=0, le=1, description="Fraction of steps where control starts.")
@@ -116,19 +141,6 @@ class ControlNetImg2ImgConfig(Img2ImgConfig):
             )
         check_saved_columns(self.controlnets, self.stage_name)
         return self
-
-    def input_columns(self) -> set[str]:
-        return super().input_columns() | {net.column for net in self.controlnets if net.column}
-
-    def written_columns(self) -> set[str]:
-        return {net.save_as for net in self.controlnets if net.save_as}
-
-    def output_libraries(self) -> tuple[str, ...]:
-        preprocessed = any(net.preprocessor is not None for net in self.controlnets)
-        return super().output_libraries() + (("opencv",) if preprocessed else ())
-
-    def model_references(self) -> list[ModelReference]:
-        return super().model_references() + control_references("controlnets", self.controlnets)
 
 
 def check_saved_columns(sources: list[ControlSource], stage_name: str) -> None:
@@ -256,11 +268,8 @@ def control_inputs(operator, data, row: dict, sources: list[ControlSource], size
         if source.column is None:
             prepared[f"control_{index}"] = np.asarray(control_image(image, source))
             continue
-        value = row.get(source.column)
-        if isinstance(value, dict):
-            value = value.get("bytes")
         try:
-            control = eight_bit_rgb(value, operator.max_image_pixels)
+            control = eight_bit_rgb(cell_bytes(row.get(source.column)), operator.max_image_pixels)
         except RowError as problem:
             raise RowError(f"control image in column {source.column!r}: {problem}") from None
         control = control if control.size == image.size else control.resize(image.size, resample=3)

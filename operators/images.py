@@ -99,7 +99,12 @@ def to_rgb(image: Image.Image) -> Image.Image:
 def decode_eight_bit_rgb(data: bytes | None, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
     """Decode for an 8-bit RGB model: `decode_image`, then `to_rgb`. A 16-bit colour PNG or TIFF, which
     Pillow reads as 8-bit RGB(A) or LA, is refused like the other high-bit-depth images."""
-    image = decode_image(data, max_pixels)
+    return decoded_eight_bit_rgb(decode_image(data, max_pixels), data)
+
+
+def decoded_eight_bit_rgb(image: Image.Image, data: bytes) -> Image.Image:
+    """`decode_eight_bit_rgb` of an image `decode_image` already made from `data` (a caller that also
+    needs the image in its own mode, e.g. its alpha, decodes once)."""
     if image.mode in ("RGB", "RGBA", "LA") and _holds_sixteen_bit_color(data):
         raise ImageError(
             f"image holds 16-bit colour samples (Pillow reads them as 8-bit {image.mode}); converting it to 8-bit "

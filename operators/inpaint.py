@@ -17,9 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from operators.annotators import ADE20K_CLASSES, AnnotatorConfig
 from operators.base import Item
 from operators.diffusion import GENERATION_FIELDS
-from operators.images import decode_image, eight_bit_rgb, fit_size, to_rgb
+from operators.images import decode_image, decoded_eight_bit_rgb, eight_bit_rgb, fit_size, to_rgb
 from operators.img2img import Img2Img, Img2ImgConfig
-from operators.rows import RowError
+from operators.rows import RowError, cell_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -190,8 +190,7 @@ def rule_mask(config: MaskConfig, image: Image.Image) -> np.ndarray:
 def column_mask(config: MaskConfig, value, size: tuple[int, int], max_pixels: int) -> tuple[np.ndarray, str | None]:
     """A mask from the row's mask column, at the image's `size`; a mask of another size with the same
     aspect is resized (and the note says so), one of another aspect is refused."""
-    if isinstance(value, dict):
-        value = value.get("bytes")
+    value = cell_bytes(value)
     if value is None:
         raise RowError(f"mask column {config.column!r} is null in this row")
     try:
@@ -258,8 +257,7 @@ class Inpaint(Img2Img):
             if isinstance(data, np.ndarray):
                 raise RowError("mask alpha and color_key need encoded input, not the pixels of a stage before")
             image = decode_image(data, self.max_image_pixels)
-            source = eight_bit_rgb(data, self.max_image_pixels)
-            return np.asarray(source), rule_mask(mask_config, image), None
+            return np.asarray(decoded_eight_bit_rgb(image, data)), rule_mask(mask_config, image), None
         source = eight_bit_rgb(data, self.max_image_pixels)
         if mask_config.segmentation is not None:
             return np.asarray(source), None, None  # segmented on the model's actor (`segment`)

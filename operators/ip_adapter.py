@@ -21,7 +21,7 @@ import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from operators.models import ModelError, ModelReference
-from operators.rows import RowError
+from operators.rows import RowError, cell_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -240,9 +240,7 @@ def prepare_reference(config: IPAdapterConfig | None, row: dict, max_pixels: int
     pixels and hash. Raises RowError for a null or undecodable reference."""
     if config is None or config.column is None:
         return {}
-    value = row.get(config.column)
-    if isinstance(value, dict):
-        value = value.get("bytes")
+    value = cell_bytes(row.get(config.column))
     if value is None:
         raise RowError(f"ip_adapter column {config.column!r} is null in this row")
     what = f"ip_adapter reference in column {config.column!r}"

@@ -44,6 +44,12 @@ STATUSES = (OK, ERROR, REJECTED)
 # The `image` column as written: the Hugging Face `datasets` Image struct.
 IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 
+
+def cell_bytes(value) -> bytes | None:
+    """The encoded bytes of an image cell a column holds: plain bytes, or the `IMAGE_TYPE` struct."""
+    return value.get("bytes") if isinstance(value, dict) else value
+
+
 # Pixels between steps (see module docstring); large_binary so a batch of big images never meets
 # Arrow's 2 GiB limit of a binary array.
 PIXELS_TYPE = pa.struct([("data", pa.large_binary()), ("shape", pa.list_(pa.int32())), ("dtype", pa.string())])

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -20,18 +20,18 @@ from pydantic import Field, model_validator
 
 from operators.base import Item
 from operators.controlnet import (
+    ControlledConfig,
     ControlSource,
     a1111_control_unit,
     annotate,
     check_saved_columns,
     control_inputs,
-    control_references,
     load_annotators,
     load_controlnets,
     saved_controls,
 )
 from operators.diffusion import GENERATION_FIELDS, DiffusersOperator, DiffusionConfig, SizePolicy, variant_parameters
-from operators.models import ModelError, ModelReference, read_json
+from operators.models import ModelError, read_json
 
 logger = logging.getLogger(__name__)
 
@@ -52,9 +52,10 @@ class AdapterSource(ControlSource):
     )
 
 
-class T2IAdapterText2ImageConfig(DiffusionConfig):
+class T2IAdapterText2ImageConfig(ControlledConfig, DiffusionConfig):
     """Config of the `t2i_adapter` operator: text-to-image steered by T2I-Adapters."""
 
+    control_field: ClassVar[str] = "adapters"
     kind: Literal["t2i_adapter"] = Field(description="Operator kind.")
     adapters: list[AdapterSource] = Field(min_length=1, description="T2I-Adapters applied together.")
     adapter_conditioning_factor: float = Field(
@@ -74,19 +75,6 @@ class T2IAdapterText2ImageConfig(DiffusionConfig):
     def _distinct_saved_columns(self) -> T2IAdapterText2ImageConfig:
         check_saved_columns(self.adapters, self.stage_name)
         return self
-
-    def input_columns(self) -> set[str]:
-        return super().input_columns() | {adapter.column for adapter in self.adapters if adapter.column}
-
-    def written_columns(self) -> set[str]:
-        return {adapter.save_as for adapter in self.adapters if adapter.save_as}
-
-    def output_libraries(self) -> tuple[str, ...]:
-        preprocessed = any(adapter.preprocessor is not None for adapter in self.adapters)
-        return super().output_libraries() + (("opencv",) if preprocessed else ())
-
-    def model_references(self) -> list[ModelReference]:
-        return super().model_references() + control_references("adapters", self.adapters)
 
 
 class T2IAdapterText2Image(DiffusersOperator):
