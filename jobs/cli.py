@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
 
     demo_data = commands.add_parser(
         "make-demo-data",
-        help="write demo data: scikit-image's photos as Parquet, pydicom's CT/MR slices as 16-bit PNGs",
+        help="write demo data: scikit-image's photos as Parquet, pydicom's CT/MR files as a DICOM folder",
     )
     demo_data.add_argument("directory")
 

@@ -47,12 +47,14 @@ logger = logging.getLogger(__name__)
 
 COMMITS = "_commits"
 MANIFEST = "_manifest.json"
-# Everything restyle writes at the top of a sink; `data/` and `images/` hold only the names below.
-OUTPUT_NAMES = ("data", "images", COMMITS, MANIFEST, "summary.json", "report.html", LEASE)
+# Everything restyle writes at the top of a sink; `data/`, `images/` and `dicom/` hold only the names below.
+OUTPUT_NAMES = ("data", "images", "dicom", COMMITS, MANIFEST, "summary.json", "report.html", LEASE)
+OUTPUT_FOLDERS = ("data", "images", "dicom", COMMITS)
 _ATTEMPT = re.compile(r"part-a(\d{4,})-")
 _SHARD_FILE = re.compile(r"part-a\d{4,}-[0-9a-z]+-[0-9a-z]+-\d{3}\.parquet|part-a\d{4,}-r?\d{5}-\d{3}\.parquet")
 # Exactly what `jobs.sinks.image_file_name` makes: a user's `logo.v2.png` is not ours.
 _IMAGE_FILE = re.compile(r"[A-Za-z0-9._-]{1,80}-[0-9a-f]{16}\.v\d+\.(png|webp|jpg)")
+_DICOM_FILE = re.compile(r"[A-Za-z0-9._-]{1,80}-[0-9a-f]{16}\.v\d+\.dcm")
 # A file `open_atomically` was writing when its process died: `.<name>.<8 hex>.tmp`.
 _TEMPORARY = re.compile(r"\..+\.[0-9a-f]{8}\.tmp")
 # Fields that decide where and how fast a job runs, not what it writes. `torch_threads` is not one:
@@ -337,8 +339,10 @@ def survey(filesystem, root: str) -> tuple[list[str], list[str]]:
     ours, foreign = [], []
     for path in sorted(filesystem.ls(root, detail=False)):
         name = path.rstrip("/").rsplit("/", 1)[-1]
-        if name in ("data", "images", COMMITS) and filesystem.isdir(path) and not _is_link(filesystem, path):
-            pattern = {"data": _SHARD_FILE, "images": _IMAGE_FILE, COMMITS: re.compile(r".*")}[name]
+        if name in OUTPUT_FOLDERS and filesystem.isdir(path) and not _is_link(filesystem, path):
+            pattern = {"data": _SHARD_FILE, "images": _IMAGE_FILE, "dicom": _DICOM_FILE, COMMITS: re.compile(r".*")}[
+                name
+            ]
             files = set(_files_in(filesystem, path))
             for inner in sorted(filesystem.ls(path, detail=False)):
                 base = inner.rstrip("/").rsplit("/", 1)[-1]
@@ -402,7 +406,7 @@ def remove_outputs(filesystem, root: str, paths: list[str]) -> None:
     """Delete restyle's own files found by `survey` (never a folder with anything else in it)."""
     if paths:
         filesystem.rm(paths)
-    for folder in ("data", "images", COMMITS):
+    for folder in OUTPUT_FOLDERS:
         path = join(root, folder)
         if is_local(filesystem) and os.path.isdir(path):
             for directory, _, _ in sorted(os.walk(path), reverse=True):

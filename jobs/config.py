@@ -16,8 +16,10 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 
 from operators import OPERATORS
 from operators.base import UserError
+from operators.dicom import DicomConfig
 from operators.fidelity import FidelityConfig
 from operators.images import DEFAULT_MAX_IMAGE_PIXELS, EncodingConfig
+from operators.nifti import NiftiConfig
 from operators.storage import redact
 
 OperatorEntry = Annotated[Union[tuple(OPERATORS)], Field(discriminator="kind")]  # noqa: UP007
@@ -106,14 +108,20 @@ class StorageConfig(_Frozen):
         return options
 
 
+# Sources read from a folder of files, one fragment per run of files.
+FOLDER_FORMATS = ("images", "dicom", "nifti")
+
+
 class SourceConfig(_Frozen):
     """Where the input rows come from."""
 
     uri: str = Field(description="A Parquet or Arrow file or directory, or an image folder; local path or s3://.")
-    format: Literal["parquet", "arrow", "images"] = Field(
+    format: Literal["parquet", "arrow", "images", "dicom", "nifti"] = Field(
         "parquet",
         description="'parquet': Parquet rows with an image column; 'arrow': Arrow IPC files (file or stream "
-        "format, e.g. `datasets.save_to_disk` shards) with an image column; 'images': a folder of image files.",
+        "format, e.g. `datasets.save_to_disk` shards) with an image column; 'images': a folder of image files; "
+        "'dicom': a folder of DICOM files (recognised by content, whatever their names; one row per frame); "
+        "'nifti': a folder of NIfTI volumes (.nii, .nii.gz; one row per slice).",
     )
     image_column: str = Field("image", description="Parquet column with encoded bytes or {bytes, path} structs.")
     id_column: str = Field("id", description="Parquet column of unique row ids (images: ids are relative paths).")
@@ -148,13 +156,38 @@ class SourceConfig(_Frozen):
         "ignored). Files matching none are not read but counted as `skipped` and listed in the report. "
         "Without it every file is an input, and one that is not an image becomes an error row.",
     )
+    dicom: DicomConfig | None = Field(
+        None,
+        description="How DICOM pixels and headers are read: intensity (window or stored), window, bit_depth, the "
+        "attributes kept as columns (never identifying ones), allow_burned_in, id. Applies to format 'dicom' "
+        "(default settings when absent) and to a Parquet or Arrow image column that holds DICOM files.",
+    )
+    nifti: NiftiConfig | None = Field(
+        None, description="Format 'nifti' only: the voxel axis slices are taken along (default settings when absent)."
+    )
     storage: StorageConfig = Field(default_factory=StorageConfig, description="Object-storage settings.")
 
     @model_validator(mode="after")
-    def _include_needs_a_folder(self) -> SourceConfig:
-        if self.include is not None and self.format != "images":
-            raise ValueError(f"source.include applies to format 'images' only, got format {self.format!r}")
+    def _settings_match_the_format(self) -> SourceConfig:
+        if self.include is not None and self.format not in FOLDER_FORMATS:
+            raise ValueError(
+                f"source.include applies to the folder formats ({', '.join(FOLDER_FORMATS)}) only, "
+                f"got format {self.format!r}"
+            )
+        if self.dicom is not None and self.format not in ("dicom", "parquet", "arrow"):
+            raise ValueError(f"source.dicom applies to formats dicom, parquet and arrow, got format {self.format!r}")
+        if self.nifti is not None and self.format != "nifti":
+            raise ValueError(f"source.nifti applies to format 'nifti' only, got format {self.format!r}")
         return self
+
+    @property
+    def dicom_settings(self) -> DicomConfig | None:
+        """The DICOM settings the source is read with: None when it holds no DICOM."""
+        return self.dicom if self.dicom is not None else DicomConfig() if self.format == "dicom" else None
+
+    @property
+    def nifti_settings(self) -> NiftiConfig | None:
+        return self.nifti if self.nifti is not None else NiftiConfig() if self.format == "nifti" else None
 
     @field_validator("uri")
     @classmethod
@@ -190,6 +223,11 @@ class SinkConfig(_Frozen):
         default_factory=EncodingConfig,
         description="How each output image is encoded, once, after the last stage: format (png, webp, jpeg), "
         "png_compress_level, quality. Recorded per row in the last stage's `encoding` field.",
+    )
+    dicom: bool = Field(
+        False,
+        description="Also write each output as a derived DICOM instance (Secondary Capture) under dicom/, "
+        "referencing its source image, with new deterministic UIDs and no patient identity. Needs a DICOM source.",
     )
     report_rows: int = Field(
         24, ge=0, le=10_000, description="Rows shown in report.html (input beside output).", strict=True
@@ -260,6 +298,15 @@ class JobConfig(_Frozen):
     fidelity: FidelityConfig | None = Field(
         None, description="Add ssim, psnr and histogram_distance columns against the source; optional thresholds."
     )
+
+    @model_validator(mode="after")
+    def _dicom_sink_needs_a_dicom_source(self) -> JobConfig:
+        if self.sink.dicom and self.source.dicom_settings is None:
+            raise ValueError(
+                "sink.dicom writes DICOM derived from DICOM inputs: set source.format to dicom, or add a "
+                f"source.dicom section for a {self.source.format} column of DICOM files"
+            )
+        return self
 
     @model_validator(mode="after")
     def _unique_stage_names(self) -> JobConfig:

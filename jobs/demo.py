@@ -1,6 +1,6 @@
 """Demo data: real photographs that ship inside scikit-image, written as a Parquet dataset, and
-real CT/MR slices that ship inside pydicom, written as a folder of 16-bit PNGs (pixels only: no
-DICOM header, so nothing that identifies a patient is copied)."""
+real CT/MR files that ship inside pydicom, copied as they are into a DICOM folder (their headers
+still name the sample patients: the DICOM source keeps none of it) and a reference series."""
 
 from __future__ import annotations
 
@@ -81,23 +81,24 @@ def _center_mask(data: bytes) -> bytes:
     return buffer.getvalue()
 
 
-# Uncompressed 16-bit slices in pydicom's test data.
-MEDICAL_SLICES = ("CT_small.dcm", "MR_small.dcm")
+# pydicom's bundled real files: a CT slice (uncompressed, signed, rescaled to HU) and an MR slice
+# (RLE lossless); and a reference series of one CT slice (JPEG 2000) for histogram matching.
+MEDICAL_FILES = ("CT_small.dcm", "MR_small_RLE.dcm")
+MEDICAL_REFERENCE_FILES = ("693_J2KI.dcm",)
 
 
 def make_medical_demo_data(directory: str | Path) -> Path:
-    """Write medical/<name>.png, 16-bit grayscale, from pydicom's bundled slices; return the folder.
+    """Copy pydicom's bundled DICOM files into medical/ (the source) and medical_reference/ (a
+    reference series); return the source folder. The files are copied byte for byte, headers and
+    all, so the demo reads them through the same DICOM source a hospital's files take."""
+    import shutil
 
-    Stored values are shifted to start at 0 (so signed data fits uint16) and are otherwise exact.
-    """
-    import numpy as np
-    import pydicom
     from pydicom.data import get_testdata_file
 
     folder = Path(directory) / "medical"
-    folder.mkdir(parents=True, exist_ok=True)
-    for file_name in MEDICAL_SLICES:
-        pixels = pydicom.dcmread(get_testdata_file(file_name)).pixel_array.astype(np.int32)
-        shifted = (pixels - pixels.min()).astype(np.uint16)
-        Image.fromarray(shifted).save(folder / f"{Path(file_name).stem}.png")
+    for name, files in (("medical", MEDICAL_FILES), ("medical_reference", MEDICAL_REFERENCE_FILES)):
+        target = Path(directory) / name
+        target.mkdir(parents=True, exist_ok=True)
+        for file_name in files:
+            shutil.copyfile(get_testdata_file(file_name), target / file_name)
     return folder

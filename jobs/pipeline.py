@@ -314,10 +314,11 @@ def add_step(dataset, step: dict):
         return dataset.map_batches(**step)
 
 
-def finish_args(config: JobConfig) -> dict:
+def finish_args(config: JobConfig, job_hash: str = "") -> dict:
     """The `map_batches` arguments of the finish step: CPU tasks after the last stage that run the
-    fidelity checks (when configured) and encode each output once, as the sink says."""
-    from operators.finish import finish_batch
+    fidelity checks (when configured) and encode each output once, as the sink says (and, with
+    `sink.dicom`, once more as a derived DICOM instance whose UIDs derive from `job_hash`)."""
+    from operators.finish import DicomOutput, finish_batch
 
     return {
         "fn": finish_batch,
@@ -327,6 +328,11 @@ def finish_args(config: JobConfig) -> dict:
             "fidelity": config.fidelity,
             "histogram_stages": [op.stage_name for op in config.operators if op.kind == "standardize"],
             "max_image_pixels": config.source.max_image_pixels,
+            "dicom": (
+                DicomOutput(job_hash, derivation(config), tuple(config.source.dicom_settings.attributes))
+                if config.sink.dicom
+                else None
+            ),
         },
         **cpu_step_resources(config),
         # Whole blocks: each row is finished on its own, and a batch size would keep Ray from fusing
@@ -335,6 +341,19 @@ def finish_args(config: JobConfig) -> dict:
         "batch_format": "pyarrow",
         "zero_copy_batch": True,
     }
+
+
+def derivation(config: JobConfig) -> str:
+    """What a derived DICOM instance says made it (`DerivationDescription`): restyle's version and each
+    stage, with a standardize stage's steps."""
+    from importlib import metadata
+
+    stages = []
+    for operator in config.operators:
+        steps = operator.steps if operator.kind == "standardize" else None
+        named = f"{operator.kind} ({', '.join(step.op for step in steps)})" if steps else operator.kind
+        stages.append(named if operator.stage_name == operator.kind else f"{operator.stage_name}: {named}")
+    return f"restyle {metadata.version('restyle')}: {'; '.join(stages)}"
 
 
 def start_ray(config: JobConfig) -> None:
@@ -652,7 +671,7 @@ def _run_holding_lease(config, info, job_hash, run_id, state, lease, rerun_faile
         for index, stage in enumerate(plan.stages):
             for step in stage_steps(config, index, stage):
                 dataset = add_step(dataset, step)
-        dataset = dataset.map_batches(**finish_args(config))
+        dataset = dataset.map_batches(**finish_args(config, job_hash))
         if resume.drop_pairs:
             dataset = dataset.map_batches(
                 drop_committed,

@@ -219,14 +219,21 @@ def _first_inputs(config: JobConfig, info: SourceInfo, count: int) -> tuple[dict
     return shown, keys
 
 
-def _thumbnail(data: bytes | None, max_pixels: int | None = None) -> str:
-    """An inline <img> of an encoded image, or a note when it cannot be shown (bombs included)."""
+def _thumbnail(data: bytes | dict | None, max_pixels: int | None = None) -> str:
+    """An inline <img> of an encoded image, or of a source read as pixels (a DICOM or NIfTI source's
+    `{data, shape, dtype}`), or a note when it cannot be shown (bombs included)."""
     if not data:
         return "<i>none</i>"
+    from PIL import Image
+
     from operators.images import DEFAULT_MAX_IMAGE_PIXELS, decode_image
+    from operators.rows import PIXELS_TYPE, pixel_arrays
 
     try:
-        image = decode_image(data, max_pixels or DEFAULT_MAX_IMAGE_PIXELS)
+        if isinstance(data, dict):
+            image = Image.fromarray(pixel_arrays(pa.array([data], PIXELS_TYPE))[0])
+        else:
+            image = decode_image(data, max_pixels or DEFAULT_MAX_IMAGE_PIXELS)
         if image.mode not in ("RGB", "L", "RGBA"):
             image = _display_8bit(image)
         image.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE))

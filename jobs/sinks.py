@@ -6,6 +6,7 @@ Layout under the sink URI:
   _commits/<shard>.json               a shard's commit record (see jobs/commits.py)
   images/SLUG-HASH.vN.png             with `sink.write_images`, each output as a file (.png, .webp or
                                      .jpg, as `sink.encoding.format` says)
+  dicom/SLUG-HASH.vN.dcm              with `sink.dicom`, each output as a derived DICOM instance
   _manifest.json                      written last: every committed shard, rows, config hash
   summary.json, report.html           written by the driver when the job ends
   _lease.json                         while a run is writing (see jobs/lease.py)
@@ -39,6 +40,7 @@ from jobs.fragments import FRAGMENT, name_fragments
 from jobs.lease import require_lease
 from jobs.schema import features as hf_features
 from jobs.schema import normalize_table
+from operators.finish import DICOM_FILE
 from operators.rows import ERROR, IMAGE_TYPE
 from operators.storage import filesystem_for, join, open_atomically
 
@@ -131,9 +133,12 @@ class ParquetImageSink(Datasink):
                 continue
             if FRAGMENT in table.column_names:
                 table = name_fragments(table, self.fragment_keys)
+            # Before the shards: a committed row's image and DICOM files always exist.
             if self.config.write_images:
-                # Before the shards: a committed row's image file always exists.
-                table = self._write_images(table, filesystem, root)
+                table = self._write_files(table, "image", "images", self.config.encoding.extension(), filesystem, root)
+            if DICOM_FILE in table.column_names:
+                table = self._write_files(table, DICOM_FILE, "dicom", ".dcm", filesystem, root)
+                table = table.drop_columns([DICOM_FILE])
             pending = table if pending is None else pa.concat_tables([pending, table], promote_options="permissive")
             slices = shard_slices(pending, self.config.rows_per_shard, self.config.bytes_per_shard)
             for offset, length in slices[:-1]:
@@ -152,27 +157,30 @@ class ParquetImageSink(Datasink):
         write_shard(filesystem, root, name, shard, commit)
         return {"shard": name, "rows": shard.num_rows}
 
-    def _write_images(self, table: pa.Table, filesystem, root: str) -> pa.Table:
-        """Write each output's PNG; a row whose file cannot be written becomes an error row."""
+    def _write_files(self, table: pa.Table, column: str, folder: str, extension: str, filesystem, root: str):
+        """Write each row's bytes in `column` as `folder/NAME` (`image_file_name`); a row whose file
+        cannot be written becomes an error row (and writes no later file)."""
         failed: dict[int, str] = {}
-        for index, (row_id, variant, data) in enumerate(
+        for index, (row_id, variant, data, status) in enumerate(
             zip(
                 table.column("id").to_pylist(),
                 table.column("variant_index").to_pylist(),
-                table.column("image").to_pylist(),
+                table.column(column).to_pylist(),
+                table.column("status").to_pylist(),
                 strict=True,
             )
         ):
-            if data is None:
+            if data is None or status == ERROR:
                 continue
-            name = image_file_name(row_id, variant, self.config.encoding.extension())
+            name = image_file_name(row_id, variant, extension)
             for attempt in range(1, IMAGE_WRITE_ATTEMPTS + 1):
                 try:
-                    with open_atomically(filesystem, join(root, "images", name)) as handle:
+                    with open_atomically(filesystem, join(root, folder, name)) as handle:
                         handle.write(data)
                     break
                 except Exception as error:  # storage or filesystem: retried, then this row's error
-                    reason = f"cannot write image file images/{name}: {type(error).__name__}: {error}"
+                    what = "image file" if folder == "images" else "DICOM file"
+                    reason = f"cannot write {what} {folder}/{name}: {type(error).__name__}: {error}"
                     if attempt == IMAGE_WRITE_ATTEMPTS:
                         logger.warning("row %r: %s", row_id, reason)
                         failed[index] = reason

@@ -34,17 +34,17 @@ import pyarrow.dataset
 import pyarrow.ipc
 import pyarrow.parquet
 
-from jobs.config import SourceConfig
+from jobs.config import FOLDER_FORMATS, SourceConfig
 from jobs.fragments import FOLDER_FRAGMENT_FILES, FRAGMENT, ROW, Fragment
 from jobs.schema import SchemaError, conform, output_type
 from operators.base import UserError
-from operators.rows import ERROR, OK, RESERVED_COLUMNS
+from operators.rows import ERROR, OK, RESERVED_COLUMNS, RowError, to_pixels
 from operators.storage import arrow_filesystem, filesystem_for, is_inside, is_local
 
 logger = logging.getLogger(__name__)
 
 ARROW_SUFFIXES = (".arrow", ".feather", ".ipc")
-FORMAT_NAMES = {"parquet": "Parquet", "arrow": "Arrow IPC", "images": "images"}
+FORMAT_NAMES = {"parquet": "Parquet", "arrow": "Arrow IPC", "images": "images", "dicom": "DICOM", "nifti": "NIfTI"}
 SKIPPED_NAMED = 50  # skipped files named in the summary and report; all are counted
 
 
@@ -76,7 +76,7 @@ def inspect_source(config: SourceConfig) -> SourceInfo:
     """Check the source and plan its fragments (see module docstring); ids are checked apart
     (`check_ids`), by tasks."""
     filesystem, root = filesystem_for(config.uri, config.storage.storage_options())
-    if config.format == "images":
+    if config.format in FOLDER_FORMATS:
         return _inspect_folder(config, filesystem, root)
     return _inspect_table(config, filesystem, root)
 
@@ -127,6 +127,16 @@ def _inspect_table(config: SourceConfig, filesystem, root: str) -> SourceInfo:
         column_types = {name: output_type(schema.field(name).type, name) for name in passthrough}
     except SchemaError as error:
         raise SourceError(f"source {config.uri}: {error}") from None
+    if config.dicom_settings is not None:
+        added = _volume_columns(config)
+        clashes = sorted(set(added) & set(passthrough))
+        if clashes:
+            raise SourceError(
+                f"source columns {clashes} clash with the DICOM columns source.dicom adds; rename them or leave "
+                "them out of source.dicom.attributes"
+            )
+        passthrough += list(added)
+        column_types.update(added)
     return SourceInfo(
         fragments=limited(fragments, config.limit),
         passthrough_columns=passthrough,
@@ -209,21 +219,36 @@ def _inspect_folder(config: SourceConfig, filesystem, root: str) -> SourceInfo:
             paths = filesystem.find(root)
             paths.sort()
             entries = ((_relative(path, root), path, None) for path in paths)
-        for relative, path, problem in entries:
-            if not relative or relative.endswith("/"):
-                continue  # an object store's folder marker
-            if _is_hidden(relative) or (config.include is not None and not _included(relative, config.include)):
-                skipped_files += 1
-                if len(skipped) < SKIPPED_NAMED:
-                    skipped.append(relative)
-                continue
-            if config.limit is not None and inputs >= config.limit:
-                continue  # counted no further, but the listing still counts what is skipped
-            inputs += 1
-            chunk.append((relative, path, problem))
-            if len(chunk) == FOLDER_FRAGMENT_FILES:
-                fragments.append(_folder_fragment(chunk))
-                chunk = []
+
+        def inputs_listed():
+            """The listing's inputs; the hidden and excluded files only counted, and nothing after the
+            limit is reached (the listing is still walked to count what is skipped)."""
+            nonlocal skipped_files
+            for relative, path, problem in entries:
+                if not relative or relative.endswith("/"):
+                    continue  # an object store's folder marker
+                if _is_hidden(relative) or (config.include is not None and not _included(relative, config.include)):
+                    skipped_files += 1
+                    if len(skipped) < SKIPPED_NAMED:
+                        skipped.append(relative)
+                    continue
+                if config.limit is None or inputs < config.limit:
+                    yield relative, path, problem
+
+        planned = (
+            ([listed] for listed in inputs_listed())
+            if config.format == "images"
+            else _VolumePlanner(config, filesystem).plan(inputs_listed())
+        )
+        for rows in planned:
+            for row in rows:
+                if config.limit is not None and inputs >= config.limit:
+                    break
+                inputs += 1
+                chunk.append(row)
+                if len(chunk) == FOLDER_FRAGMENT_FILES:
+                    fragments.append(_folder_fragment(chunk))
+                    chunk = []
     except OSError as error:  # PermissionError for bad credentials, among others
         raise SourceError(f"cannot list source.uri {config.uri}: {error}{_credentials_hint(error)}") from None
     if chunk:
@@ -237,11 +262,116 @@ def _inspect_folder(config: SourceConfig, filesystem, root: str) -> SourceInfo:
                 f"({skipped_files} files skipped)"
             )
         raise SourceError(f"source.uri {config.uri} holds no files to read ({skipped_files} hidden files skipped)")
-    return SourceInfo(fragments=fragments, root=root, skipped_files=skipped_files, skipped=skipped)
+    added = _volume_columns(config)
+    return SourceInfo(
+        fragments=fragments,
+        root=root,
+        skipped_files=skipped_files,
+        skipped=skipped,
+        passthrough_columns=list(added),
+        column_types=added,
+    )
 
 
-def _folder_fragment(chunk: list[tuple[str, str, str | None]]) -> Fragment:
-    return Fragment(f"{chunk[0][0]}+{len(chunk)}", len(chunk), entries=tuple(chunk))
+def _folder_fragment(chunk: list[tuple]) -> Fragment:
+    """A run of a folder's rows. Its key names the first row by its place in the folder (a volume's
+    row by file and frame or slice), so keys do not change when ids do."""
+    first = chunk[0]
+    name = first[0] if len(first) == 3 else f"{_relative_of(first)}#{first[3]}"
+    return Fragment(f"{name}+{len(chunk)}", len(chunk), entries=tuple(chunk))
+
+
+def _relative_of(entry: tuple) -> str:
+    """A volume row's file, relative to the source folder (kept in the entry's fifth place)."""
+    return entry[4]
+
+
+def _volume_columns(config: SourceConfig) -> dict[str, pa.DataType]:
+    """The columns a DICOM or NIfTI source adds to each row, with their output types: the record of
+    what was read and applied, and (DICOM) each kept attribute."""
+    dicom, nifti = config.dicom_settings, config.nifti_settings
+    if dicom is not None:
+        from operators import dicom as dicom_module
+
+        return {
+            **{name: output_type(kind, name) for name, kind in dicom.column_types().items()},
+            dicom_module.RECORD_COLUMN: output_type(dicom_module.RECORD_TYPE, dicom_module.RECORD_COLUMN),
+        }
+    if nifti is not None:
+        from operators import nifti as nifti_module
+
+        return {nifti_module.RECORD_COLUMN: output_type(nifti_module.RECORD_TYPE, nifti_module.RECORD_COLUMN)}
+    return {}
+
+
+# Bytes read from the start of a NIfTI file to plan it: its header (348 or 540 bytes, gzip-compressed
+# in a .nii.gz) and room for the compression's framing.
+NIFTI_HEAD_BYTES = 64 * 1024
+PLANNING_THREADS = 8
+PLANNING_LOOKAHEAD = 64
+
+
+class _VolumePlanner:
+    """Plans the rows of a DICOM or NIfTI folder's files from their headers only: a DICOM file is one
+    row per frame, with its SOP Instance UID as id (`source.dicom.id`), a NIfTI volume one row per
+    slice. A row is an entry (id, path, problem, frame or slice, path relative to the folder); a file
+    that is no input is one row whose problem says why. Headers are read ahead on a few threads (an
+    object store answers each with a round trip)."""
+
+    def __init__(self, config: SourceConfig, filesystem):
+        self.config, self.filesystem = config, filesystem
+
+    def plan(self, files):
+        """Each (relative, path, problem) file's rows, in order, reading up to `PLANNING_LOOKAHEAD`
+        headers ahead."""
+        from collections import deque
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(PLANNING_THREADS) as pool:
+            pending: deque = deque()
+            for listed in files:
+                pending.append(pool.submit(self.rows, *listed))
+                if len(pending) >= PLANNING_LOOKAHEAD:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+
+    def rows(self, relative: str, path: str, problem: str | None) -> list[tuple]:
+        if problem is not None:
+            return [(relative, path, problem, None, relative)]
+        if self.config.format == "nifti":
+            return self._nifti_rows(relative, path)
+        return self._dicom_rows(relative, path)
+
+    def _dicom_rows(self, relative: str, path: str) -> list[tuple]:
+        from operators.dicom import header_facts
+
+        try:
+            with self.filesystem.open(path, "rb") as handle:
+                facts = header_facts(handle)
+        except OSError as error:
+            return [(relative, path, f"cannot read the file ({type(error).__name__})", None, relative)]
+        if facts.problem is not None:
+            return [(relative, path, facts.problem, None, relative)]
+        by_path = self.config.dicom_settings.id == "path" or not facts.sop_instance_uid
+        base = relative if by_path else facts.sop_instance_uid
+        if facts.frames == 1:
+            return [(base, path, None, None, relative)]
+        return [(f"{base}#{frame}", path, None, frame, relative) for frame in range(1, facts.frames + 1)]
+
+    def _nifti_rows(self, relative: str, path: str) -> list[tuple]:
+        from operators.nifti import slice_count
+
+        try:
+            with self.filesystem.open(path, "rb") as handle:
+                head = handle.read(NIFTI_HEAD_BYTES)
+        except OSError as error:
+            return [(relative, path, f"cannot read the file ({type(error).__name__})", None, relative)]
+        try:
+            count = slice_count(head, self.config.nifti_settings)
+        except RowError as problem:
+            return [(relative, path, str(problem), None, relative)]
+        return [(f"{relative}#{index}", path, None, index, relative) for index in range(count)]
 
 
 def _walk_local_folder(root: str):
@@ -427,6 +557,8 @@ def read_fragment(
 
     if config.format == "images":
         return _read_folder_fragment(filesystem, root, index, fragment, keep_source_image, skip_rows, first)
+    if config.format in FOLDER_FORMATS:
+        return _read_volume_fragment(config, filesystem, root, index, fragment, keep_source_image, skip_rows, first)
     if config.format == "arrow":
         raw = read_arrow_file(filesystem, fragment.path)
         raw = raw.select([name for name in columns if name in raw.column_names]) if columns is not None else raw
@@ -454,7 +586,11 @@ def read_fragment(
         return raw
     if config.id_column not in raw.column_names:
         raw = raw.append_column(config.id_column, pa.nulls(raw.num_rows, pa.string()))
-    table = normalize_parquet_batch(raw, config.id_column, config.image_column, keep_source_image, column_types)
+    table = normalize_parquet_batch(
+        raw, config.id_column, config.image_column, keep_source_image, column_types, config.dicom_settings is not None
+    )
+    if config.dicom_settings is not None:
+        table = _decode_dicom_cells(table, config, keep_source_image)
     return _tags_last(table)
 
 
@@ -498,6 +634,143 @@ def _read_folder_fragment(
     return pa.table(columns)
 
 
+def _read_volume_fragment(
+    config: SourceConfig, filesystem, root: str, index: int, fragment: Fragment, keep_source_image, skip_rows, first
+) -> pa.Table:
+    """A run of a DICOM or NIfTI folder's rows: each file read once for the frames or slices of it the
+    run holds, decoded to pixels (`operators.dicom`, `operators.nifti`), with the record of what was
+    read and applied and (DICOM) the kept attributes; a file or frame that cannot be read becomes an
+    error row naming the file (and frame), never an identifying header value."""
+    from itertools import groupby
+
+    local_root = os.path.realpath(root) if is_local(filesystem) else None
+    wanted = [
+        (position, entry)
+        for position, entry in enumerate(fragment.entries[:first])
+        if not (skip_rows and position in skip_rows)
+    ]
+    ids, arrays, errors, records, attributes, positions = [], [], [], [], [], []
+    for path, group in groupby(wanted, key=lambda item: item[1][1]):
+        group = list(group)
+        problem, relative = group[0][1][2], _relative_of(group[0][1])
+        data = None
+        if problem is None and local_root is not None and not is_inside(os.path.realpath(path), local_root):
+            problem = "symlink leaves the source folder"
+        if problem is None:
+            try:
+                data = filesystem.cat_file(path)
+            except OSError as error:
+                problem = f"cannot read the file ({type(error).__name__})"
+        results = [RowError(problem)] * len(group) if problem is not None else _decode_volume(config, data, group)
+        for (position, entry), result in zip(group, results, strict=True):
+            ids.append(entry[0])
+            positions.append(position)
+            if isinstance(result, RowError):
+                where = relative if entry[3] is None else f"{relative} {_frame_word(config)} {entry[3]}"
+                arrays.append(None), records.append(None), attributes.append({})
+                errors.append(f"{result}: {where}")
+            else:
+                arrays.append(result[0]), records.append(result[1]), attributes.append(result[2])
+                errors.append(None)
+    pixels = to_pixels(arrays)
+    columns = {
+        "id": pa.array(ids, pa.string()),
+        "image": pixels,
+        "status": pa.array([OK if error is None else ERROR for error in errors], pa.string()),
+        "error": pa.array(errors, pa.string()),
+    }
+    if keep_source_image:
+        columns["source_image"] = pixels
+    columns.update(_volume_record_columns(config, records, attributes))
+    columns[FRAGMENT] = pa.array([index] * len(ids), pa.int32())
+    columns[ROW] = pa.array(positions, pa.int64())
+    return pa.table(columns)
+
+
+def _frame_word(config: SourceConfig) -> str:
+    return "slice" if config.format == "nifti" else "frame"
+
+
+def _decode_volume(config: SourceConfig, data: bytes, group: list) -> list:
+    """(array, record, attributes) or RowError for each (position, entry) of one file's rows."""
+    if config.format == "nifti":
+        from operators.nifti import read_slices
+
+        results = read_slices(data, config.nifti_settings, [entry[3] for _, entry in group])
+        return [result if isinstance(result, RowError) else (*result, {}) for result in results]
+    from operators.dicom import decode_frames
+
+    frames = [entry[3] or 1 for _, entry in group]
+    results = decode_frames(data, config.dicom_settings, frames)
+    return [
+        result if isinstance(result, RowError) else (result.array, result.record, result.attributes)
+        for result in results
+    ]
+
+
+def _volume_record_columns(config: SourceConfig, records: list, attributes: list[dict]) -> dict[str, pa.Array]:
+    """The record column and (DICOM) one column per kept attribute, in the types `_volume_columns` fixes."""
+    types = _volume_columns(config)
+    if config.dicom_settings is not None:
+        from operators.dicom import RECORD_COLUMN
+    else:
+        from operators.nifti import RECORD_COLUMN
+    columns = {RECORD_COLUMN: pa.array(records, types[RECORD_COLUMN])}
+    for name, kind in types.items():
+        if name != RECORD_COLUMN:
+            columns[name] = pa.array([values.get(name) for values in attributes], kind)
+    return columns
+
+
+def _decode_dicom_cells(table: pa.Table, config: SourceConfig, keep_source_image: bool) -> pa.Table:
+    """A table whose image column holds DICOM files: each ok row's file decoded to pixels (one frame:
+    a multi-frame file in a cell is an error row, as is a cell that holds no DICOM), with its record
+    and kept attributes as columns."""
+    from operators.dicom import decode_frames, header_facts, is_dicom
+
+    image_column = config.image_column
+    statuses = table.column("status").to_pylist()
+    errors = table.column("error").to_pylist()
+    arrays, records, attributes = [], [], []
+    for position, data in enumerate(table.column("image").to_pylist()):
+        result: object = None
+        if statuses[position] == OK:
+            if not is_dicom(data):
+                result = RowError(f"{image_column} holds no DICOM file in this row (no DICM preamble)")
+            else:
+                facts = header_facts(io.BytesIO(data))
+                if facts.problem is not None:
+                    result = RowError(facts.problem)
+                elif facts.frames > 1:
+                    result = RowError(
+                        f"{image_column} holds a multi-frame DICOM file ({facts.frames} frames) in this row; read "
+                        "multi-frame files as a folder (source.format: dicom), one row per frame"
+                    )
+                else:
+                    result = decode_frames(data, config.dicom_settings, [1])[0]
+        if isinstance(result, RowError):
+            statuses[position], errors[position] = ERROR, str(result)
+        ok = result is not None and not isinstance(result, RowError)
+        arrays.append(result.array if ok else None)
+        records.append(result.record if ok else None)
+        attributes.append(result.attributes if ok else {})
+    pixels = to_pixels(arrays)
+    columns = {
+        "image": pixels,
+        "status": pa.array(statuses, pa.string()),
+        "error": pa.array(errors, pa.string()),
+        **({"source_image": pixels} if keep_source_image else {}),
+        **_volume_record_columns(config, records, attributes),
+    }
+    for name, column in columns.items():
+        table = (
+            table.set_column(table.column_names.index(name), name, column)
+            if name in table.column_names
+            else table.append_column(name, column)
+        )
+    return table
+
+
 def _tags_last(table: pa.Table) -> pa.Table:
     names = [name for name in table.column_names if name not in (FRAGMENT, ROW)]
     return table.select([*names, FRAGMENT, ROW])
@@ -509,9 +782,11 @@ def normalize_parquet_batch(
     image_column: str,
     keep_source_image: bool = False,
     column_types: dict[str, pa.DataType] | None = None,
+    dicom: bool = False,
 ) -> pa.Table:
     """Turn a Parquet batch into the job's row form (ids as strings, image as bytes, the other
-    columns cast to `column_types`, the types they are written as, and added as nulls if missing)."""
+    columns cast to `column_types`, the types they are written as, and added as nulls if missing).
+    A cell holding a DICOM file is an error row unless the source reads DICOM (`dicom`)."""
     ids = pa.array(
         [None if value is None else str(value) for value in batch.column(id_column).to_pylist()], pa.string()
     )
@@ -526,6 +801,10 @@ def normalize_parquet_batch(
         for index, value in enumerate(images.to_pylist()):
             if value is None:
                 errors[index] = f"{image_column} is null in this row"
+    if not dicom:
+        for index, value in enumerate(images.to_pylist()):
+            if errors[index] is None and value[128:132] == b"DICM":
+                errors[index] = f"{image_column} holds a DICOM file in this row; add a source.dicom section to read it"
     images = images.cast(pa.binary())
     passthrough = batch.drop_columns(list({id_column, image_column}))
     columns = {
@@ -561,7 +840,7 @@ def _not_an_image(data: bytes | None) -> str | None:
     if not data:
         return "empty file"
     if data[128:132] == b"DICM":
-        return "DICOM is not supported as an image-folder source yet"
+        return "a DICOM file (read DICOM folders with source.format: dicom)"
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -608,11 +887,14 @@ def check_ids(config: SourceConfig, info: SourceInfo, tasks: int = 1, num_cpus: 
     the ids' 64-bit hashes into buckets; one task per bucket sorts its hashes and counts repeats; only
     a repeated hash is looked up again, to name the id (and to tell a repeat from a collision).
     Without Ray (`--dry-run`) the same functions run here. An image folder's ids are its unique paths."""
-    if config.format == "images" or not info.fragments:
-        return
+    if config.format in ("images", "nifti") or not info.fragments:
+        return  # ids are paths (and slice indices): unique
     groups = _balanced_groups([(index, fragment, None) for index, fragment in enumerate(info.fragments)], tasks)
     buckets = max(1, min(MAX_ID_BUCKETS, info.row_count // ROWS_PER_ID_BUCKET + 1))
-    what = f"source.id_column {config.id_column!r}"
+    what, hint = f"source.id_column {config.id_column!r}", ""
+    if config.format == "dicom":
+        what = "the DICOM files' SOP Instance UIDs (source.dicom.id)"
+        hint = " (a file copied twice? source.dicom.id: path uses each file's path instead)"
     submit, get = _runner(num_cpus)
     parts = [submit(_hash_ids, config, group, buckets, returns=buckets + 1) for group in groups]
     nulls = sum(get([part[0] for part in parts]))
@@ -629,7 +911,7 @@ def check_ids(config: SourceConfig, info: SourceInfo, tasks: int = 1, num_cpus: 
     # A suspect hash none of whose ids repeats is two ids that share a hash, not a repeat.
     repeated -= len(suspects) - len({_id_hash(row_id) for row_id in named})
     if repeated > 0:
-        raise SourceError(f"{what} has {repeated} repeated ids, e.g. {named[:5]}; ids must be unique")
+        raise SourceError(f"{what} has {repeated} repeated ids, e.g. {named[:5]}; ids must be unique{hint}")
 
 
 def _runner(num_cpus: float | None):
@@ -655,8 +937,8 @@ def _id_hash(row_id: str) -> int:
 def fragment_ids(config: SourceConfig, filesystem, root: str, index: int, fragment: Fragment) -> list[str | None]:
     """One fragment's ids in row order (strings; None for a null id): an image folder's from its
     listing, a table's from its id column alone."""
-    if config.format == "images":
-        return [row_id for row_id, _, _ in fragment.entries]
+    if config.format in FOLDER_FORMATS:
+        return [entry[0] for entry in fragment.entries]
     table = read_fragment(config, filesystem, root, index, fragment, {}, columns=[config.id_column])
     if config.id_column not in table.column_names:
         return [None] * table.num_rows

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from operators.base import replace_columns
 from operators.images import DEFAULT_MAX_IMAGE_PIXELS
-from operators.rows import RowError
+from operators.rows import RowError, is_pixels, pixel_arrays
 
 SOURCE_IMAGE_COLUMN = "source_image"
 
@@ -81,7 +81,9 @@ def fidelity_batch(
     statuses = batch.column("status").to_pylist()
     errors = batch.column("error").to_pylist()
     encoded = None if outputs is not None else batch.column("image").to_pylist()
-    sources = batch.column(SOURCE_IMAGE_COLUMN).to_pylist()
+    source_column = batch.column(SOURCE_IMAGE_COLUMN)
+    # A source read as pixels (DICOM, NIfTI) travels as pixels; any other as its encoded bytes.
+    sources = pixel_arrays(source_column) if is_pixels(source_column.type) else source_column.to_pylist()
     stage_records = {name: batch.column(name).to_pylist() for name in histogram_stages if name in batch.column_names}
     ssims, psnrs, distances = [], [], []
     for index, status in enumerate(statuses):
@@ -94,7 +96,10 @@ def fidelity_batch(
         if status == "ok":
             try:
                 output = outputs[index] if outputs is not None else decode_array(encoded[index], max_image_pixels)
-                ssim, psnr = compare(output, decode_array(sources[index], max_image_pixels))
+                source = sources[index]
+                ssim, psnr = compare(
+                    output, source if isinstance(source, np.ndarray) else decode_array(source, max_image_pixels)
+                )
             except RowError as problem:
                 statuses[index], errors[index] = "error", f"fidelity: {problem}"
         if statuses[index] == "ok":

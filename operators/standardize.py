@@ -29,8 +29,9 @@ import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from operators.base import Item, Operator, OperatorConfig
+from operators.dicom import DicomConfig
 from operators.diffusion import a1111_parameters
-from operators.images import DEFAULT_MAX_IMAGE_PIXELS, ImageError, decode_array, input_array
+from operators.images import DEFAULT_MAX_IMAGE_PIXELS, decode_array, input_array
 from operators.rows import RowError, dtype_name
 
 if TYPE_CHECKING:
@@ -39,7 +40,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 # Files read from a reference folder or prefix.
-REFERENCE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff")
+REFERENCE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".dcm", ".dicom")
 # Reference histograms keep one bin per 16-bit value; 8-bit references are scaled by 257 into them.
 REFERENCE_LEVELS = 65536
 # Bins of the histograms `histogram_distance` compares.
@@ -103,8 +104,14 @@ class HistogramMatchStep(StepConfig):
     op: Literal["histogram_match"] = Field(description="Step kind.")
     reference: str = Field(
         min_length=1,
-        description="One image file, or a folder or prefix whose images (png, jpg, jpeg, webp, tif, tiff) "
-        "are pooled into one reference; a local path, file:// or s3:// URI.",
+        description="One image or DICOM file, or a folder or prefix whose images (png, jpg, jpeg, webp, tif, tiff) "
+        "and DICOM files (dcm, dicom: a reference series) are pooled into one reference; a local path, file:// or "
+        "s3:// URI.",
+    )
+    dicom: DicomConfig | None = Field(
+        None,
+        description="How the reference's DICOM files are read (every frame of each); give the source's "
+        "source.dicom settings so both sides have the same intensities. Default: source.dicom's defaults.",
     )
 
     @field_validator("reference")
@@ -404,10 +411,15 @@ def reference_files(uri: str, storage_options: dict | None = None) -> tuple[fssp
 
 
 def load_reference(
-    uri: str, storage_options: dict | None = None, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    uri: str,
+    storage_options: dict | None = None,
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    dicom: DicomConfig | None = None,
 ) -> ReferenceHistogram:
     """Read a reference image, or every image of a reference folder or prefix, into one pooled
-    histogram; the images are decoded one at a time with `decode_array`'s rules."""
+    histogram; the images are decoded one at a time with `decode_array`'s rules, DICOM files (every
+    frame) with `operators.dicom`'s and the `dicom` settings."""
+    from operators.dicom import decode_frames, is_dicom
     from operators.storage import redact
 
     filesystem, files = reference_files(uri, storage_options)
@@ -417,8 +429,14 @@ def load_reference(
             with filesystem.open(path, "rb") as handle:
                 data = handle.read()
             try:
-                yield decode_array(data, max_pixels)
-            except ImageError as error:
+                if is_dicom(data):
+                    for frame in decode_frames(data, dicom or DicomConfig(), None):
+                        if isinstance(frame, RowError):
+                            raise frame
+                        yield frame.array
+                else:
+                    yield decode_array(data, max_pixels)
+            except RowError as error:
                 raise ValueError(f"histogram_match reference {redact(path)}: {error}") from None
 
     reference = reference_from_arrays(arrays())
@@ -527,7 +545,7 @@ class Standardize(Operator):
         for step in matches:
             if step.reference not in self.references:
                 self.references[step.reference] = load_reference(
-                    step.reference, self.model_storage_options, self.max_image_pixels
+                    step.reference, self.model_storage_options, self.max_image_pixels, step.dicom
                 )
         # Distances are measured against the last histogram_match step's reference.
         self.distance_histogram = self.references[matches[-1].reference] if matches else None

@@ -190,7 +190,7 @@ def test_dicom_file_in_a_folder_is_an_error_row_that_says_so(ray_session, tmp_pa
     (tmp_path / "scan.dcm").write_bytes(b"\x00" * 128 + b"DICM" + b"\x02\x00\x00\x00")
     rows = read_rows(SourceConfig(uri=str(tmp_path), format="images"))
     assert rows["scan.dcm"]["status"] == "error"
-    assert rows["scan.dcm"]["error"] == "DICOM is not supported as an image-folder source yet: scan.dcm"
+    assert rows["scan.dcm"]["error"] == "a DICOM file (read DICOM folders with source.format: dicom): scan.dcm"
     assert rows["a.png"]["status"] == "ok"
 
 

@@ -92,7 +92,7 @@ CASES = [
     ("missing-sink", {"source": {"uri": "in"}, "operators": job()["operators"]}, [], "sink: Field required"),
     ("sink-a-string", job(sink="out"), [], "sink: Input should be a valid dictionary"),
     ("wrong-type", job(sink={"uri": "out", "write_images": "maybe"}), [], "sink.write_images: Input should be"),
-    ("unknown-format", job(source={"uri": "in", "format": "dicom"}), [], "source.format: Input should be"),
+    ("unknown-format", job(source={"uri": "in", "format": "tfrecord"}), [], "source.format: Input should be"),
     ("unknown-mode", job(sink={"uri": "out", "mode": "append"}), [], "sink.mode: Input should be"),
     ("typo-top-level", {**job(), "operator": []}, [], "operator: unknown field; accepted: fidelity, operators"),
     (
