@@ -138,9 +138,7 @@ def test_a_rerun_writes_the_same_dicom_uids(ray_session, tmp_path):
 def test_dicom_bytes_in_a_parquet_column_are_read_with_a_dicom_section(ray_session, tmp_path):
     import pyarrow as pa
 
-    cells = [
-        Path(sample(name)).read_bytes() for name in ("CT_small.dcm", "MR_small_RLE.dcm", "SC_rgb_rle_2frame.dcm")
-    ]
+    cells = [Path(sample(name)).read_bytes() for name in ("CT_small.dcm", "MR_small_RLE.dcm", "SC_rgb_rle_2frame.dcm")]
     pq.write_table(pa.table({"id": ["ct", "mr", "multi"], "image": cells}), tmp_path / "in.parquet")
     data = job(tmp_path / "in.parquet", tmp_path / "out", dicom={"window": "brain", "bit_depth": 8})
     data["source"]["format"] = "parquet"
