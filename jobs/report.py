@@ -192,10 +192,10 @@ def _skipped_html(info: SourceInfo) -> str:
     listed = ", ".join(html.escape(path) for path in info.skipped)
     left = info.skipped_files - len(info.skipped)
     more = f" and {left} more" if left else ""
-    return (
-        f"<p class=skipped>{info.skipped_files} files skipped (hidden, or matching no source.include pattern): "
-        f"{listed}{more}</p>"
-    )
+    why = "hidden, or matching no source.include pattern"
+    if any(path.rsplit("/", 1)[-1].upper() == "DICOMDIR" for path in info.skipped):
+        why = "hidden, matching no source.include pattern, or a DICOMDIR index"
+    return f"<p class=skipped>{info.skipped_files} files skipped ({why}): {listed}{more}</p>"
 
 
 def _first_inputs(config: JobConfig, info: SourceInfo, count: int) -> tuple[dict[str, bytes | None], list[str]]:

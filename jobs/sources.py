@@ -227,7 +227,11 @@ def _inspect_folder(config: SourceConfig, filesystem, root: str) -> SourceInfo:
             for relative, path, problem in entries:
                 if not relative or relative.endswith("/"):
                     continue  # an object store's folder marker
-                if _is_hidden(relative) or (config.include is not None and not _included(relative, config.include)):
+                if (
+                    _is_hidden(relative)
+                    or (config.include is not None and not _included(relative, config.include))
+                    or (config.format == "dicom" and relative.rsplit("/", 1)[-1].upper() == "DICOMDIR")
+                ):
                     skipped_files += 1
                     if len(skipped) < SKIPPED_NAMED:
                         skipped.append(relative)
@@ -254,7 +258,10 @@ def _inspect_folder(config: SourceConfig, filesystem, root: str) -> SourceInfo:
     if chunk:
         fragments.append(_folder_fragment(chunk))
     if skipped_files:
-        logger.info("source: %d files are not read (hidden, or matching no source.include pattern)", skipped_files)
+        logger.info(
+            "source: %d files are not read (hidden, matching no source.include pattern, or a DICOMDIR index)",
+            skipped_files,
+        )
     if not fragments:
         if config.include is not None:
             raise SourceError(

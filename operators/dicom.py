@@ -198,13 +198,16 @@ def _arrow_type(vr: str) -> pa.DataType:
 _quiet_lock = threading.Lock()
 _quiet_depth = 0
 _quiet_saved: tuple[Any, int] | None = None
+_IGNORE_ALL = ("ignore", None, Warning, None, 0)  # the filter `warnings.simplefilter("ignore")` adds
 
 
 @contextlib.contextmanager
 def quiet_pydicom() -> Iterator[None]:
-    """pydicom with value validation off, its warnings ignored and its logger silent, for the block
+    """pydicom with value validation off, warnings ignored and its logger silent, for the block
     only: its messages quote element values, which may identify a patient. Nested and concurrent uses
-    share one saved state, restored when the last one leaves."""
+    (planning reads headers on threads) share one saved state, set by the first to enter and restored
+    when the last one leaves: `warnings.catch_warnings` is not thread-safe (one thread leaving would
+    restore the filters while another still reads)."""
     global _quiet_depth, _quiet_saved
     import pydicom.config
 
@@ -214,17 +217,19 @@ def quiet_pydicom() -> Iterator[None]:
             _quiet_saved = (pydicom.config.settings.reading_validation_mode, pydicom_logger.level)
             pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
             pydicom_logger.setLevel(logging.CRITICAL + 1)
+            warnings.simplefilter("ignore")
         _quiet_depth += 1
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
+        yield
     finally:
         with _quiet_lock:
             _quiet_depth -= 1
             if _quiet_depth == 0 and _quiet_saved is not None:
                 pydicom.config.settings.reading_validation_mode, level = _quiet_saved
                 pydicom_logger.setLevel(level)
+                # The filter `simplefilter` put first; an ignored warning leaves no registry entry behind.
+                with contextlib.suppress(ValueError):
+                    warnings.filters.remove(_IGNORE_ALL)
                 _quiet_saved = None
 
 

@@ -31,7 +31,6 @@ units (Hounsfield units for CT):
 from __future__ import annotations
 
 import io
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -281,8 +280,9 @@ def derived_instance(
     `DerivationDescription`."""
     # pydicom warns and logs with the offending value (e.g. "Invalid value for VR IS: ..."): never
     # let a header value reach a log. Values are not validated; dciodvfy checks what is written.
-    with warnings.catch_warnings(), pydicom.config.disable_value_validation():
-        warnings.simplefilter("ignore")
+    from operators.dicom import quiet_pydicom
+
+    with quiet_pydicom(), pydicom.config.disable_value_validation():
         return _derived_instance(array, record, attributes, config_hash, variant_index, derivation)
 
 

@@ -280,3 +280,32 @@ def test_no_identifying_value_leaves_a_run(tmp_path, request):
     for stream in (result.stdout, result.stderr):
         leaks += [f"output: {sentinel}" for sentinel in SENTINELS if sentinel.encode() in stream]
     assert not leaks
+
+
+def test_a_dicom_prefix_on_s3_is_planned_from_headers_and_read(ray_session, s3_bucket, tmp_path):
+    bucket, storage, client = s3_bucket
+    client.put_object(Bucket=bucket, Key="scans/a/ct", Body=Path(sample("CT_small.dcm")).read_bytes())
+    client.put_object(Bucket=bucket, Key="scans/b/two.dcm", Body=Path(sample("SC_rgb_rle_2frame.dcm")).read_bytes())
+    data = job(tmp_path, tmp_path / "out")
+    data["source"] = {"uri": f"s3://{bucket}/scans", "format": "dicom", "storage": storage}
+    run_job(validate_config(data))
+    rows = output_rows(tmp_path / "out")
+    multi = read_dicom(sample("SC_rgb_rle_2frame.dcm")).SOPInstanceUID
+    assert sorted(rows) == sorted([read_dicom(sample("CT_small.dcm")).SOPInstanceUID, f"{multi}#1", f"{multi}#2"])
+    assert {row["status"] for row in rows.values()} == {"ok"}
+
+
+def test_the_output_of_a_dicom_source_loads_in_datasets(ray_session, tmp_path):
+    import datasets
+
+    source = tmp_path / "in"
+    source.mkdir()
+    shutil.copyfile(sample("CT_small.dcm"), source / "ct.dcm")
+    shutil.copyfile(sample("MR_small.dcm"), source / "mr.dcm")
+    (source / "DICOMDIR").write_bytes(Path(sample("CT_small.dcm")).read_bytes()[:132])  # an index: not an input
+    run_job(validate_config(job(source, tmp_path / "out")))
+    loaded = datasets.load_dataset("parquet", data_files=str(tmp_path / "out" / "data" / "*.parquet"), split="train")
+    assert len(loaded) == 2
+    row = next(item for item in loaded if item["Modality"] == "CT")
+    assert row["dicom"]["window_source"] == "image range" and row["image"].mode == "I;16"
+    assert row["PixelSpacing"] == [float(value) for value in read_dicom(sample("CT_small.dcm")).PixelSpacing]

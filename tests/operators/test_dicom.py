@@ -432,3 +432,31 @@ def test_scrub_removes_identifying_values_and_private_strings():
     dataset.add_new(0x00091001, "LO", "PRIVATE-SENTINEL")
     message = f"bad value {SENTINELS[3]} for Zyxwv born {SENTINELS[4]} note PRIVATE-SENTINEL, CT ok"
     assert scrub(message, dataset) == "bad value <removed> for <removed> born <removed> note <removed>, CT ok"
+
+
+def test_quiet_reading_holds_while_any_thread_is_still_reading():
+    """Planning reads headers on threads: one thread leaving must not bring warnings back for another."""
+    import threading
+
+    from operators.dicom import quiet_pydicom
+
+    inside, leave = threading.Event(), threading.Event()
+
+    def first_reader():
+        with quiet_pydicom():
+            inside.set()
+            leave.wait(10)
+
+    thread = threading.Thread(target=first_reader)
+    thread.start()
+    assert inside.wait(10)
+    with quiet_pydicom():
+        leave.set()
+        thread.join(10)  # the first reader has left; this one still reads
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.warn("Invalid value for VR PN: 'SENTINEL^NAME'", stacklevel=1)
+    assert not caught
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warnings.warn("after the readers", stacklevel=1)
+    assert len(caught) == 1
