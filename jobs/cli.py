@@ -29,6 +29,7 @@ LOG_DIR_VARIABLE = "RESTYLE_LOG_DIR"
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `restyle` console script."""
     parser = argparse.ArgumentParser(prog="restyle", description="Batch image-to-image jobs on Ray Data.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {restyle_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="run (or --dry-run) a YAML job")
@@ -78,12 +79,60 @@ def main(argv: list[str] | None = None) -> int:
     )
     demo_data.add_argument("directory")
 
+    push = commands.add_parser("push", help="upload a finished sink to a Hugging Face Hub dataset repository")
+    push.add_argument("sink", help="the job's sink.uri (a local folder)")
+    push.add_argument("repo", help="dataset repository, e.g. NAME/DATASET (created if absent)")
+    push.add_argument("--private", action="store_true", help="create the repository private")
+    push.add_argument("--token-env", metavar="VAR", help="variable holding the Hub token (default: HF_TOKEN or login)")
+
+    # Before or after the command: `restyle -q run job.yaml` and `restyle run job.yaml -q` alike.
+    add_output_options(parser, defaults=True)
+    for command in commands.choices.values():
+        add_output_options(command, defaults=False)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from jobs.progress import configure_output
+
+    configure_output(args.log_level, verbose=args.verbose, quiet=args.quiet)
     try:
         return _command(args)
     except Exception as error:
         return report_failure(error, f"{args.command} failed", "traceback in")
+
+
+def add_output_options(parser: argparse.ArgumentParser, defaults: bool) -> None:
+    """-q/--quiet, --log-level and --verbose. A command's parser sets no defaults, so an option given
+    before the command is not reset by the command's own parser."""
+    from jobs.progress import LOG_LEVELS
+
+    def default(value):
+        return value if defaults else argparse.SUPPRESS
+
+    parser.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        default=default(False),
+        help="print only errors and, at the end, where the outputs, summary and report are",
+    )
+    parser.add_argument(
+        "--log-level", choices=LOG_LEVELS, default=default("info"), help="restyle's log level (default: info)"
+    )
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        default=default(False),
+        help="also show Ray's own start-up lines, Ray Data's progress bars and status block, and library notices",
+    )
+
+
+def restyle_version() -> str:
+    """The installed restyle's version (its package metadata)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("restyle")
+    except metadata.PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def _command(args: argparse.Namespace) -> int:
@@ -101,6 +150,13 @@ def _command(args: argparse.Namespace) -> int:
         print(make_medical_demo_data(args.directory))
         return 0
 
+    if args.command == "push":
+        from jobs.hub import push
+
+        url, files = push(args.sink, args.repo, private=args.private, token_env=args.token_env)
+        print(f"pushed {len(files)} files to {url}")
+        return 0
+
     if args.command == "submit":
         from jobs.submit import submit as submit_job
 
@@ -109,7 +165,7 @@ def _command(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     if args.dry_run:
         return dry_run(config)
-    return run_config(config, rerun_failed=args.rerun_failed, force=args.force)
+    return run_config(config, rerun_failed=args.rerun_failed, force=args.force, verbose=args.verbose, quiet=args.quiet)
 
 
 def dry_run(config: JobConfig) -> int:
@@ -146,8 +202,11 @@ def dry_run(config: JobConfig) -> int:
     return EXIT_CONFIG if problems else 0
 
 
-def run_config(config: JobConfig, rerun_failed: bool = False, force: bool = False) -> int:
-    """Run a validated job; print where its outputs, summary and report are.
+def run_config(
+    config: JobConfig, rerun_failed: bool = False, force: bool = False, verbose: bool = False, quiet: bool = False
+) -> int:
+    """Run a validated job; print its summary (not when `quiet`) and where its outputs, summary and
+    report are.
 
     A `UserError` (bad source, sink, plan, model) is one `error:` line and exit 2; any other failure
     of the job is one `error: job failed: TYPE: first line (full log in PATH)` line and exit 1, with
@@ -156,14 +215,15 @@ def run_config(config: JobConfig, rerun_failed: bool = False, force: bool = Fals
     from jobs.report import AccountingError
 
     try:
-        result = run_job(config, rerun_failed=rerun_failed, force=force)
+        result = run_job(config, rerun_failed=rerun_failed, force=force, verbose=verbose, quiet=quiet)
     except AccountingError as error:
         print(f"error: {redact(str(error))}", file=sys.stderr)
         return EXIT_FAILED
     except Exception as error:
         return report_failure(error, "job failed", "full log in")
     summary = result.summary
-    print(json.dumps(summary, indent=2))
+    if not quiet:
+        print(json.dumps(summary, indent=2))
     print(f"outputs: {config.sink.uri}/data/*.parquet")
     print(f"summary: {config.sink.uri}/summary.json")
     print(f"report:  {summary['report']}")

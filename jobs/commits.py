@@ -38,22 +38,27 @@ import pyarrow.parquet as pq
 
 from jobs.config import JobConfig, SinkConfig
 from jobs.fragments import SOURCE_FRAGMENT, add_tallies, tally
+from jobs.hub import CARD, is_restyle_card
 from jobs.lease import LEASE
 from operators.base import UserError, library_versions
 from operators.rows import ERROR
-from operators.storage import filesystem_for, is_inside, is_local, join, open_atomically
+from operators.storage import filesystem_for, is_inside, is_local, join, open_atomically, scheme_of
 
 logger = logging.getLogger(__name__)
 
 COMMITS = "_commits"
 MANIFEST = "_manifest.json"
 # Everything restyle writes at the top of a sink; `data/`, `images/` and `dicom/` hold only the names below.
-OUTPUT_NAMES = ("data", "images", "dicom", COMMITS, MANIFEST, "summary.json", "report.html", LEASE)
-OUTPUT_FOLDERS = ("data", "images", "dicom", COMMITS)
+WEBDATASET = "webdataset"
+# `sink.imagefolder`'s metadata, beside the image files.
+IMAGEFOLDER_METADATA = "images/metadata.jsonl"
+OUTPUT_NAMES = ("data", "images", "dicom", WEBDATASET, COMMITS, MANIFEST, "summary.json", "report.html", LEASE, CARD)
+OUTPUT_FOLDERS = ("data", "images", "dicom", WEBDATASET, COMMITS)
 _ATTEMPT = re.compile(r"part-a(\d{4,})-")
 _SHARD_FILE = re.compile(r"part-a\d{4,}-[0-9a-z]+-[0-9a-z]+-\d{3}\.parquet|part-a\d{4,}-r?\d{5}-\d{3}\.parquet")
 # Exactly what `jobs.sinks.image_file_name` makes: a user's `logo.v2.png` is not ours.
-_IMAGE_FILE = re.compile(r"[A-Za-z0-9._-]{1,80}-[0-9a-f]{16}\.v\d+\.(png|webp|jpg)")
+_IMAGE_FILE = re.compile(r"[A-Za-z0-9._-]{1,80}-[0-9a-f]{16}\.v\d+\.(png|webp|jpg)|metadata\.jsonl")
+_WEBDATASET_FILE = re.compile(r"part-a\d{4,}-[0-9a-z]+-[0-9a-z]+-\d{3}\.tar")
 _DICOM_FILE = re.compile(r"[A-Za-z0-9._-]{1,80}-[0-9a-f]{16}\.v\d+\.dcm")
 # A file `open_atomically` was writing when its process died: `.<name>.<8 hex>.tmp`.
 _TEMPORARY = re.compile(r"\..+\.[0-9a-f]{8}\.tmp")
@@ -134,6 +139,11 @@ def shard_commit(
 def shard_name(attempt: int, run_id: str, task: str, index: int) -> str:
     """A shard's path inside the sink: unique per run (run id), write task and shard index."""
     return f"data/part-a{attempt:04d}-{run_id}-{task}-{index:03d}.parquet"
+
+
+def webdataset_shard_name(shard: str) -> str:
+    """The WebDataset tar written with a shard (`sink.webdataset`): `webdataset/<shard's name>.tar`."""
+    return f"{WEBDATASET}/{shard.rsplit('/', 1)[-1].removesuffix('.parquet')}.tar"
 
 
 def commit_shard(filesystem, root: str, commit: Commit) -> None:
@@ -217,6 +227,13 @@ class SinkState:
         temporary files and the manifest. Only called while this run holds the sink's lease."""
         live = set(self.shards)
         leftovers = [path for path in self._list("data") if path not in live and _is_shard_or_temporary(path)]
+        live_tars = {join(self.root, webdataset_shard_name(shard)) for shard in self.commits}
+        leftovers += [
+            path
+            for path in self._list(WEBDATASET)
+            if path not in live_tars
+            and (_WEBDATASET_FILE.fullmatch(path.rsplit("/", 1)[-1]) or _TEMPORARY.fullmatch(path.rsplit("/", 1)[-1]))
+        ]
         for record in self._list(COMMITS):
             name = record.rsplit("/", 1)[-1]
             if not name.endswith(".json") or "data/" + name.removesuffix(".json") not in self.commits:
@@ -308,13 +325,20 @@ class SinkState:
             if not count:
                 continue
             kept = table.filter(pc.invert(failed))
+            # A shard's WebDataset tar holds only its ok rows: the rewrite's is the same file, renamed.
+            tar = join(self.root, webdataset_shard_name(shard))
+            has_tar = self.filesystem.exists(tar)
             if kept.num_rows:
                 name = shard_name(attempt, run_id, f"r{index:04d}", 0)
+                if has_tar:
+                    self.filesystem.cp_file(tar, join(self.root, webdataset_shard_name(name)))
                 commit = shard_commit(name, kept, job_hash, attempt, run_id, replaces=[shard])
                 write_shard(self.filesystem, self.root, name, kept, commit)
                 self.commits[name] = commit
             self.filesystem.rm(join(self.root, COMMITS, shard.rsplit("/", 1)[-1] + ".json"))
             self.filesystem.rm(join(self.root, shard))
+            if has_tar:
+                self.filesystem.rm(tar)
             del self.commits[shard]
             dropped += count
         return dropped
@@ -340,9 +364,13 @@ def survey(filesystem, root: str) -> tuple[list[str], list[str]]:
     for path in sorted(filesystem.ls(root, detail=False)):
         name = path.rstrip("/").rsplit("/", 1)[-1]
         if name in OUTPUT_FOLDERS and filesystem.isdir(path) and not _is_link(filesystem, path):
-            pattern = {"data": _SHARD_FILE, "images": _IMAGE_FILE, "dicom": _DICOM_FILE, COMMITS: re.compile(r".*")}[
-                name
-            ]
+            pattern = {
+                "data": _SHARD_FILE,
+                "images": _IMAGE_FILE,
+                "dicom": _DICOM_FILE,
+                WEBDATASET: _WEBDATASET_FILE,
+                COMMITS: re.compile(r".*"),
+            }[name]
             files = set(_files_in(filesystem, path))
             for inner in sorted(filesystem.ls(path, detail=False)):
                 base = inner.rstrip("/").rsplit("/", 1)[-1]
@@ -351,6 +379,8 @@ def survey(filesystem, root: str) -> tuple[list[str], list[str]]:
                 else:  # anything else, subfolders and links included, is not restyle's
                     foreign.append(inner.rstrip("/")[len(root.rstrip("/")) + 1 :])
         elif name in (MANIFEST, "summary.json", "report.html", LEASE) or _TEMPORARY.fullmatch(name):
+            ours.append(path)
+        elif name == CARD and is_restyle_card(filesystem, path):  # a README.md of the user's is theirs
             ours.append(path)
         else:
             foreign.append(name)
@@ -421,10 +451,11 @@ def check_sink_location(config: JobConfig) -> None:
     filesystem or bucket root. Paths are compared resolved: `~` expanded, symlinks followed."""
     uri = config.sink.uri
     scheme, sink = _location(uri)
-    if scheme == "s3":
-        if "/" not in sink:
+    if scheme != "file":
+        if "/" not in sink.strip("/") and scheme != "memory":
             raise SinkError(
-                f"sink.uri {uri} is a bucket root; restyle needs a prefix of its own, e.g. s3://{sink}/restyle-out"
+                f"sink.uri {uri} is a bucket root; restyle needs a prefix of its own, e.g. "
+                f"{scheme}://{sink.strip('/')}/restyle-out"
             )
     else:
         resolved = f" (resolved: {sink})" if sink != uri else ""
@@ -464,8 +495,9 @@ def storage_errors() -> tuple[type[Exception], ...]:
 
 def _location(uri: str) -> tuple[str, str]:
     """(scheme, resolved path) of the place `filesystem_for` opens for `uri`."""
-    if uri.startswith("s3://"):
-        return "s3", "/".join(part for part in uri[len("s3://") :].split("/") if part)
+    scheme = scheme_of(uri)
+    if scheme is not None:
+        return scheme, "/".join(part for part in uri.split("://", 1)[1].split("/") if part)
     path = uri[len("file://") :] if uri.startswith("file://") else uri
     return "file", _real(fsspec.filesystem("file")._strip_protocol(os.path.expanduser(path)))
 
@@ -478,62 +510,3 @@ def _arrow(filesystem):
     from operators.storage import arrow_filesystem
 
     return arrow_filesystem(filesystem)
-
-
-class ProgressLog:
-    """Logs committed rows at a steady interval while a job runs: scheduled jobs write to files,
-    where Ray's progress bars do not show. Reads only the commit records it has not seen."""
-
-    def __init__(self, config: SinkConfig, attempt: int, already: int, expected: int, interval: float, run_id: str):
-        import threading
-
-        self.filesystem, self.root = filesystem_for(config.uri, config.storage.storage_options())
-        self.prefix = f"part-a{attempt:04d}-{run_id}-"
-        self.already, self.expected, self.interval = already, expected, interval
-        self.seen: dict[str, int] = {}
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="restyle-progress", daemon=True)
-
-    def __enter__(self) -> ProgressLog:
-        import time
-
-        self.started = time.monotonic()
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        self.thread.join(timeout=10)
-
-    def committed_now(self) -> int:
-        """Rows committed so far, this attempt's included."""
-        folder = join(self.root, COMMITS)
-        # refresh: s3fs would otherwise answer from its cached listing and progress would never move.
-        names = self.filesystem.ls(folder, detail=False, refresh=True) if self.filesystem.exists(folder) else []
-        for path in names:
-            name = path.rsplit("/", 1)[-1]
-            # A record being written (`.<name>.<hex>.tmp`) holds this run's prefix too: only whole records count.
-            if name.startswith(self.prefix) and name.endswith(".json") and path not in self.seen:
-                self.seen[path] = json.loads(self.filesystem.cat_file(path))["rows"]
-        return self.already + sum(self.seen.values())
-
-    def line(self) -> str:
-        """One progress line: committed/expected, rate, time left."""
-        import time
-
-        done = self.committed_now()
-        elapsed = time.monotonic() - self.started
-        rate = (done - self.already) / elapsed if elapsed > 0 else 0.0
-        left = f"{(self.expected - done) / rate:.0f} s" if rate > 0 else "unknown"
-        percent = 100.0 * done / self.expected if self.expected else 100.0
-        return (
-            f"progress: {done}/{self.expected} rows committed ({percent:.1f}%), {rate:.2f} rows/s, "
-            f"{elapsed:.0f} s elapsed, about {left} left"
-        )
-
-    def _run(self) -> None:
-        while not self.stop.wait(self.interval):
-            try:
-                logger.info(self.line())
-            except Exception as error:  # progress must never fail a job
-                logger.warning("progress: cannot read commit records: %s", type(error).__name__)

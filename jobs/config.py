@@ -20,7 +20,7 @@ from operators.dicom import DicomConfig
 from operators.fidelity import FidelityConfig
 from operators.images import DEFAULT_MAX_IMAGE_PIXELS, EncodingConfig
 from operators.nifti import NiftiConfig
-from operators.storage import redact
+from operators.storage import REMOTE_SCHEMES, library_options, missing_library, redact, scheme_of
 
 OperatorEntry = Annotated[Union[tuple(OPERATORS)], Field(discriminator="kind")]  # noqa: UP007
 
@@ -35,7 +35,10 @@ class _Frozen(BaseModel):
 
 # The largest value a signed 64-bit integer (Parquet's and Arrow's int64) holds.
 MAX_INT64 = 2**63 - 1
-ACCEPTED_URIS = "a local path, file://PATH or s3://BUCKET/PREFIX"
+ACCEPTED_URIS = (
+    "a local path, file://PATH, s3://BUCKET/PREFIX, gs://BUCKET/PREFIX, az://CONTAINER/PREFIX (or abfs://), "
+    "hf://datasets/OWNER/NAME/PATH or memory://PATH"
+)
 MEBIBYTE = 1024 * 1024
 # Below Arrow's limit of 2 GiB for one binary array (32-bit offsets), with room for a row's other columns.
 MAX_SHARD_BYTES = 1536 * MEBIBYTE
@@ -49,8 +52,11 @@ _BARE_PROTOCOL = re.compile(r"^(file|local):(?!//)", re.IGNORECASE)
 def check_location(uri: str) -> str:
     """Refuse a URI whose scheme restyle cannot read or write (gs://, https://, ...)."""
     match = _SCHEME.match(uri)
-    if match and match.group(1) not in ("file", "s3"):
+    if match and match.group(1) != "file" and match.group(1) not in REMOTE_SCHEMES:
         raise ValueError(f"unsupported URI scheme {match.group(1)!r}; accepted: {ACCEPTED_URIS}")
+    problem = missing_library(uri) if match else None
+    if problem:
+        raise ValueError(problem)
     bare = _BARE_PROTOCOL.match(uri)
     if bare:
         raise ValueError(f"{bare.group(0)!r} without '//' is ambiguous; accepted: {ACCEPTED_URIS}")
@@ -60,15 +66,26 @@ def check_location(uri: str) -> str:
 
 
 class StorageConfig(_Frozen):
-    """Object-storage settings. Left empty, the standard AWS chain applies (AWS_* variables,
-    shared config, instance or pod identity). Secrets are never printed or logged."""
+    """Object-storage settings. Left empty, each store's standard chain applies: for S3 the AWS_*
+    variables, shared config, instance or pod identity; for gs:// GOOGLE_APPLICATION_CREDENTIALS or
+    the machine's identity; for az:// the AZURE_STORAGE_* variables; for hf:// HF_TOKEN or a saved
+    login. Secrets are never printed or logged."""
 
     endpoint_url: str | None = Field(None, description="S3-compatible endpoint, e.g. http://127.0.0.1:9000.")
     region: str | None = Field(None, description="Region name.")
     access_key_id: SecretStr | None = Field(None, description="Access key id.")
     secret_access_key: SecretStr | None = Field(None, description="Secret access key.")
     session_token: SecretStr | None = Field(None, description="Session token for temporary credentials.")
-    anon: bool = Field(False, description="Access public buckets without credentials.")
+    anon: bool = Field(False, description="Access public buckets without credentials (s3://, gs://, az://).")
+    credentials: str | None = Field(
+        None, description="gs:// only: a service-account JSON file (gcsfs `token`), or 'google_default'."
+    )
+    project: str | None = Field(None, description="gs:// only: the Google Cloud project.")
+    account_name: str | None = Field(None, description="az:// and abfs:// only: the storage account name.")
+    account_key: SecretStr | None = Field(None, description="az:// and abfs:// only: the storage account key.")
+    sas_token: SecretStr | None = Field(None, description="az:// and abfs:// only: a shared access signature.")
+    connection_string: SecretStr | None = Field(None, description="az:// and abfs:// only: a connection string.")
+    hub_token: SecretStr | None = Field(None, description="hf:// only: a Hugging Face token.")
 
     @field_validator("endpoint_url")
     @classmethod
@@ -105,21 +122,49 @@ class StorageConfig(_Frozen):
             options["client_kwargs"] = {"region_name": self.region}
         if self.anon:
             options["anon"] = True
+        for name in ("credentials", "project", "account_name"):
+            if getattr(self, name) is not None:
+                options[name] = getattr(self, name)
+        for name in ("account_key", "sas_token", "connection_string", "hub_token"):
+            if getattr(self, name) is not None:
+                options[name] = getattr(self, name).get_secret_value()
         return options
+
+    def not_for(self, uri: str) -> list[str]:
+        """The settings given (by field name) that the remote store `uri` names does not take."""
+        scheme = scheme_of(uri)
+        if scheme is None:
+            return []
+        names = {
+            "key": "access_key_id",
+            "secret": "secret_access_key",
+            "token": "session_token",
+            "client_kwargs": "region",
+        }
+        return sorted(
+            names.get(name, name)
+            for name, value in self.storage_options().items()
+            if not library_options(scheme, {name: value})
+        )
 
 
 # Sources read from a folder of files, one fragment per run of files.
-FOLDER_FORMATS = ("images", "dicom", "nifti")
+FOLDER_FORMATS = ("images", "imagefolder", "dicom", "nifti")
 
 
 class SourceConfig(_Frozen):
     """Where the input rows come from."""
 
     uri: str = Field(description="A Parquet or Arrow file or directory, or an image folder; local path or s3://.")
-    format: Literal["parquet", "arrow", "images", "dicom", "nifti"] = Field(
+    format: Literal["parquet", "arrow", "images", "imagefolder", "webdataset", "dicom", "nifti"] = Field(
         "parquet",
         description="'parquet': Parquet rows with an image column; 'arrow': Arrow IPC files (file or stream "
-        "format, e.g. `datasets.save_to_disk` shards) with an image column; 'images': a folder of image files; "
+        "format, e.g. `datasets.save_to_disk` shards) with an image column; 'images': a folder of image files "
+        "(any format Pillow reads, recognised by content; `NAME.txt` or `NAME.caption` beside `NAME.png` becomes "
+        "the row's `caption` column); 'imagefolder': a Hugging Face imagefolder, images with `metadata.jsonl` or "
+        "`metadata.csv` whose `file_name` column maps each image to its other columns (captions, prompts); "
+        "'webdataset': a WebDataset tar shard or a folder of them (one row per sample, its key as id, its image "
+        "member as the image and every other member as a column named by its extension: `txt`, `json`, `cls`); "
         "'dicom': a folder of DICOM files (recognised by content, whatever their names; one row per frame); "
         "'nifti': a folder of NIfTI volumes (.nii, .nii.gz; one row per slice).",
     )
@@ -219,6 +264,18 @@ class SinkConfig(_Frozen):
     write_images: bool = Field(
         False, description="Also write each output as an image file under images/, in the `encoding` format."
     )
+    webdataset: bool = Field(
+        False,
+        description="Also write each Parquet shard's ok rows as a WebDataset tar shard `webdataset/part-....tar` "
+        "(one sample per output: KEY.png, or .webp/.jpg as `encoding` says, and KEY.json with the row's other "
+        "fields), committed with its Parquet shard.",
+    )
+    imagefolder: bool = Field(
+        False,
+        description="Also make images/ a Hugging Face imagefolder: each output as an image file (as "
+        "`write_images`) and, when the job ends, `images/metadata.jsonl` with every ok row's fields and its "
+        "`file_name`, so `datasets.load_dataset('imagefolder', data_dir=SINK/images)` loads it.",
+    )
     encoding: EncodingConfig = Field(
         default_factory=EncodingConfig,
         description="How each output image is encoded, once, after the last stage: format (png, webp, jpeg), "
@@ -230,9 +287,19 @@ class SinkConfig(_Frozen):
         "referencing its source image, with new deterministic UIDs and no patient identity. Needs a DICOM source.",
     )
     report_rows: int = Field(
-        24, ge=0, le=10_000, description="Rows shown in report.html (input beside output).", strict=True
+        24,
+        ge=0,
+        le=10_000,
+        description="Inputs report.html shows, sampled across the run by a hash of their id, each beside all "
+        "its variants.",
+        strict=True,
     )
     storage: StorageConfig = Field(default_factory=StorageConfig, description="Object-storage settings.")
+
+    @property
+    def writes_images(self) -> bool:
+        """Whether each output is also written as an image file under images/ (`write_images`, `imagefolder`)."""
+        return self.write_images or self.imagefolder
 
     @field_validator("uri")
     @classmethod
@@ -281,7 +348,7 @@ class RunConfig(_Frozen):
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description="Local resources and reserve.")
     offline: bool = Field(True, description="Never reach a model hub; models must be local, on S3 or cached.")
     progress_interval_seconds: float = Field(
-        30.0, ge=1, description="Seconds between progress log lines when stdout is not a terminal."
+        30.0, ge=1, description="Seconds between progress log lines when stderr is not a terminal (a log file)."
     )
     model_storage: StorageConfig = Field(
         default_factory=StorageConfig, description="Object-storage settings for s3:// models."
@@ -298,6 +365,16 @@ class JobConfig(_Frozen):
     fidelity: FidelityConfig | None = Field(
         None, description="Add ssim, psnr and histogram_distance columns against the source; optional thresholds."
     )
+
+    @model_validator(mode="after")
+    def _storage_settings_fit_their_store(self) -> JobConfig:
+        for where, section in (("source", self.source), ("sink", self.sink)):
+            unused = section.storage.not_for(section.uri)
+            if unused:
+                raise ValueError(
+                    f"{where}.storage settings {unused} do not apply to {scheme_of(section.uri)}:// URIs ({where}.uri)"
+                )
+        return self
 
     @model_validator(mode="after")
     def _dicom_sink_needs_a_dicom_source(self) -> JobConfig:

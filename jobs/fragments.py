@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -35,6 +36,19 @@ VARIANT_BITS = 20
 _MASK = (1 << 64) - 1
 
 
+class Entry(NamedTuple):
+    """One row of a folder source, as planned: its id, the file it is read from, why it is not read
+    (None when it is), the frame (DICOM, 1-based) or slice (NIfTI, 0-based) of the file it is, the
+    file's path relative to the folder (volumes), and an image's sidecar caption and metadata."""
+
+    id: str
+    path: str
+    problem: str | None = None
+    frame: int | None = None
+    relative: str | None = None
+    extras: tuple | None = None
+
+
 @dataclass(frozen=True)
 class Fragment:
     """One fragment of the plan (see module docstring)."""
@@ -43,7 +57,7 @@ class Fragment:
     rows: int  # rows the job reads from it (fewer than it holds when source.limit cuts it)
     path: str = ""  # table formats: the file, inside the source's filesystem
     row_group: int | None = None  # Parquet: the row group's index in its file
-    entries: tuple[tuple[str, str, str | None], ...] = ()  # image folders: (id, path, problem or None)
+    entries: tuple[Entry, ...] = ()  # folder sources: one per row
 
 
 def key_seed(key: str) -> int:

@@ -7,11 +7,9 @@ it decides each stage's actor pool, resources and batch size (and is what `--dry
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
-import sys
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -356,12 +354,15 @@ def derivation(config: JobConfig) -> str:
     return f"restyle {metadata.version('restyle')}: {'; '.join(stages)}"
 
 
-def start_ray(config: JobConfig) -> None:
+def start_ray(config: JobConfig, verbose: bool = False) -> None:
     """Join the cluster named by `run.ray_address` (else RAY_ADDRESS, which `ray job submit` sets), else
     start a private local instance sized by `run.resources`. Without an address nothing is joined: not a
     cluster that `/tmp/ray/ray_current_cluster` names (a crashed `ray start` leaves it behind), not a
-    live local `ray start --head`. A start-up failure is a `ClusterError`."""
+    live local `ray start --head`. A start-up failure is a `ClusterError`. Unless `verbose`, each worker
+    drops the notices `jobs.progress` lists as it starts."""
     import ray
+
+    from jobs.progress import ray_log_level, worker_runtime_env
 
     if ray.is_initialized():
         return
@@ -374,6 +375,8 @@ def start_ray(config: JobConfig) -> None:
                 num_gpus=config.run.resources.num_gpus,
                 include_dashboard=False,
                 log_to_driver=True,
+                logging_level=ray_log_level(verbose),
+                runtime_env=worker_runtime_env(verbose),
             )
         except Exception as error:  # Ray raises anything from OSError to RuntimeError here
             raise ClusterError(
@@ -383,7 +386,12 @@ def start_ray(config: JobConfig) -> None:
         return
     gcs_address = reachable_address(field_name, address)
     try:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(
+            address=address,
+            log_to_driver=True,
+            logging_level=ray_log_level(verbose),
+            runtime_env=worker_runtime_env(verbose),
+        )
     except Exception as error:
         raise ClusterError(
             f"cannot join the Ray cluster at {field_name} {redact(address)} ({gcs_address}): "
@@ -603,11 +611,14 @@ def uses_object_storage(config: JobConfig) -> bool:
     return any(uri.startswith("s3://") for uri in uris)
 
 
-def run_job(config: JobConfig, rerun_failed: bool = False, force: bool = False) -> RunResult:
+def run_job(
+    config: JobConfig, rerun_failed: bool = False, force: bool = False, verbose: bool = False, quiet: bool = False
+) -> RunResult:
     """Run the job end to end, resuming from what the sink already committed, and return its plan
     and summary. With `rerun_failed`, committed error rows are dropped and their inputs redone;
     `force` lets the job proceed in a sink holding files restyle did not write (they are kept).
-    The sink's lease is held from opening the sink to the end."""
+    The sink's lease is held from opening the sink to the end. Progress (`jobs.progress`) is a bar on
+    a terminal, else log lines; none when `quiet`; Ray Data's own bars and status lines only when `verbose`."""
     from jobs.commits import config_hash
     from operators.models import require_vetted_models
     from operators.s3 import local_retries
@@ -619,17 +630,20 @@ def run_job(config: JobConfig, rerun_failed: bool = False, force: bool = False) 
     run_id = uuid.uuid4().hex[:8]
     state, lease = open_sink(config, job_hash, run_id, force)
     try:
-        return _run_holding_lease(config, info, job_hash, run_id, state, lease, rerun_failed, local_retries_before)
+        return _run_holding_lease(
+            config, info, job_hash, run_id, state, lease, rerun_failed, local_retries_before, verbose, quiet
+        )
     finally:
         lease.release()
 
 
-def _run_holding_lease(config, info, job_hash, run_id, state, lease, rerun_failed, local_retries_before) -> RunResult:
+def _run_holding_lease(
+    config, info, job_hash, run_id, state, lease, rerun_failed, local_retries_before, verbose=False, quiet=False
+) -> RunResult:
     """`run_job` once the sink is open and its lease held."""
-    import ray
-    import ray.data
-
-    from jobs.commits import ProgressLog, SinkState
+    from jobs.commits import SinkState
+    from jobs.hub import write_card
+    from jobs.progress import Progress, job_metrics, progress_mode, quiet_ray_data
     from jobs.report import AccountingError, account_for_rows, write_report, write_summary
     from jobs.sinks import ParquetImageSink
     from operators.s3 import counted_retries, local_retries, retry_counter
@@ -642,7 +656,8 @@ def _run_holding_lease(config, info, job_hash, run_id, state, lease, rerun_faile
     started = time.perf_counter()
     counter = counted_before = None
     if resume.todo:
-        start_ray(config)
+        start_ray(config, verbose)
+        quiet_ray_data(verbose)  # before any dataset is built: each copies the DataContext
         if uses_object_storage(config):  # only S3 requests retry; a local job needs no counter actor
             counter = retry_counter()
             counted_before = counted_retries(counter)
@@ -679,22 +694,24 @@ def _run_holding_lease(config, info, job_hash, run_id, state, lease, rerun_faile
                 batch_format="pyarrow",
                 **cpu_step_resources(config),
             )
-        interactive = sys.stdout.isatty()
-        ray.data.DataContext.get_current().enable_progress_bars = interactive
-        progress = ProgressLog(
+        metrics = job_metrics(run_id, plan.expected_rows)
+        progress = Progress(
             config.sink,
             attempt,
             resume.committed_rows,
             plan.expected_rows,
             config.run.progress_interval_seconds,
             run_id,
+            mode=progress_mode(verbose, quiet),
+            metrics=metrics,
         )
-        with progress if not interactive else contextlib.nullcontext():
+        with progress:
             dataset.write_datasink(
                 ParquetImageSink(config.sink, job_hash, attempt, run_id, [fragment.key for fragment in info.fragments]),
                 ray_remote_args=cpu_step_resources(config),
             )
     else:
+        metrics = None
         plan = plan_job(config, info, *assumed_resources(config), sizes=[op.num_actors or 0 for op in config.operators])
         logger.info("nothing to do: every input is committed in %s", config.sink.uri)
     wall_seconds = time.perf_counter() - started
@@ -711,6 +728,10 @@ def _run_holding_lease(config, info, job_hash, run_id, state, lease, rerun_faile
         rows_already_committed=resume.committed_rows,
         error_rows_dropped_for_rerun=dropped,
     )
+    if config.sink.imagefolder:
+        from jobs.sinks import write_imagefolder_metadata
+
+        write_imagefolder_metadata(config.sink, sorted(state.commits))
     state.write_manifest(job_hash, summary["rows_out"])
     # Every storage retry up to here; those of writing the summary and report themselves are logged.
     summary["retried"] = local_retries() - local_retries_before
@@ -721,5 +742,8 @@ def _run_holding_lease(config, info, job_hash, run_id, state, lease, rerun_faile
         else:
             summary["retried"] += counted_after - counted_before
     write_summary(config.sink, summary)
+    write_card(config, summary, state)
     summary["report"] = write_report(config, info, summary, state)
+    if metrics is not None:
+        metrics.summary(summary)
     return RunResult(plan=plan, summary=summary)

@@ -19,6 +19,8 @@ without importing `datasets` where the shards are written.
 
 from __future__ import annotations
 
+import re
+
 import pyarrow as pa
 
 from operators.base import UserError
@@ -116,6 +118,31 @@ def feature(data_type: pa.DataType) -> dict:
     if dtype is None:
         raise SchemaError(f"type {data_type} has no Hugging Face datasets feature")
     return {"dtype": dtype, "_type": "Value"}
+
+
+def yaml_features(features: dict) -> list[dict]:
+    """A feature dictionary in the list form a dataset card's `dataset_info.features` holds (as
+    `datasets.Features._to_yaml_list` writes it): `{name, dtype}` for a value or `Image`, `{name, list,
+    length}` for lists (the item's dtype inline when it is a plain value), `{name, struct: [...]}`."""
+    return _yaml_feature(dict(features))["struct"]
+
+
+def _yaml_feature(feature: dict) -> dict:
+    feature = dict(feature)
+    kind = feature.pop("_type", None)
+    if kind in ("List", "LargeList"):
+        item = _yaml_feature(feature.pop("feature"))
+        key = "list" if kind == "List" else "large_list"
+        # A plain value or struct item is written inline (`list: int32`, `list: [...]`).
+        only = list(item)
+        inline = item[only[0]] if only in (["dtype"], ["struct"]) else item
+        return {key: inline, **feature}
+    if kind == "Value":
+        return feature
+    if kind:
+        snake = re.sub(r"(?<!^)(?=[A-Z])", "_", kind).lower()
+        return {"dtype": snake} if not feature else {"dtype": {snake: feature}}
+    return {"struct": [{"name": name, **_yaml_feature(item)} for name, item in feature.items()]}
 
 
 _SIMPLE_DTYPES = {

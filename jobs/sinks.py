@@ -7,8 +7,14 @@ Layout under the sink URI:
   images/SLUG-HASH.vN.png             with `sink.write_images`, each output as a file (.png, .webp or
                                      .jpg, as `sink.encoding.format` says)
   dicom/SLUG-HASH.vN.dcm              with `sink.dicom`, each output as a derived DICOM instance
+  webdataset/part-....tar             with `sink.webdataset`, each Parquet shard's ok rows as a WebDataset
+                                     shard (KEY.png and KEY.json per output; KEY is the image file name
+                                     with '_' for '.'), written before the shard is committed
+  images/metadata.jsonl               with `sink.imagefolder`, every ok row's fields and `file_name`,
+                                     written by the driver from the committed shards when the job ends
   _manifest.json                      written last: every committed shard, rows, config hash
   summary.json, report.html           written by the driver when the job ends
+  README.md                           the dataset card, written by the driver when the job ends (jobs/hub.py)
   _lease.json                         while a run is writing (see jobs/lease.py)
 
 A PNG's name is the id made safe (characters other than letters, digits, `.`, `_`, `-` become `_`,
@@ -23,10 +29,13 @@ yields PIL images without a cast.
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import io
 import json
 import logging
 import re
+import tarfile
 import time
 from collections.abc import Iterable
 
@@ -34,14 +43,14 @@ import pyarrow as pa
 from ray.data import Datasink
 from ray.data.block import Block, BlockAccessor
 
-from jobs.commits import shard_commit, shard_name, write_shard
+from jobs.commits import IMAGEFOLDER_METADATA, shard_commit, shard_name, webdataset_shard_name, write_shard
 from jobs.config import SinkConfig
 from jobs.fragments import FRAGMENT, name_fragments
 from jobs.lease import require_lease
 from jobs.schema import features as hf_features
 from jobs.schema import normalize_table
 from operators.finish import DICOM_FILE
-from operators.rows import ERROR, IMAGE_TYPE
+from operators.rows import ERROR, IMAGE_TYPE, OK
 from operators.storage import filesystem_for, join, open_atomically
 
 logger = logging.getLogger(__name__)
@@ -134,7 +143,7 @@ class ParquetImageSink(Datasink):
             if FRAGMENT in table.column_names:
                 table = name_fragments(table, self.fragment_keys)
             # Before the shards: a committed row's image and DICOM files always exist.
-            if self.config.write_images:
+            if self.config.writes_images:
                 table = self._write_files(table, "image", "images", self.config.encoding.extension(), filesystem, root)
             if DICOM_FILE in table.column_names:
                 table = self._write_files(table, DICOM_FILE, "dicom", ".dcm", filesystem, root)
@@ -154,6 +163,9 @@ class ParquetImageSink(Datasink):
         name = shard_name(self.attempt, self.run_id, f"{ctx.task_idx:05d}", index)
         commit = shard_commit(name, shard, self.config_hash, self.attempt, self.run_id)
         require_lease(filesystem, root, self.run_id)
+        if self.config.webdataset:  # before the shard's record: a committed shard always has its tar
+            with open_atomically(filesystem, join(root, webdataset_shard_name(name))) as handle:
+                handle.write(webdataset_tar(shard, self.config.encoding.extension()))
         write_shard(filesystem, root, name, shard, commit)
         return {"shard": name, "rows": shard.num_rows}
 
@@ -199,3 +211,59 @@ class ParquetImageSink(Datasink):
                 position, table.schema.field(position), pa.array(values, table.schema.field(position).type)
             )
         return table
+
+
+def webdataset_key(row_id: str, variant_index: int) -> str:
+    """An output's WebDataset sample key: its image file name (`image_file_name`) without the suffix,
+    with '_' for '.' (WebDataset splits a member's key from its extension at the first '.')."""
+    return image_file_name(row_id, variant_index, "").replace(".", "_")
+
+
+def _json_value(value):
+    """JSON for what `json` cannot write itself: bytes as base64 text, anything else as text."""
+    return base64.b64encode(value).decode() if isinstance(value, bytes) else str(value)
+
+
+def webdataset_tar(shard: pa.Table, extension: str) -> bytes:
+    """A WebDataset tar of an output shard's ok rows, in shard order: per row KEY.png (or .webp, .jpg)
+    with the encoded image and KEY.json with every other field (bytes as base64). Members carry no
+    time, owner or mode of this machine, so the same rows give the same bytes."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for row in shard.to_pylist():
+            image = row.pop("image")
+            if row["status"] != OK or image is None or image.get("bytes") is None:
+                continue
+            key = webdataset_key(row["id"], row["variant_index"])
+            fields = json.dumps(row, default=_json_value, ensure_ascii=False).encode()
+            for name, data in ((f"{key}{extension}", image["bytes"]), (f"{key}.json", fields)):
+                member = tarfile.TarInfo(name)
+                member.size, member.mode = len(data), 0o644
+                tar.addfile(member, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+METADATA_BATCH_ROWS = 256
+
+
+def write_imagefolder_metadata(config: SinkConfig, shards: list[str]) -> int:
+    """Write `images/metadata.jsonl` (`sink.imagefolder`): one line per ok output of the committed
+    `shards` (paths inside the sink), its fields and `file_name` (its image file under images/), read
+    a few hundred rows at a time. Returns the lines written."""
+    import pyarrow.parquet as pq
+
+    filesystem, root = filesystem_for(config.uri, config.storage.storage_options())
+    lines = 0
+    with open_atomically(filesystem, join(root, IMAGEFOLDER_METADATA)) as handle:
+        for shard in sorted(shards):
+            with filesystem.open(join(root, shard), "rb") as source:
+                for batch in pq.ParquetFile(source).iter_batches(batch_size=METADATA_BATCH_ROWS):
+                    images = batch.column("image").field("path").to_pylist()
+                    rows = batch.drop_columns(["image"]).to_pylist()
+                    for row, path in zip(rows, images, strict=True):
+                        if row["status"] != OK or path is None:
+                            continue
+                        record = {"file_name": path, **row}
+                        handle.write(json.dumps(record, default=_json_value, ensure_ascii=False).encode() + b"\n")
+                        lines += 1
+    return lines

@@ -35,7 +35,7 @@ import pyarrow.ipc
 import pyarrow.parquet
 
 from jobs.config import FOLDER_FORMATS, SourceConfig
-from jobs.fragments import FOLDER_FRAGMENT_FILES, FRAGMENT, ROW, Fragment
+from jobs.fragments import FOLDER_FRAGMENT_FILES, FRAGMENT, ROW, Entry, Fragment
 from jobs.schema import SchemaError, conform, output_type
 from operators.base import UserError
 from operators.rows import ERROR, OK, RESERVED_COLUMNS, RowError, to_pixels
@@ -44,7 +44,22 @@ from operators.storage import arrow_filesystem, filesystem_for, is_inside, is_lo
 logger = logging.getLogger(__name__)
 
 ARROW_SUFFIXES = (".arrow", ".feather", ".ipc")
-FORMAT_NAMES = {"parquet": "Parquet", "arrow": "Arrow IPC", "images": "images", "dicom": "DICOM", "nifti": "NIfTI"}
+FORMAT_NAMES = {
+    "parquet": "Parquet",
+    "arrow": "Arrow IPC",
+    "images": "images",
+    "imagefolder": "imagefolder",
+    "webdataset": "WebDataset",
+    "dicom": "DICOM",
+    "nifti": "NIfTI",
+}
+# Image folders: a text file beside an image, with the image's name and one of these suffixes, is its
+# caption (the row's `caption` column), not an input; `.txt` is taken when both exist.
+CAPTION_SUFFIXES = (".txt", ".caption")
+CAPTION_COLUMN = "caption"
+# Hugging Face imagefolder: the files mapping images (`file_name`) to their other columns.
+METADATA_FILES = ("metadata.jsonl", "metadata.csv")
+METADATA_KEY = "file_name"
 SKIPPED_NAMED = 50  # skipped files named in the summary and report; all are counted
 
 
@@ -78,6 +93,8 @@ def inspect_source(config: SourceConfig) -> SourceInfo:
     filesystem, root = filesystem_for(config.uri, config.storage.storage_options())
     if config.format in FOLDER_FORMATS:
         return _inspect_folder(config, filesystem, root)
+    if config.format == "webdataset":
+        return _inspect_webdataset(config, filesystem, root)
     return _inspect_table(config, filesystem, root)
 
 
@@ -203,6 +220,358 @@ def _list_files(
     return matching, skipped
 
 
+# WebDataset. The tar shards are read with the standard library's `tarfile` rather than Ray Data's
+# `read_webdataset` or the `webdataset` package: the job reads fragments through its own datasource
+# (resume skips committed samples by their position, accounting needs each shard's sample count
+# before anything is decoded), and both come straight from the tar's member headers.
+WEBDATASET_SUFFIXES = (".tar",)
+# Members read as text columns (UTF-8); any other non-image member is a binary column.
+WEBDATASET_TEXT = frozenset({"txt", "text", "caption", "json", "cls", "cls2", "index", "inx", "id", "tags", "prompt"})
+
+
+def webdataset_split(name: str) -> tuple[str, str] | None:
+    """(key, extension) of a tar member as WebDataset splits its name: the key is the path up to the
+    first '.' of the base name, the extension the rest, lower-cased; None for a name without one or a
+    hidden one."""
+    folder, _, base = name.rpartition("/")
+    stem, dot, extension = base.partition(".")
+    if not dot or not stem or not extension:
+        return None
+    return (f"{folder}/{stem}" if folder else stem), extension.lower()
+
+
+def webdataset_column(extension: str) -> str:
+    """The column a sample's member becomes: its extension, '.' as '_' (`seg.png` -> `seg_png`)."""
+    return extension.replace(".", "_")
+
+
+@functools.cache
+def _image_extensions() -> frozenset[str]:
+    """Extensions of every format Pillow reads (without the dot)."""
+    from PIL import Image
+
+    return frozenset(extension.lstrip(".") for extension in Image.registered_extensions())
+
+
+def _webdataset_members(handle, stream: bool):
+    """(key, extension, member, tar) of each file member of a tar, in order; `stream` reads it front to
+    back (data included), otherwise headers only, seeking past the data."""
+    import tarfile
+
+    try:
+        with tarfile.open(fileobj=handle, mode="r|" if stream else "r:") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                split = webdataset_split(member.name)
+                if split is None or _is_hidden(member.name):
+                    continue
+                yield split[0], split[1], member, tar
+                if not stream:
+                    tar.members = []  # headers are not kept: a shard may hold millions of members
+    except tarfile.TarError as error:
+        raise OSError(f"not a readable tar file ({error})") from None
+
+
+def _webdataset_keys(handle) -> tuple[list[str], list[list[str]]]:
+    """The sample keys of a tar, in order, and each sample's extensions (from the headers alone). A
+    sample is a run of consecutive members sharing a key, as WebDataset groups them."""
+    keys: list[str] = []
+    extensions: list[list[str]] = []
+    for key, extension, _, _ in _webdataset_members(handle, stream=False):
+        if not keys or keys[-1] != key:
+            keys.append(key)
+            extensions.append([])
+        extensions[-1].append(extension)
+    return keys, extensions
+
+
+def _inspect_webdataset(config: SourceConfig, filesystem, root: str) -> SourceInfo:
+    """One fragment per tar shard, its samples counted from the member headers (nothing decoded). The
+    image member is `source.image_column` when it names an extension, else the first extension of a
+    format Pillow reads in the first sample; every other extension is a column (text or binary)."""
+    try:
+        files, _ = _list_files(config, filesystem, root, WEBDATASET_SUFFIXES, allow_single_file=True)
+    except FileNotFoundError:
+        raise SourceError(f"cannot read WebDataset at source.uri {config.uri}: it does not exist") from None
+    fragments: list[Fragment] = []
+    seen: dict[str, None] = {}  # extensions in order of first appearance
+    first_sample: list[str] = []
+    for path in files:
+        try:
+            with filesystem.open(path, "rb") as handle:
+                keys, extensions = _webdataset_keys(handle)
+        except OSError as error:
+            raise SourceError(
+                f"cannot read WebDataset shard {_file_name(path, root)} of source.uri {config.uri}: {error}"
+                f"{_credentials_hint(error)}"
+            ) from None
+        if keys and not first_sample:
+            first_sample = extensions[0]
+        for sample in extensions:
+            seen.update(dict.fromkeys(sample))
+        fragments.append(Fragment(_file_name(path, root), len(keys), path))
+    image = _webdataset_image_extension(config, first_sample, list(seen))
+    columns = {webdataset_column(extension): extension for extension in seen if extension != image}
+    clashes = sorted(name for name in columns if name in RESERVED_COLUMNS)
+    if clashes:
+        raise SourceError(
+            f"WebDataset members {clashes} of source.uri {config.uri} clash with columns the job writes "
+            f"({', '.join(RESERVED_COLUMNS)}); rename them"
+        )
+    column_types = {
+        name: pa.string() if extension.rsplit(".", 1)[-1] in WEBDATASET_TEXT else pa.binary()
+        for name, extension in columns.items()
+    }
+    return SourceInfo(
+        fragments=limited(fragments, config.limit),
+        passthrough_columns=list(column_types),
+        root=root,
+        column_types=column_types,
+    )
+
+
+def _webdataset_image_extension(config: SourceConfig, first_sample: list[str], extensions: list[str]) -> str | None:
+    if config.image_column != "image":
+        if config.image_column.lower() not in extensions:
+            raise SourceError(
+                f"source.image_column {config.image_column!r} is no member extension of the WebDataset at "
+                f"source.uri {config.uri}; extensions: {extensions}"
+            )
+        return config.image_column.lower()
+    images = [extension for extension in first_sample if extension.rsplit(".", 1)[-1] in _image_extensions()]
+    if extensions and not images:
+        raise SourceError(
+            f"the first sample of the WebDataset at source.uri {config.uri} has no image member (extensions "
+            f"{first_sample}); name the image's extension as source.image_column"
+        )
+    return images[0] if images else None
+
+
+def _read_webdataset_fragment(
+    config: SourceConfig,
+    filesystem,
+    index: int,
+    fragment: Fragment,
+    column_types: dict[str, pa.DataType],
+    keep_source_image: bool,
+    skip_rows,
+    first: int | None,
+) -> pa.Table:
+    """One tar shard's samples as rows, streamed front to back: the key as id, the image member's bytes
+    (a sample without one, or whose image Pillow cannot open, is an error row naming it), every other
+    member in its column."""
+    import numpy as np
+
+    wanted = min(fragment.rows, first or fragment.rows)
+    image_extension = None if config.image_column == "image" else config.image_column.lower()
+    samples: list[tuple[str, dict[str, bytes]]] = []
+    with filesystem.open(fragment.path, "rb") as handle:
+        for key, extension, member, tar in _webdataset_members(handle, stream=True):
+            if not samples or samples[-1][0] != key:
+                if len(samples) == wanted:
+                    break
+                samples.append((key, {}))
+            if (skip_rows and len(samples) - 1 in skip_rows) or extension in samples[-1][1]:
+                continue
+            samples[-1][1][extension] = tar.extractfile(member).read()
+    positions = [position for position in range(len(samples)) if not (skip_rows and position in skip_rows)]
+    ids, images, errors = [], [], []
+    values: dict[str, list] = {name: [] for name in column_types}
+    for position in positions:
+        key, members = samples[position]
+        extension = image_extension or next(
+            (
+                found
+                for found in members
+                if webdataset_column(found) not in column_types and found.rsplit(".", 1)[-1] in _image_extensions()
+            ),
+            None,
+        )
+        data = members.get(extension) if extension else None
+        problem = f"sample has no {extension or 'image'} member" if data is None else _not_an_image(data)
+        ids.append(key)
+        images.append(None if problem else data)
+        errors.append(f"{problem}: {fragment.key} {key}" if problem else None)
+        by_column = {webdataset_column(found): value for found, value in members.items()}
+        for name, kind in column_types.items():
+            value = by_column.get(name)
+            if value is not None and pa.types.is_string(kind):
+                value = value.decode("utf-8", errors="replace")
+            values[name].append(value)
+    image_array = pa.array(images, pa.binary())
+    columns = {
+        "id": pa.array(ids, pa.string()),
+        "image": image_array,
+        "status": pa.array([OK if error is None else ERROR for error in errors], pa.string()),
+        "error": pa.array(errors, pa.string()),
+        **({"source_image": image_array} if keep_source_image else {}),
+        **{name: pa.array(column, column_types[name]) for name, column in values.items()},
+        FRAGMENT: pa.array(np.full(len(ids), index, np.int32)),
+        ROW: pa.array(positions, pa.int64()),
+    }
+    return pa.table(columns)
+
+
+# Folder formats whose rows are image files, with captions beside them (and imagefolder's metadata).
+IMAGE_FOLDER_FORMATS = ("images", "imagefolder")
+
+
+def _stem(relative: str) -> str:
+    """A path without its last suffix: `a/photo.png` -> `a/photo`."""
+    folder, _, base = relative.rpartition("/")
+    name = base.rsplit(".", 1)[0] if "." in base.lstrip(".") else base
+    return f"{folder}/{name}" if folder else name
+
+
+def _group_key(relative: str) -> str:
+    """A path up to the first '.' of its base name: every file sharing it is listed together (the
+    listing is sorted), so a caption and its image meet within one group."""
+    folder, _, base = relative.rpartition("/")
+    return f"{folder}/{base.partition('.')[0]}"
+
+
+class _Captions:
+    """What an image folder's rows carry besides the image: a caption file beside it (`NAME.txt`, else
+    `NAME.caption`, next to `NAME.png`: the `caption` column, read with the image; the caption file is
+    then no input) and, for an imagefolder, the row of `metadata.jsonl`/`metadata.csv` whose `file_name`
+    (relative to that metadata file's folder) names the image: its other fields are columns. The metadata
+    files are read here, on the driver, as `datasets` reads them; each image's values travel in its entry."""
+
+    def __init__(self, config: SourceConfig, filesystem, root: str):
+        self.config, self.filesystem, self.root = config, filesystem, root
+        self.captions = 0
+        self.metadata: dict[str, str] = {}  # image path relative to the folder -> its values as JSON text
+        self.metadata_types: dict[str, pa.DataType] = {}
+        if config.format == "imagefolder":
+            self._read_metadata()
+
+    def column_types(self) -> dict[str, pa.DataType]:
+        """The columns the captions and metadata add, with their output types."""
+        return {**({CAPTION_COLUMN: pa.string()} if self.captions else {}), **self.metadata_types}
+
+    def attach(self, entries):
+        """The listing's (relative, path, problem) entries as (relative, path, problem, extras), extras
+        being (caption file or None, metadata JSON or None), or None when there is neither; caption and
+        metadata files are left out."""
+        group: list = []
+        key = None
+        for entry in entries:
+            relative = entry[0]
+            if not relative or relative.endswith("/"):
+                yield (*entry, None)
+                continue
+            if self.config.format == "imagefolder" and relative.rsplit("/", 1)[-1] in METADATA_FILES:
+                continue
+            if group and _group_key(relative) != key:
+                yield from self._resolve(group)
+                group = []
+            key = _group_key(relative)
+            group.append(entry)
+        if group:
+            yield from self._resolve(group)
+
+    def _resolve(self, group: list):
+        def is_caption(entry) -> bool:
+            return entry[2] is None and entry[0].lower().endswith(CAPTION_SUFFIXES)
+
+        inputs = {_stem(entry[0]) for entry in group if not is_caption(entry)}
+        captions: dict[str, str] = {}
+        for entry in group:
+            stem = _stem(entry[0])
+            if is_caption(entry) and stem in inputs and (stem not in captions or entry[0].lower().endswith(".txt")):
+                captions[stem] = entry[1]
+        for relative, path, problem in group:
+            stem = _stem(relative)
+            if is_caption((relative, path, problem)) and stem in captions:
+                continue
+            caption, metadata = captions.get(stem), self.metadata.get(relative)
+            self.captions += caption is not None
+            yield relative, path, problem, (caption, metadata) if caption or metadata else None
+
+    def _read_metadata(self) -> None:
+        import json
+        import posixpath
+
+        import pyarrow.csv
+        import pyarrow.json
+
+        if is_local(self.filesystem):
+            paths = [path for relative, path, problem in _walk_local_folder(self.root) if problem is None]
+        else:
+            paths = sorted(self.filesystem.find(self.root))
+        tables = []
+        for path in paths:
+            relative = _relative(path, self.root)
+            if relative.rsplit("/", 1)[-1] not in METADATA_FILES or _is_hidden(relative):
+                continue
+            try:
+                data = io.BytesIO(self.filesystem.cat_file(path))
+                table = pyarrow.json.read_json(data) if relative.endswith(".jsonl") else pyarrow.csv.read_csv(data)
+            except (OSError, pa.ArrowInvalid) as error:
+                raise SourceError(
+                    f"cannot read imagefolder metadata {relative} of source.uri {self.config.uri}: {error}"
+                ) from None
+            if METADATA_KEY not in table.column_names:
+                raise SourceError(
+                    f"imagefolder metadata {relative} of source.uri {self.config.uri} has no {METADATA_KEY!r} column; "
+                    f"columns: {table.column_names}"
+                )
+            tables.append((relative.rpartition("/")[0], relative, table.drop_columns([METADATA_KEY]), table))
+        if not tables:
+            return
+        try:
+            schema = pa.unify_schemas([table.schema for _, _, table, _ in tables], promote_options="permissive")
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as error:
+            raise SourceError(
+                f"the imagefolder metadata files of source.uri {self.config.uri} disagree: {error}"
+            ) from None
+        clashes = [name for name in schema.names if name in RESERVED_COLUMNS]
+        if clashes:
+            raise SourceError(
+                f"imagefolder metadata columns {clashes} clash with columns the job writes "
+                f"({', '.join(RESERVED_COLUMNS)}); rename them"
+            )
+        try:
+            self.metadata_types = {name: output_type(schema.field(name).type, name) for name in schema.names}
+        except SchemaError as error:
+            raise SourceError(f"imagefolder metadata of source.uri {self.config.uri}: {error}") from None
+        for folder, relative, values, table in tables:
+            for name, row in zip(table.column(METADATA_KEY).to_pylist(), values.to_pylist(), strict=True):
+                if name is None:
+                    raise SourceError(f"imagefolder metadata {relative}: a row has no {METADATA_KEY}")
+                image = posixpath.normpath(posixpath.join(folder, str(name)))
+                self.metadata[image] = json.dumps(row, default=str)
+
+
+def _extra_columns(extras: list, filesystem, column_types: dict[str, pa.DataType]) -> tuple[dict, list]:
+    """The caption and metadata columns of a run of image rows (their entries' extras), and per row the
+    problem reading its caption file raised (or None)."""
+    import json
+
+    values: dict[str, list] = {name: [] for name in column_types}
+    problems: list[str | None] = []
+    for extra in extras:
+        caption, metadata = extra or (None, None)
+        fields = json.loads(metadata) if metadata else {}
+        problem = None
+        if caption is not None and fields.get(CAPTION_COLUMN) is None:
+            try:
+                fields[CAPTION_COLUMN] = filesystem.cat_file(caption).decode("utf-8", errors="replace").strip()
+            except OSError as error:
+                problem = f"cannot read the caption file {caption.rsplit('/', 1)[-1]} ({type(error).__name__})"
+        problems.append(problem)
+        for name in column_types:
+            values[name].append(fields.get(name))
+    columns = {}
+    for name, kind in column_types.items():
+        try:
+            columns[name] = pa.array(values[name], kind)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError):  # a value JSON gave as text (a date)
+            columns[name] = pa.array([None if value is None else str(value) for value in values[name]]).cast(kind)
+    return columns, problems
+
+
 def _inspect_folder(config: SourceConfig, filesystem, root: str) -> SourceInfo:
     """Plan an image folder by streaming its listing into fragments: each file's entry is held once,
     in its fragment, and the skipped ones only counted (the first `SKIPPED_NAMED` named)."""
@@ -219,12 +588,15 @@ def _inspect_folder(config: SourceConfig, filesystem, root: str) -> SourceInfo:
             paths = filesystem.find(root)
             paths.sort()
             entries = ((_relative(path, root), path, None) for path in paths)
+        captions = _Captions(config, filesystem, root)
+        if config.format in IMAGE_FOLDER_FORMATS:
+            entries = captions.attach(entries)
 
         def inputs_listed():
             """The listing's inputs; the hidden and excluded files only counted, and nothing after the
             limit is reached (the listing is still walked to count what is skipped)."""
             nonlocal skipped_files
-            for relative, path, problem in entries:
+            for relative, path, problem, *extras in entries:
                 if not relative or relative.endswith("/"):
                     continue  # an object store's folder marker
                 if (
@@ -237,11 +609,14 @@ def _inspect_folder(config: SourceConfig, filesystem, root: str) -> SourceInfo:
                         skipped.append(relative)
                     continue
                 if config.limit is None or inputs < config.limit:
-                    yield relative, path, problem
+                    yield relative, path, problem, *extras
 
         planned = (
-            ([listed] for listed in inputs_listed())
-            if config.format == "images"
+            (
+                [Entry(relative, path, problem, extras=extras[0] if extras else None)]
+                for relative, path, problem, *extras in inputs_listed()
+            )
+            if config.format in IMAGE_FOLDER_FORMATS
             else _VolumePlanner(config, filesystem).plan(inputs_listed())
         )
         for rows in planned:
@@ -269,7 +644,7 @@ def _inspect_folder(config: SourceConfig, filesystem, root: str) -> SourceInfo:
                 f"({skipped_files} files skipped)"
             )
         raise SourceError(f"source.uri {config.uri} holds no files to read ({skipped_files} hidden files skipped)")
-    added = _volume_columns(config)
+    added = {**_volume_columns(config), **captions.column_types()}
     return SourceInfo(
         fragments=fragments,
         root=root,
@@ -280,17 +655,12 @@ def _inspect_folder(config: SourceConfig, filesystem, root: str) -> SourceInfo:
     )
 
 
-def _folder_fragment(chunk: list[tuple]) -> Fragment:
+def _folder_fragment(chunk: list[Entry]) -> Fragment:
     """A run of a folder's rows. Its key names the first row by its place in the folder (a volume's
     row by file and frame or slice), so keys do not change when ids do."""
     first = chunk[0]
-    name = first[0] if len(first) == 3 else f"{_relative_of(first)}#{first[3]}"
+    name = first.id if first.relative is None else f"{first.relative}#{first.frame}"
     return Fragment(f"{name}+{len(chunk)}", len(chunk), entries=tuple(chunk))
-
-
-def _relative_of(entry: tuple) -> str:
-    """A volume row's file, relative to the source folder (kept in the entry's fifth place)."""
-    return entry[4]
 
 
 def _volume_columns(config: SourceConfig) -> dict[str, pa.DataType]:
@@ -343,42 +713,42 @@ class _VolumePlanner:
             while pending:
                 yield pending.popleft().result()
 
-    def rows(self, relative: str, path: str, problem: str | None) -> list[tuple]:
+    def rows(self, relative: str, path: str, problem: str | None, *extras) -> list[Entry]:
         if problem is not None:
-            return [(relative, path, problem, None, relative)]
+            return [Entry(relative, path, problem, relative=relative)]
         if self.config.format == "nifti":
             return self._nifti_rows(relative, path)
         return self._dicom_rows(relative, path)
 
-    def _dicom_rows(self, relative: str, path: str) -> list[tuple]:
+    def _dicom_rows(self, relative: str, path: str) -> list[Entry]:
         from operators.dicom import header_facts
 
         try:
             with self.filesystem.open(path, "rb") as handle:
                 facts = header_facts(handle)
         except OSError as error:
-            return [(relative, path, f"cannot read the file ({type(error).__name__})", None, relative)]
+            return [Entry(relative, path, f"cannot read the file ({type(error).__name__})", relative=relative)]
         if facts.problem is not None:
-            return [(relative, path, facts.problem, None, relative)]
+            return [Entry(relative, path, facts.problem, relative=relative)]
         by_path = self.config.dicom_settings.id == "path" or not facts.sop_instance_uid
         base = relative if by_path else facts.sop_instance_uid
         if facts.frames == 1:
-            return [(base, path, None, None, relative)]
-        return [(f"{base}#{frame}", path, None, frame, relative) for frame in range(1, facts.frames + 1)]
+            return [Entry(base, path, relative=relative)]
+        return [Entry(f"{base}#{frame}", path, None, frame, relative) for frame in range(1, facts.frames + 1)]
 
-    def _nifti_rows(self, relative: str, path: str) -> list[tuple]:
+    def _nifti_rows(self, relative: str, path: str) -> list[Entry]:
         from operators.nifti import slice_count
 
         try:
             with self.filesystem.open(path, "rb") as handle:
                 head = handle.read(NIFTI_HEAD_BYTES)
         except OSError as error:
-            return [(relative, path, f"cannot read the file ({type(error).__name__})", None, relative)]
+            return [Entry(relative, path, f"cannot read the file ({type(error).__name__})", relative=relative)]
         try:
             count = slice_count(head, self.config.nifti_settings)
         except RowError as problem:
-            return [(relative, path, str(problem), None, relative)]
-        return [(f"{relative}#{index}", path, None, index, relative) for index in range(count)]
+            return [Entry(relative, path, str(problem), relative=relative)]
+        return [Entry(f"{relative}#{index}", path, None, index, relative) for index in range(count)]
 
 
 def _walk_local_folder(root: str):
@@ -562,10 +932,16 @@ def read_fragment(
     folder's later files are not opened)."""
     import numpy as np
 
-    if config.format == "images":
-        return _read_folder_fragment(filesystem, root, index, fragment, keep_source_image, skip_rows, first)
+    if config.format in IMAGE_FOLDER_FORMATS:
+        return _read_folder_fragment(
+            filesystem, root, index, fragment, keep_source_image, skip_rows, first, column_types
+        )
     if config.format in FOLDER_FORMATS:
         return _read_volume_fragment(config, filesystem, root, index, fragment, keep_source_image, skip_rows, first)
+    if config.format == "webdataset":
+        return _read_webdataset_fragment(
+            config, filesystem, index, fragment, column_types, keep_source_image, skip_rows, first
+        )
     if config.format == "arrow":
         raw = read_arrow_file(filesystem, fragment.path)
         raw = raw.select([name for name in columns if name in raw.column_names]) if columns is not None else raw
@@ -602,23 +978,24 @@ def read_fragment(
 
 
 def _read_folder_fragment(
-    filesystem, root: str, index: int, fragment: Fragment, keep_source_image, skip_rows, first: int | None = None
+    filesystem,
+    root: str,
+    index: int,
+    fragment: Fragment,
+    keep_source_image,
+    skip_rows,
+    first: int | None = None,
+    column_types: dict[str, pa.DataType] | None = None,
 ):
-    """A run of an image folder's files as rows; a file that is no image, cannot be read, or is a
-    link out of the folder (when listed, or since) becomes an error row naming it."""
+    """A run of an image folder's files as rows, with their caption and metadata columns
+    (`column_types`); a file that is no image, cannot be read, or is a link out of the folder (when
+    listed, or since) becomes an error row naming it, as does an image whose caption file cannot be read."""
     local_root = os.path.realpath(root) if is_local(filesystem) else None
-    ids, images, errors, positions = [], [], [], []
-    for position, (row_id, path, problem) in enumerate(fragment.entries[:first]):
+    ids, images, errors, positions, extras = [], [], [], [], []
+    for position, (row_id, path, problem, _, _, extra) in enumerate(fragment.entries[:first]):
         if skip_rows and position in skip_rows:
             continue
-        data = None
-        if problem is None and local_root is not None and not is_inside(os.path.realpath(path), local_root):
-            problem = "symlink leaves the source folder"
-        if problem is None:
-            try:
-                data = filesystem.cat_file(path)
-            except OSError as error:
-                problem = f"cannot read the file ({type(error).__name__})"
+        data, problem = _file_bytes(filesystem, path, local_root, problem)
         if problem is None:
             problem = _not_an_image(data)
         if problem is not None:
@@ -627,6 +1004,11 @@ def _read_folder_fragment(
         images.append(data)
         errors.append(f"{problem}: {row_id}" if problem else None)
         positions.append(position)
+        extras.append(extra)
+    added, caption_problems = _extra_columns(extras, filesystem, column_types or {})
+    for position, problem in enumerate(caption_problems):
+        if problem is not None and errors[position] is None:
+            images[position], errors[position] = None, f"{problem}: {ids[position]}"
     image_array = pa.array(images, pa.binary())
     columns = {
         "id": pa.array(ids, pa.string()),
@@ -636,9 +1018,23 @@ def _read_folder_fragment(
     }
     if keep_source_image:
         columns["source_image"] = image_array
+    columns.update(added)
     columns[FRAGMENT] = pa.array([index] * len(ids), pa.int32())
     columns[ROW] = pa.array(positions, pa.int64())
     return pa.table(columns)
+
+
+def _file_bytes(filesystem, path: str, local_root: str | None, problem: str | None) -> tuple[bytes | None, str | None]:
+    """A folder file's bytes, or why they are not read: the problem planning found, a link that has
+    left the (local) folder since, or a read that failed."""
+    if problem is None and local_root is not None and not is_inside(os.path.realpath(path), local_root):
+        problem = "symlink leaves the source folder"
+    if problem is not None:
+        return None, problem
+    try:
+        return filesystem.cat_file(path), None
+    except OSError as error:
+        return None, f"cannot read the file ({type(error).__name__})"
 
 
 def _read_volume_fragment(
@@ -657,23 +1053,16 @@ def _read_volume_fragment(
         if not (skip_rows and position in skip_rows)
     ]
     ids, arrays, errors, records, attributes, positions = [], [], [], [], [], []
-    for path, group in groupby(wanted, key=lambda item: item[1][1]):
+    for path, group in groupby(wanted, key=lambda item: item[1].path):
         group = list(group)
-        problem, relative = group[0][1][2], _relative_of(group[0][1])
-        data = None
-        if problem is None and local_root is not None and not is_inside(os.path.realpath(path), local_root):
-            problem = "symlink leaves the source folder"
-        if problem is None:
-            try:
-                data = filesystem.cat_file(path)
-            except OSError as error:
-                problem = f"cannot read the file ({type(error).__name__})"
+        problem, relative = group[0][1].problem, group[0][1].relative
+        data, problem = _file_bytes(filesystem, path, local_root, problem)
         results = [RowError(problem)] * len(group) if problem is not None else _decode_volume(config, data, group)
         for (position, entry), result in zip(group, results, strict=True):
-            ids.append(entry[0])
+            ids.append(entry.id)
             positions.append(position)
             if isinstance(result, RowError):
-                where = relative if entry[3] is None else f"{relative} {_frame_word(config)} {entry[3]}"
+                where = relative if entry.frame is None else f"{relative} {_frame_word(config)} {entry.frame}"
                 arrays.append(None), records.append(None), attributes.append({})
                 errors.append(f"{result}: {where}")
             else:
@@ -703,11 +1092,11 @@ def _decode_volume(config: SourceConfig, data: bytes, group: list) -> list:
     if config.format == "nifti":
         from operators.nifti import read_slices
 
-        results = read_slices(data, config.nifti_settings, [entry[3] for _, entry in group])
+        results = read_slices(data, config.nifti_settings, [entry.frame for _, entry in group])
         return [result if isinstance(result, RowError) else (*result, {}) for result in results]
     from operators.dicom import decode_frames
 
-    frames = [entry[3] or 1 for _, entry in group]
+    frames = [entry.frame or 1 for _, entry in group]
     results = decode_frames(data, config.dicom_settings, frames)
     return [
         result if isinstance(result, RowError) else (result.array, result.record, result.attributes)
@@ -894,7 +1283,7 @@ def check_ids(config: SourceConfig, info: SourceInfo, tasks: int = 1, num_cpus: 
     the ids' 64-bit hashes into buckets; one task per bucket sorts its hashes and counts repeats; only
     a repeated hash is looked up again, to name the id (and to tell a repeat from a collision).
     Without Ray (`--dry-run`) the same functions run here. An image folder's ids are its unique paths."""
-    if config.format in ("images", "nifti") or not info.fragments:
+    if config.format in ("images", "imagefolder", "nifti") or not info.fragments:
         return  # ids are paths (and slice indices): unique
     groups = _balanced_groups([(index, fragment, None) for index, fragment in enumerate(info.fragments)], tasks)
     buckets = max(1, min(MAX_ID_BUCKETS, info.row_count // ROWS_PER_ID_BUCKET + 1))
@@ -945,7 +1334,10 @@ def fragment_ids(config: SourceConfig, filesystem, root: str, index: int, fragme
     """One fragment's ids in row order (strings; None for a null id): an image folder's from its
     listing, a table's from its id column alone."""
     if config.format in FOLDER_FORMATS:
-        return [entry[0] for entry in fragment.entries]
+        return [entry.id for entry in fragment.entries]
+    if config.format == "webdataset":
+        with filesystem.open(fragment.path, "rb") as handle:
+            return _webdataset_keys(handle)[0][: fragment.rows]
     table = read_fragment(config, filesystem, root, index, fragment, {}, columns=[config.id_column])
     if config.id_column not in table.column_names:
         return [None] * table.num_rows

@@ -7,6 +7,7 @@ import hashlib
 import itertools
 import json
 import logging
+import re
 import string
 from dataclasses import dataclass
 from pathlib import Path
@@ -158,6 +159,13 @@ class DiffusionConfig(SpeedSettings, OperatorConfig):
     prompt: str | None = Field(None, description="Prompt for every row; a template may use {column} of the row.")
     prompt_column: str | None = Field(None, description="Column holding each row's prompt.")
     negative_prompt: str | None = Field(None, description="Negative prompt (a template may use {column}).")
+    prompt_from: Literal["config", "png_parameters"] = Field(
+        "config",
+        description="'png_parameters': each row's prompt, negative prompt and seed come from its input file's own "
+        "AUTOMATIC1111 `parameters` text (a PNG text chunk, or a JPEG's or WebP's EXIF comment), as AUTOMATIC1111's "
+        "batch tab reuses them; a row without one, or a stage whose input is the stage before's pixels, uses the "
+        "configured prompt. Each row records which it used in `prompt_source`.",
+    )
     num_inference_steps: int = Field(30, ge=1, le=1000, description="Denoising steps.", strict=True)
     guidance_scale: float = Field(7.5, ge=0, description="Classifier-free guidance scale.")
     scheduler: Literal[tuple(SCHEDULERS)] | None = Field(  # type: ignore[valid-type]
@@ -267,8 +275,55 @@ def resolve_dtype(dtype: str, device: str) -> str:
     return "float16" if device == "cuda" else "float32"
 
 
+# The prepare step's copy of a row's input file's AUTOMATIC1111 text (`prompt_from: png_parameters`),
+# read by the model step and dropped there.
+SOURCE_PARAMETERS = "_source_parameters"
+_A1111_SEED = re.compile(r"(?:^|, )Seed: (\d+)(?:,|$)")
+
+
+def parse_a1111_parameters(text: str) -> dict:
+    """The prompt, negative prompt (None when absent) and seed (None when absent) of an AUTOMATIC1111
+    `parameters` text, read as AUTOMATIC1111 reads it back (`parse_generation_parameters`): the last
+    line holding `Steps: ` is the generation line, a line starting `Negative prompt: ` starts the
+    negative prompt, and the lines before it are the prompt."""
+    lines = text.strip().split("\n")
+    generation = lines.pop() if lines and "Steps: " in lines[-1] else ""
+    prompt, negative, in_negative = [], [], False
+    for line in lines:
+        if line.startswith("Negative prompt:"):
+            in_negative = True
+            line = line[len("Negative prompt:") :].strip()
+        (negative if in_negative else prompt).append(line)
+    seed = _A1111_SEED.search(generation)
+    return {
+        "prompt": "\n".join(prompt).strip(),
+        "negative_prompt": "\n".join(negative).strip() if in_negative else None,
+        "seed": int(seed.group(1)) if seed else None,
+    }
+
+
+def source_parameters(images: list) -> list[str | None]:
+    """Each input file's AUTOMATIC1111 text (`operators.images.read_parameters`), None where there is
+    none or the file does not open."""
+    from operators.images import read_parameters
+
+    texts = []
+    for data in images:
+        try:
+            texts.append(read_parameters(data) if data else None)
+        except Exception:  # an image that does not open: decoding names the problem on this row
+            texts.append(None)
+    return texts
+
+
 def variant_parameters(config: DiffusionConfig, row: dict) -> list[dict]:
-    """The generation parameters of each output row made from one input row, in variant order."""
+    """The generation parameters of each output row made from one input row, in variant order; with
+    `prompt_from: png_parameters`, the input file's own prompt, negative prompt and seed where it has
+    them (seed, seed + 1, ... for `variants`, as an AUTOMATIC1111 batch)."""
+    text = row.get(SOURCE_PARAMETERS) if config.prompt_from == "png_parameters" else None
+    found = parse_a1111_parameters(text) if text else None
+    if found is not None and not found["prompt"]:
+        found = None
     base = config.call_defaults()
     if config.prompt_column is not None:
         prompt = row.get(config.prompt_column)
@@ -281,15 +336,25 @@ def variant_parameters(config: DiffusionConfig, row: dict) -> list[dict]:
     parameters = []
     for combination in combinations:
         values = {**base, **combination}
-        values["prompt"] = render_template(values["prompt"], row) if config.prompt_column is None else values["prompt"]
-        if values["negative_prompt"]:
-            values["negative_prompt"] = render_template(values["negative_prompt"], row)
+        if found is not None:  # the file's own text, taken as it is (its braces are no template)
+            values.update(prompt=found["prompt"], negative_prompt=found["negative_prompt"])
+            values["prompt_source"] = "png_parameters"
+        else:
+            values["prompt_source"] = "config"
+            values["prompt"] = (
+                render_template(values["prompt"], row) if config.prompt_column is None else values["prompt"]
+            )
+            if values["negative_prompt"]:
+                values["negative_prompt"] = render_template(values["negative_prompt"], row)
         if "strength" in values and int(values["num_inference_steps"] * values["strength"]) < 1:
             raise RowError(
                 f"num_inference_steps x strength gives no denoising step: {values['num_inference_steps']} x "
                 f"{values['strength']}"
             )
-        parameters.extend(dict(values) for _ in range(config.variants))
+        seed = found["seed"] if found is not None and "seed" not in combination else None
+        parameters.extend(
+            dict(values, **({"seed": seed + offset} if seed is not None else {})) for offset in range(config.variants)
+        )
     return parameters
 
 
@@ -388,9 +453,10 @@ def lora_short_hash(path: Path) -> str:
 def resolve_lora(lora: LoraAdapter, offline: bool, storage_options: dict) -> tuple[Path, str | None]:
     """A local directory and weight file name for a LoRA adapter; refuses pickle weights."""
     from operators.models import ModelError, existing_local_path, is_hub_id, stage_files
+    from operators.storage import is_remote
 
     uri = lora.model
-    if uri.startswith("s3://"):
+    if is_remote(uri):
         directory = stage_files(uri, storage_options)
     elif is_hub_id(uri):
         if lora.revision is None:
@@ -530,6 +596,8 @@ GENERATION_FIELDS = [
     ("nsfw_content_detected", pa.bool_()),
     ("prompt", pa.string()),
     ("negative_prompt", pa.string()),
+    # Where the prompt came from: 'config', or 'png_parameters' (the input file's own text).
+    ("prompt_source", pa.string()),
     ("strength", pa.float64()),
     ("num_inference_steps", pa.int32()),
     ("guidance_scale", pa.float64()),
@@ -612,6 +680,23 @@ class DiffusersOperator(Operator):
     def components(self) -> dict:
         """Pipeline components loaded before the pipeline (ControlNets, adapters); none by default."""
         return {}
+
+    def prepare_batch(self, batch):
+        """The base prepare step, first keeping each input file's AUTOMATIC1111 text as
+        `SOURCE_PARAMETERS` when `prompt_from` asks for it and the input is a file (not pixels)."""
+        from operators.rows import is_pixels
+
+        column = batch.column("image") if "image" in batch.column_names else None
+        if self.config.prompt_from == "png_parameters" and column is not None and not is_pixels(column.type):
+            texts = pa.array(source_parameters(column.to_pylist()), pa.string())
+            batch = batch.drop_columns([SOURCE_PARAMETERS]) if SOURCE_PARAMETERS in batch.column_names else batch
+            batch = batch.append_column(SOURCE_PARAMETERS, texts)
+        return super().prepare_batch(batch)
+
+    def model_batch(self, batch):
+        """The base model step; the input file's AUTOMATIC1111 text is not passed on."""
+        output = super().model_batch(batch)
+        return output.drop_columns([SOURCE_PARAMETERS]) if SOURCE_PARAMETERS in output.column_names else output
 
     def prepare_extras(self, row: dict) -> dict:
         """A per-row IP-Adapter reference, decoded on the prepare step."""
@@ -774,6 +859,7 @@ class DiffusersOperator(Operator):
             "nsfw_content_detected": item.record.get("nsfw_content_detected"),
             "prompt": parameters.get("prompt"),
             "negative_prompt": parameters.get("negative_prompt"),
+            "prompt_source": parameters.get("prompt_source"),
             **{name: parameters.get(name, value) for name, value in defaults.items()},
             "scheduler": self.scheduler_name,
             "loras": lora_record(self.loras),

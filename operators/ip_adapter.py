@@ -137,10 +137,11 @@ def resolve_ip_adapter(
     IP-Adapter's safetensors file, and its image encoder's vetted folder beside it (None when the
     config names the encoder elsewhere)."""
     from operators.models import check_files, existing_local_path, is_hub_id, stage_files
+    from operators.storage import is_remote
 
     folder = str(PurePosixPath(weight_path).parent)
     encoder_path = str(PurePosixPath(folder) / IMAGE_ENCODER_FOLDER)
-    if uri.startswith("s3://"):
+    if is_remote(uri):
         root = stage_files(uri, storage_options)
     elif is_hub_id(uri):
         if revision is None:

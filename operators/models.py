@@ -22,6 +22,7 @@ from typing import Literal
 
 from operators import catalogue
 from operators.base import UserError
+from operators.storage import is_remote
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +76,8 @@ def vet_models(operators: list, offline: bool = True) -> list[str]:
     """Check every model and LoRA the operators name, as far as it can be checked on this machine,
     before anything runs: local paths exist and hold a vetted checkpoint (safetensors only, no custom
     code, the asked variant), LoRA files are .safetensors, Hub ids carry a revision (and, offline,
-    are in the Hub cache). s3:// prefixes and Hub downloads are checked when the actors stage them.
+    are in the Hub cache). Remote prefixes (s3://, gs://, ...) and Hub downloads are checked when the
+    actors stage them; here only whether their store's package is installed.
     Returns one line per problem, naming the field."""
     problems = []
     for index, operator in enumerate(operators):
@@ -94,10 +96,15 @@ def require_vetted_models(operators: list, offline: bool = True) -> None:
         raise ModelError("; ".join(problems))
 
 
+# What messages call each kind of reference.
+_REFERENCE_NAMES = {"pipeline": "model", "model": "model", "lora": "LoRA", "ip_adapter": "IP-Adapter", "image": "image"}
+
+
 def vet_reference(reference: ModelReference, offline: bool = True) -> None:
     """Vet one reference without staging or downloading anything; raises ModelError."""
     uri = reference.uri
-    if uri.startswith("s3://"):
+    if is_remote(uri):  # staged and checked by the actors; here only whether its store can be read
+        refuse_unsupported_scheme(_REFERENCE_NAMES[reference.kind], uri)
         return
     if reference.kind == "image":
         from operators.ip_adapter import vet_reference_image
@@ -200,7 +207,7 @@ def resolve_model(
     """Make the checkpoint named by `uri` available locally and vet it: a whole pipeline
     (`model_index.json`) or, with `pipeline=False`, a single model (`config.json`, e.g. a ControlNet).
     `variant` (e.g. "fp16") names the weight files that will be loaded."""
-    if uri.startswith("s3://"):
+    if is_remote(uri):
         path = stage_files(uri, storage_options or {}, cache_dir)
         resolved = ResolvedModel(path, uri, revision or model_fingerprint(path))
     elif is_hub_id(uri):
@@ -248,13 +255,19 @@ def existing_local_path(what: str, uri: str, kind: str) -> Path:
 
 
 def refuse_unsupported_scheme(what: str, uri: str) -> None:
-    """A ModelError for a URI whose scheme restyle does not read (anything but s3:// and file://)."""
+    """A ModelError for a URI whose scheme restyle does not read (anything but file:// and the remote
+    stores of `operators.storage`), or whose store needs a package that is not installed."""
+    from operators.storage import REMOTE_SCHEMES, missing_library
+
     scheme = uri.split("://", 1)[0] if "://" in uri else None
-    if scheme is not None and scheme not in ("s3", "file"):
+    if scheme is not None and scheme != "file" and scheme not in REMOTE_SCHEMES:
         raise ModelError(
             f"{what} {re.sub(r'(?<=://)[^/@]*@', '***@', uri)!r}: unsupported URI scheme {scheme!r}; accepted: a "
-            "local directory, s3://BUCKET/PREFIX or a Hub id (owner/name)"
+            "local directory, s3://, gs://, az://, hf:// or memory:// prefix, or a Hub id (owner/name)"
         )
+    problem = missing_library(uri) if scheme is not None else None
+    if problem:
+        raise ModelError(f"{what} {re.sub(r'(?<=://)[^/@]*@', '***@', uri)!r}: {problem}")
 
 
 def check_files(path: Path, pipeline: bool = True, variant: str | None = None) -> None:
@@ -393,7 +406,8 @@ def model_fingerprint(path: Path) -> str:
 
 
 def stage_files(uri: str, storage_options: dict, cache_dir: Path | None = None) -> Path:
-    """Copy an s3:// prefix to the node's cache once; concurrent actors wait on a file lock."""
+    """Copy a remote prefix (s3://, gs://, az://, hf://, ...) to the node's cache once; concurrent
+    actors wait on a file lock."""
     from filelock import FileLock
 
     from operators.storage import filesystem_for

@@ -39,8 +39,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# Files read from a reference folder or prefix.
-REFERENCE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".dcm", ".dicom")
 # Reference histograms keep one bin per 16-bit value; 8-bit references are scaled by 257 into them.
 REFERENCE_LEVELS = 65536
 # Bins of the histograms `histogram_distance` compares.
@@ -104,8 +102,9 @@ class HistogramMatchStep(StepConfig):
     op: Literal["histogram_match"] = Field(description="Step kind.")
     reference: str = Field(
         min_length=1,
-        description="One image or DICOM file, or a folder or prefix whose images (png, jpg, jpeg, webp, tif, tiff) "
-        "and DICOM files (dcm, dicom: a reference series) are pooled into one reference; a local path, file:// or "
+        description="One image or DICOM file, or a folder or prefix whose images (any format Pillow reads) and "
+        "DICOM files (a reference series), recognised by content whatever their names, are pooled into one "
+        "reference (other files and hidden ones are left out); a local path, file:// or "
         "s3:// URI.",
     )
     dicom: DicomConfig | None = Field(
@@ -117,10 +116,13 @@ class HistogramMatchStep(StepConfig):
     @field_validator("reference")
     @classmethod
     def _local_or_s3(cls, value: str) -> str:
-        if "://" in value and not value.startswith(("file://", "s3://")):
-            from operators.storage import redact
+        from operators.storage import is_remote, redact
 
-            raise ValueError(f"reference must be a local path, file:// or s3:// URI, got {redact(value)!r}")
+        if "://" in value and not value.startswith("file://") and not is_remote(value):
+            raise ValueError(
+                f"reference must be a local path, file:// or a remote store's URI (s3://, gs://, az://, hf://), got "
+                f"{redact(value)!r}"
+            )
         return value
 
 
@@ -401,13 +403,33 @@ def reference_files(uri: str, storage_options: dict | None = None) -> tuple[fssp
     filesystem, path = filesystem_for(uri, storage_options)
     if filesystem.isfile(path):
         return filesystem, [path]
-    files = sorted(name for name in filesystem.find(path) if name.lower().endswith(REFERENCE_SUFFIXES))
+    root = path.rstrip("/")
+    files = sorted(
+        name
+        for name in filesystem.find(path)
+        if not any(part.startswith(".") for part in name[len(root) + 1 :].split("/"))
+    )
     if not files:
-        raise ValueError(
-            f"histogram_match reference {redact(uri)} is neither an image file nor a folder holding files "
-            f"ending in {', '.join(REFERENCE_SUFFIXES)}"
-        )
+        raise ValueError(f"histogram_match reference {redact(uri)} is neither an image file nor a folder holding files")
     return filesystem, files
+
+
+def is_image_file(data: bytes) -> bool:
+    """Whether bytes are a file Pillow recognises (by content, from its header)."""
+    import io
+    import warnings
+
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)):
+                return True
+    except Image.UnidentifiedImageError:
+        return False
+    except Exception:  # a known format that does not decode here: decoding names the problem
+        return True
 
 
 def load_reference(
@@ -428,6 +450,9 @@ def load_reference(
         for path in files:
             with filesystem.open(path, "rb") as handle:
                 data = handle.read()
+            if len(files) > 1 and not is_dicom(data) and not is_image_file(data):
+                logger.info("standardize: reference file %s is no image or DICOM file: left out", redact(path))
+                continue
             try:
                 if is_dicom(data):
                     for frame in decode_frames(data, dicom or DicomConfig(), None):

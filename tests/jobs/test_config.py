@@ -120,10 +120,13 @@ def test_locations_and_endpoints_that_work_are_accepted():
 
 def test_unsupported_schemes_and_endpoints_are_refused_naming_what_is_accepted():
     data = base_config()
-    data["source"]["uri"] = "gs://bucket/in"
+    data["source"]["uri"] = "ftp://host/in"
     data["sink"]["uri"] = "hdfs://name/out"
     text = error_text(data)
-    assert "source.uri: unsupported URI scheme 'gs'; accepted: a local path, file://PATH or s3://BUCKET/PREFIX" in text
+    assert (
+        "source.uri: unsupported URI scheme 'ftp'; accepted: a local path, file://PATH, s3://BUCKET/PREFIX, "
+        "gs://BUCKET/PREFIX, az://CONTAINER/PREFIX (or abfs://), hf://datasets/OWNER/NAME/PATH or memory://PATH"
+    ) in text
     assert "sink.uri: unsupported URI scheme 'hdfs'" in text
     for endpoint in ("not a url", "ftp://host", "http://host:port", "http://"):
         data = base_config()

@@ -120,8 +120,9 @@ def test_report_shows_inputs_beside_outputs(first_run):
     sink, result = first_run
     page = (sink / "report.html").read_text()
     assert result.summary["report"].endswith("report.html")
-    assert page.count("<tr class=ok>") == 10 and page.count("<tr class=error>") == 4
-    assert page.count("data:image/png;base64,") >= 2 * 10
+    assert page.count('<figure class="variant ok">') == 10 and page.count('<figure class="variant error">') == 4
+    assert page.count("<figure class=input>") == 7  # each input once, beside its two variants
+    assert page.count("data:image/webp;base64,") == 5 + 10  # the five readable inputs and their outputs
 
 
 def test_same_config_other_batch_size_gives_identical_bytes(first_run, source, sd_model, tmp_path):

@@ -131,29 +131,6 @@ def test_only_jobs_touching_object_storage_count_its_retries_in_an_actor(source,
     assert uses_object_storage(job) is expected
 
 
-def test_progress_log_counts_this_attempts_commit_records(tmp_path):
-    import json
-
-    from jobs.commits import ProgressLog
-    from jobs.config import SinkConfig
-
-    commits = tmp_path / "_commits"
-    commits.mkdir()
-    names = (("part-a0002-run00002-00000-000", 5), ("part-a0002-run00002-00001-000", 3))
-    names += (("part-a0001-run00001-00000-000", 7), ("part-a0002-other002-00000-000", 11))
-    for name, rows in names:
-        (commits / f"{name}.parquet.json").write_text(json.dumps({"rows": rows}))
-    # A record a write task is writing right now: not counted (and not parsed) until it is whole.
-    (commits / ".part-a0002-run00002-00002-000.parquet.json.0123abcd.tmp").write_text('{"ro')
-    progress = ProgressLog(
-        SinkConfig(uri=str(tmp_path)), attempt=2, already=7, expected=20, interval=30, run_id="run00002"
-    )
-    with progress:
-        line = progress.line()
-    assert line.startswith("progress: 15/20 rows committed (75.0%), ")
-    assert progress.committed_now() == 15
-
-
 @pytest.mark.parametrize(
     ("operator", "tasks"),
     [

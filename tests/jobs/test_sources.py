@@ -318,7 +318,7 @@ def test_folder_job_counts_errors_and_skipped_files_and_never_publishes_a_linked
     assert table.filter(pc.equal(table.column("id"), "leak.gif")).column("image").to_pylist() == [None]
     # Five PNGs for the five ok rows, none for the link.
     assert len(list((sink / "images").rglob("*.png"))) == 5
-    assert report.count("data:image/png;base64,") == 10  # input and output of the five ok rows only
+    assert report.count("data:image/webp;base64,") == 10  # input and output of the five ok rows only
 
 
 def test_a_file_that_became_a_link_out_of_the_folder_after_listing_is_not_passed_on(tmp_path):

@@ -50,9 +50,14 @@ def no_ray(monkeypatch):
 # (case id, config: a mapping, or raw text, or a callable(tmp_path) returning the config path;
 #  extra CLI arguments, fragment every message must contain)
 CASES = [
-    ("gs-source", job(source={"uri": "gs://bucket/in"}), ["--dry-run"], "source.uri: unsupported URI scheme 'gs'"),
-    ("gs-sink-dry-run", job(sink={"uri": "gs://bucket/out"}), ["--dry-run"], "sink.uri: unsupported URI scheme 'gs'"),
-    ("gs-sink-run", job(sink={"uri": "gs://bucket/out"}), [], "accepted: a local path, file://PATH or s3://"),
+    (
+        "gs-source-without-gcsfs",
+        job(source={"uri": "gs://bucket/in"}),
+        ["--dry-run"],
+        "source.uri: gs:// URIs need the gcsfs package, which is not installed: pip install gcsfs",
+    ),
+    ("hdfs-sink-dry-run", job(sink={"uri": "hdfs://bucket/out"}), ["--dry-run"], "sink.uri: unsupported URI scheme"),
+    ("hdfs-sink-run", job(sink={"uri": "hdfs://bucket/out"}), [], "accepted: a local path, file://PATH, s3://"),
     ("https-source", job(source={"uri": "https://example.com/x.parquet"}), [], "source.uri: unsupported URI scheme"),
     ("binary-file", lambda tmp: _write(tmp / "job.png", b"\x89PNG\r\n\x1a\n\x00\xff\xfe"), [], "is not text"),
     ("directory", lambda tmp: tmp, [], "is a directory; give the path of a YAML job file"),
@@ -99,13 +104,13 @@ CASES = [
         "gs-model",
         job(operators=[{"kind": "img2img", "model": "gs://bucket/model", "prompt": "x"}]),
         ["--dry-run"],
-        "operators[0].model: model 'gs://bucket/model': unsupported URI scheme 'gs'; accepted: a local directory",
+        "operators[0].model: model 'gs://bucket/model': gs:// URIs need the gcsfs package, which is not installed",
     ),
     (
         "gs-lora",
         job(operators=[{"kind": "img2img", "model": "gs://b/m", "prompt": "x", "loras": [{"model": "gs://b/l"}]}]),
         [],
-        "operators[0].loras[0]: LoRA 'gs://b/l': unsupported URI scheme 'gs'",
+        "operators[0].loras[0]: LoRA 'gs://b/l': gs:// URIs need the gcsfs package",
     ),
     ("sink-is-home-dry-run", job(sink={"uri": "~"}), ["--dry-run"], "sink.uri ~ (resolved: "),
     ("sink-inside-source-dry-run", job(sink={"uri": "in/out"}), ["--dry-run"], "is inside source.uri in"),

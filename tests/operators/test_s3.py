@@ -154,11 +154,11 @@ def test_image_folder_ids_are_paths_relative_to_the_prefix(ray_session, s3_bucke
     info = inspect_source(source)
 
     entries = [entry for fragment in info.fragments for entry in fragment.entries]
-    assert [row_id for row_id, _, _ in entries] == ["a.png", "sub/b.png", "sub/c.jpg"]
-    assert [path for _, path, _ in entries] == [f"{bucket}/photos/{row_id}" for row_id, _, _ in entries]
+    assert [entry.id for entry in entries] == ["a.png", "sub/b.png", "sub/c.jpg"]
+    assert [entry.path for entry in entries] == [f"{bucket}/photos/{entry.id}" for entry in entries]
     assert info.skipped == ["notes.txt"] and info.skipped_files == 1
     rows = read_source(source, info).take_all()
-    assert sorted(row["id"] for row in rows) == [row_id for row_id, _, _ in entries]
+    assert sorted(row["id"] for row in rows) == [entry.id for entry in entries]
     assert {row["id"]: row["image"] for row in rows} == images
     assert {row["status"] for row in rows} == {"ok"}
 
