@@ -19,6 +19,7 @@ demo: $(STAMP)
 # Debian's chromium renders report.html in one test; without it (no root, no apt) that test skips.
 test: $(STAMP)
 	@command -v chromium >/dev/null || apt-get install -y -qq chromium >/dev/null 2>&1 \
+		|| (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq chromium >/dev/null 2>&1) \
 		|| echo "chromium not installed: the report rendering test will skip"
 	$(VENV)/bin/python -m pytest -q
 

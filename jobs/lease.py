@@ -8,6 +8,11 @@ ends. A lease that was not renewed in time, or one whose holder is a process on 
 longer exists (a killed driver), is taken over: locally under `flock` on the lease file, on S3 by a
 put conditional on the expired lease's ETag (`If-Match`), so two runs cannot both take it over.
 
+On the other stores (gs://, az://, hf://, memory://) the lease is created with fsspec's create-only
+write (`mode="create"`), so two runs started together still cannot both get it; renewing, taking
+over an expired lease and releasing it read the record, check it, then write or delete it: without
+a conditional put there is a moment in which a take-over by two runs at once can both succeed.
+
 Limits: expiry compares wall clocks of different hosts, so hosts sharing a sink need clocks
 within a fraction of the lease time; a driver killed on another host blocks the sink until its
 lease expires (`RESTYLE_LEASE_SECONDS`, default 120 s).
@@ -27,7 +32,7 @@ import time
 from pathlib import Path
 
 from operators.base import UserError
-from operators.storage import is_local, join
+from operators.storage import is_local, join, scheme_of
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +101,9 @@ class SinkLease:
         self.run_id, self.config_hash = run_id, config_hash
         self.seconds = seconds if seconds is not None else lease_seconds()
         self.local = is_local(filesystem)
+        # S3 makes replacing and deleting the lease conditional on what was read (ETag); other stores
+        # (gs://, az://, hf://, memory://) take a create-only first write, then check-and-write.
+        self.conditional = scheme_of(uri) == "s3"
         self.started = time.time()
         self.held = False
         self.lost: str | None = None
@@ -164,6 +172,9 @@ class SinkLease:
                 return
             current, etag = self._read_remote()
             if current is not None and current.get("run_id") == self.run_id:
+                if not self.conditional:
+                    self.filesystem.rm(self.path)
+                    return
                 # Conditional on what was just read: a run that took the lease over in between keeps it.
                 bucket, key = self.path.split("/", 1)
                 self.filesystem.call_s3("delete_object", Bucket=bucket, Key=key, IfMatch=etag)
@@ -242,7 +253,10 @@ class SinkLease:
         if action == "take over" and current.get("run_id") != self.run_id:
             logger.warning("sink: taking over the expired lease of %s (%s)", self.uri, describe_holder(current))
         try:
-            self.filesystem.pipe_file(self.path, data, IfMatch=etag)
+            if self.conditional:
+                self.filesystem.pipe_file(self.path, data, IfMatch=etag)
+            else:
+                self.filesystem.pipe_file(self.path, data)
         except (FileExistsError, FileNotFoundError):
             return None  # removed since it was read: look again
         except OSError as error:

@@ -127,7 +127,8 @@ def duration(seconds: float) -> str:
 class ProgressMetrics:
     """Ray metrics of one run, tagged with its `run_id` (Prometheus names them `ray_restyle_...`): rows
     committed by status, error rows, expected rows, the commit rate and seconds left while it runs, the
-    summary's images/s and wall time at the end. Each stage's own rows are Ray Data's
+    summary's images/s and wall time at the end, and each stage's images per second of model time
+    (`restyle_stage_images_per_second{stage}`); each stage's own rows are also Ray Data's
     `ray_data_output_rows{operator}`."""
 
     def __init__(self, run_id: str, expected: int):
@@ -145,7 +146,21 @@ class ProgressMetrics:
             "restyle_images_per_second", description="The run summary's images/s (ok rows / wall time).", tag_keys=run
         )
         self.wall = Gauge("restyle_wall_seconds", description="The run summary's wall time.", tag_keys=run)
-        for metric in (self.committed, self.errors, self.expected, self.rate, self.left, self.images, self.wall):
+        self.stage_images = Gauge(
+            "restyle_stage_images_per_second",
+            description="Per stage: rows per second of model time (the report's stage figures).",
+            tag_keys=("run_id", "stage"),
+        )
+        for metric in (
+            self.committed,
+            self.errors,
+            self.expected,
+            self.rate,
+            self.left,
+            self.images,
+            self.wall,
+            self.stage_images,
+        ):
             metric.set_default_tags({"run_id": run_id})
         self.expected.set(expected)
 
@@ -165,6 +180,9 @@ class ProgressMetrics:
             self.images.set(summary["images_per_second"])
         self.wall.set(summary["wall_seconds"])
         self.left.set(0)
+        for stage, figures in (summary.get("stages") or {}).items():
+            if figures.get("images_per_model_second") is not None:
+                self.stage_images.set(figures["images_per_model_second"], tags={"stage": stage})
 
 
 def job_metrics(run_id: str, expected: int) -> ProgressMetrics | None:

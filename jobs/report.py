@@ -159,8 +159,10 @@ def write_report(config: JobConfig, info: SourceInfo, summary: dict, state) -> s
     row, fidelity metrics with their thresholds), every error and rejection grouped by message, and
     `sink.report_rows` inputs sampled across the whole run (by a hash of their id), each beside all
     its variants. The committed shards are read once, a few small columns at a time, shard by shard;
-    only the sampled rows are read whole."""
+    only the sampled rows are read whole. Adds each stage's figures (`stage_figures`) to `summary` as
+    `stages`."""
     scan = _scan_rows(config, state, config.sink.report_rows)
+    summary["stages"] = stage_figures(scan)
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>restyle report: {html.escape(config.sink.uri)}</title>
 <meta name="viewport" content="width=device-width, initial-scale=1">
@@ -241,6 +243,7 @@ class _Scan:
 
     sample_size: int
     seconds: dict[str, dict[str, float]] = field(default_factory=dict)  # {stage: {step: total seconds}}
+    rows: dict[str, dict[str, int]] = field(default_factory=dict)  # {stage: {step: rows timed}}
     timings: dict[tuple[str, str], _Values] = field(default_factory=dict)  # {(stage, step): per-row seconds}
     fidelity: dict[str, _Values] = field(default_factory=dict)
     identical: int = 0  # rows whose PSNR is infinite (output equals source)
@@ -355,8 +358,23 @@ def _scan_rows(config: JobConfig, state, sample_size: int) -> _Scan:
                         if values.size:
                             totals = scan.seconds.setdefault(stage, {})
                             totals[step] = totals.get(step, 0.0) + float(values.sum())
+                            counts = scan.rows.setdefault(stage, {})
+                            counts[step] = counts.get(step, 0) + int(values.size)
                             scan.timings.setdefault((stage, step), _Values()).add(values.tolist())
     return scan
+
+
+def stage_figures(scan: _Scan) -> dict[str, dict[str, float]]:
+    """Per stage, the seconds its rows took in each step and its images per second of model time
+    (rows timed / model seconds: the rate of one model step, whatever the pool size)."""
+    figures = {}
+    for stage, totals in scan.seconds.items():
+        model, rows = totals.get("model_seconds", 0.0), scan.rows.get(stage, {}).get("model_seconds", 0)
+        figures[stage] = {
+            **{step: round(value, 3) for step, value in totals.items()},
+            "images_per_model_second": round(rows / model, 4) if model > 0 else None,
+        }
+    return figures
 
 
 def _cards_html(config: JobConfig, summary: dict, scan: _Scan) -> str:

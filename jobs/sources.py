@@ -1009,15 +1009,22 @@ def _read_folder_fragment(
     for position, problem in enumerate(caption_problems):
         if problem is not None and errors[position] is None:
             images[position], errors[position] = None, f"{problem}: {ids[position]}"
-    image_array = pa.array(images, pa.binary())
+    return _rows_table(ids, pa.array(images, pa.binary()), errors, positions, index, keep_source_image, added)
+
+
+def _rows_table(
+    ids: list, images: pa.Array, errors: list, positions: list, index: int, keep_source_image: bool, added: dict
+) -> pa.Table:
+    """A folder fragment's rows in the job's form: id, image (bytes or pixels), status, error, the
+    source image when kept, the columns `added`, then the `_fragment`/`_row` tags."""
     columns = {
         "id": pa.array(ids, pa.string()),
-        "image": image_array,
+        "image": images,
         "status": pa.array([OK if error is None else ERROR for error in errors], pa.string()),
         "error": pa.array(errors, pa.string()),
     }
     if keep_source_image:
-        columns["source_image"] = image_array
+        columns["source_image"] = images
     columns.update(added)
     columns[FRAGMENT] = pa.array([index] * len(ids), pa.int32())
     columns[ROW] = pa.array(positions, pa.int64())
@@ -1068,19 +1075,8 @@ def _read_volume_fragment(
             else:
                 arrays.append(result[0]), records.append(result[1]), attributes.append(result[2])
                 errors.append(None)
-    pixels = to_pixels(arrays)
-    columns = {
-        "id": pa.array(ids, pa.string()),
-        "image": pixels,
-        "status": pa.array([OK if error is None else ERROR for error in errors], pa.string()),
-        "error": pa.array(errors, pa.string()),
-    }
-    if keep_source_image:
-        columns["source_image"] = pixels
-    columns.update(_volume_record_columns(config, records, attributes))
-    columns[FRAGMENT] = pa.array([index] * len(ids), pa.int32())
-    columns[ROW] = pa.array(positions, pa.int64())
-    return pa.table(columns)
+    added = _volume_record_columns(config, records, attributes)
+    return _rows_table(ids, to_pixels(arrays), errors, positions, index, keep_source_image, added)
 
 
 def _frame_word(config: SourceConfig) -> str:

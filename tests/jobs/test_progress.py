@@ -120,7 +120,13 @@ def test_commits_are_exported_as_ray_metrics(earlier_records, monkeypatch):
     with progress(earlier_records, mode="off", metrics=metrics) as running:
         running.committed_now()
         running.committed_now()  # nothing new: nothing counted twice
-    metrics.summary({"images_per_second": 2.5, "wall_seconds": 3.2})
+    metrics.summary(
+        {
+            "images_per_second": 2.5,
+            "wall_seconds": 3.2,
+            "stages": {"img2img": {"model_seconds": 4.0, "images_per_model_second": 5.0}, "tidy": {}},
+        }
+    )
     made = FakeMetric.made
     tags = {"run_id": RUN}
     assert made["restyle_rows_expected"].calls == [("set", 20, tags)]
@@ -133,6 +139,7 @@ def test_commits_are_exported_as_ray_metrics(earlier_records, monkeypatch):
     assert made["restyle_images_per_second"].calls == [("set", 2.5, tags)]
     assert made["restyle_wall_seconds"].calls == [("set", 3.2, tags)]
     assert made["restyle_seconds_left"].calls[-1] == ("set", 0, tags)
+    assert made["restyle_stage_images_per_second"].calls == [("set", 5.0, {**tags, "stage": "img2img"})]
 
 
 def test_durations_read_as_a_person_would_say_them():

@@ -158,3 +158,43 @@ def test_a_bucket_root_is_refused_as_a_sink_on_every_store(tmp_path):
             continue
         with pytest.raises(SinkError, match="is a bucket root; restyle needs a prefix of its own"):
             check_sink_location(config)
+
+
+def test_a_sink_on_a_store_takes_its_lease_writes_committed_shards_and_knows_them(memory_store):
+    """The sink's own writes (lease, shards, commit records, image files) through memory://, in this
+    process: the same calls a write task makes."""
+    from types import SimpleNamespace
+
+    from jobs.commits import survey
+    from jobs.lease import SinkBusy, SinkLease
+    from jobs.sinks import ParquetImageSink
+
+    config = validate_config(job({"uri": "in"}, {"uri": "memory://out/run", "write_images": True})).sink
+    filesystem, root = filesystem_for(config.uri)
+    lease = SinkLease(filesystem, root, config.uri, "run00001", "hash", seconds=60)
+    lease.acquire()
+    with pytest.raises(SinkBusy):  # a second run on the same sink is refused
+        SinkLease(filesystem, root, config.uri, "run00002", "hash", seconds=60).acquire()
+    rows = pa.table(
+        {
+            "id": ["a", "b"],
+            "image": [png(10), png(20)],
+            "variant_index": pa.array([0, 0], pa.int32()),
+            "status": ["ok", "ok"],
+            "error": pa.array([None, None], pa.string()),
+            "_fragment": pa.array([0, 0], pa.int32()),
+            "_row": pa.array([0, 1], pa.int64()),
+        }
+    )
+    written = ParquetImageSink(config, "hash", 1, "run00001", ["rows.parquet#0"]).write(
+        [rows], SimpleNamespace(task_idx=0)
+    )
+    assert [item["rows"] for item in written] == [2]
+    ours, foreign = survey(filesystem, root)
+    names = sorted(path.rsplit("/", 1)[-1] for path in ours)
+    assert foreign == [] and len([name for name in names if name.endswith(".parquet")]) == 1
+    assert len([name for name in names if name.endswith(".png")]) == 2 and "_lease.json" in names
+    shard = next(path for path in ours if path.endswith(".parquet"))
+    assert pq.read_table(filesystem.open(shard, "rb")).column("id").to_pylist() == ["a", "b"]
+    lease.release()
+    assert not filesystem.exists(f"{root}/_lease.json")
