@@ -17,10 +17,14 @@ demo: $(STAMP)
 	$(VENV)/bin/restyle run configs/demo.yaml
 
 # Debian's chromium renders report.html in one test; without it (no root, no apt) that test skips.
+# Azurite (npm, under .cache) serves the Azure Blob API to the az:// test; without node it skips.
 test: $(STAMP)
 	@command -v chromium >/dev/null || apt-get install -y -qq chromium >/dev/null 2>&1 \
 		|| (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq chromium >/dev/null 2>&1) \
 		|| echo "chromium not installed: the report rendering test will skip"
+	@test -x .cache/azurite/node_modules/.bin/azurite-blob \
+		|| npm install --silent --prefix .cache/azurite azurite@3.37.0 >/dev/null 2>&1 \
+		|| echo "azurite not installed: the Azure store test will skip"
 	$(VENV)/bin/python -m pytest -q
 
 lint: $(STAMP)

@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 from operators.base import UserError
-from operators.storage import is_local, join, scheme_of
+from operators.storage import is_local, join
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +103,8 @@ class SinkLease:
         self.local = is_local(filesystem)
         # S3 makes replacing and deleting the lease conditional on what was read (ETag); other stores
         # (gs://, az://, hf://, memory://) take a create-only first write, then check-and-write.
-        self.conditional = scheme_of(uri) == "s3"
+        protocol = filesystem.protocol
+        self.conditional = "s3" in (protocol if isinstance(protocol, tuple) else (protocol,))
         self.started = time.time()
         self.held = False
         self.lost: str | None = None
@@ -289,13 +290,14 @@ class SinkLease:
     def _read_remote(self) -> tuple[dict | None, str | None]:
         for _ in range(5):
             try:
-                before = self.filesystem.info(self.path, refresh=True).get("ETag")
+                before = _etag(self.filesystem.info(self.path, refresh=True))
                 data = self.filesystem.cat_file(self.path)
                 after = self.filesystem.info(self.path, refresh=True)
             except FileNotFoundError:
                 return None, None
-            if after.get("ETag") == before:
-                modified = after.get("LastModified")
+            if _etag(after) == before:
+                # s3fs's names, else adlfs's: without a modification time an unreadable lease never expires.
+                modified = after.get("LastModified") or after.get("last_modified")
                 mtime = modified.timestamp() if hasattr(modified, "timestamp") else time.time()
                 return _parse(data, mtime, self.seconds), before
         return None, None  # rewritten while read each time: look again
@@ -322,6 +324,11 @@ def describe_holder(holder: dict) -> str:
         f"host {holder.get('host')}, pid {holder.get('pid')}, run {holder.get('run_id')}, started "
         f"{holder.get('started')}; lease expires {holder.get('expires_at')}"
     )
+
+
+def _etag(info: dict) -> str | None:
+    """An object's ETag as s3fs (`ETag`) or adlfs (`etag`) reports it."""
+    return info.get("ETag") or info.get("etag")
 
 
 def _parse(data: bytes, mtime: float, seconds: float) -> dict:

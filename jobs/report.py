@@ -371,7 +371,7 @@ def stage_figures(scan: _Scan) -> dict[str, dict[str, float]]:
     for stage, totals in scan.seconds.items():
         model, rows = totals.get("model_seconds", 0.0), scan.rows.get(stage, {}).get("model_seconds", 0)
         figures[stage] = {
-            **{step: round(value, 3) for step, value in totals.items()},
+            "seconds": {step.removesuffix("_seconds"): round(value, 3) for step, value in totals.items()},
             "images_per_model_second": round(rows / model, 4) if model > 0 else None,
         }
     return figures

@@ -124,7 +124,7 @@ def test_commits_are_exported_as_ray_metrics(earlier_records, monkeypatch):
         {
             "images_per_second": 2.5,
             "wall_seconds": 3.2,
-            "stages": {"img2img": {"model_seconds": 4.0, "images_per_model_second": 5.0}, "tidy": {}},
+            "stages": {"img2img": {"seconds": {"model": 4.0}, "images_per_model_second": 5.0}, "tidy": {}},
         }
     )
     made = FakeMetric.made

@@ -212,7 +212,7 @@ def test_a_gpu_stage_reports_gpu_hours_of_its_model_calls(tmp_path):
     config, info, state, summary = build_sink(tmp_path, count=6, report_rows=0, device="cuda")
     page = open(write_report(config, info, summary, state), encoding="utf-8").read()
     # Each stage's figures join the summary (and the run's Ray metrics): 12 rows of 2.0 s model calls.
-    assert summary["stages"]["img2img"]["model_seconds"] == 24.0
+    assert summary["stages"]["img2img"]["seconds"]["model"] == 24.0
     assert summary["stages"]["img2img"]["images_per_model_second"] == 0.5
     assert f"<div class=value>{12 * 2.0 / 3600:.3g} h</div><div class=label>img2img: GPU hours (model calls)" in page
     assert f"<div class=value>{(12 * 0.5 + 8 * 0.25) / 3600:.3g} h</div><div class=label>img2img: CPU hours" in page

@@ -487,9 +487,9 @@ def test_columns_pass_through():
         ),
         ([KEEP], {"output_dtype": "float32"}, "'keep', 'uint8' or 'uint16'"),
         (
-            [{"op": "histogram_match", "reference": "gs://bucket/refs"}],
+            [{"op": "histogram_match", "reference": "ftp://host/refs"}],
             {},
-            "reference must be a local path, file:// or s3:// URI, got 'gs://bucket/refs'",
+            "reference must be a local path, file:// or a remote store's URI",
         ),
     ],
 )
