@@ -268,7 +268,11 @@ class Progress:
         with self.lock:
             folder = join(self.root, COMMITS)
             # refresh: s3fs would otherwise answer from its cached listing and progress would never move.
-            names = self.filesystem.ls(folder, detail=False, refresh=True) if self.filesystem.exists(folder) else []
+            # No `exists` first: s3fs's answers False to a server error, unretried and uncounted.
+            try:
+                names = self.filesystem.ls(folder, detail=False, refresh=True)
+            except FileNotFoundError:
+                names = []
             new: dict[str, int] = {}
             for path in names:
                 name = path.rsplit("/", 1)[-1]
