@@ -226,13 +226,10 @@ class SinkState:
         """Delete shards without a live commit (a crashed attempt's), stale or unreadable records,
         temporary files and the manifest. Only called while this run holds the sink's lease."""
         live = set(self.shards)
-        leftovers = [path for path in self._list("data") if path not in live and _is_shard_or_temporary(path)]
+        leftovers = [path for path in self._list("data") if path not in live and _is_ours(path, _SHARD_FILE)]
         live_tars = {join(self.root, webdataset_shard_name(shard)) for shard in self.commits}
         leftovers += [
-            path
-            for path in self._list(WEBDATASET)
-            if path not in live_tars
-            and (_WEBDATASET_FILE.fullmatch(path.rsplit("/", 1)[-1]) or _TEMPORARY.fullmatch(path.rsplit("/", 1)[-1]))
+            path for path in self._list(WEBDATASET) if path not in live_tars and _is_ours(path, _WEBDATASET_FILE)
         ]
         for record in self._list(COMMITS):
             name = record.rsplit("/", 1)[-1]
@@ -427,9 +424,10 @@ def _well_typed(commit: Commit) -> bool:
     )
 
 
-def _is_shard_or_temporary(path: str) -> bool:
+def _is_ours(path: str, pattern: re.Pattern) -> bool:
+    """Whether a file is one restyle writes under `pattern`'s name, or one it was writing (a temporary)."""
     name = path.rsplit("/", 1)[-1]
-    return bool(_SHARD_FILE.fullmatch(name) or _TEMPORARY.fullmatch(name))
+    return bool(pattern.fullmatch(name) or _TEMPORARY.fullmatch(name))
 
 
 def remove_outputs(filesystem, root: str, paths: list[str]) -> None:

@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 from operators.base import UserError
-from operators.storage import is_local, join
+from operators.storage import is_local, join, speaks
 
 logger = logging.getLogger(__name__)
 
@@ -103,8 +103,7 @@ class SinkLease:
         self.local = is_local(filesystem)
         # S3 makes replacing and deleting the lease conditional on what was read (ETag); other stores
         # (gs://, az://, hf://, memory://) take a create-only first write, then check-and-write.
-        protocol = filesystem.protocol
-        self.conditional = "s3" in (protocol if isinstance(protocol, tuple) else (protocol,))
+        self.conditional = speaks(filesystem, "s3")
         self.started = time.time()
         self.held = False
         self.lost: str | None = None

@@ -361,7 +361,6 @@ def _read_webdataset_fragment(
     """One tar shard's samples as rows, streamed front to back: the key as id, the image member's bytes
     (a sample without one, or whose image Pillow cannot open, is an error row naming it), every other
     member in its column."""
-    import numpy as np
 
     wanted = min(fragment.rows, first or fragment.rows)
     image_extension = None if config.image_column == "image" else config.image_column.lower()
@@ -399,18 +398,8 @@ def _read_webdataset_fragment(
             if value is not None and pa.types.is_string(kind):
                 value = value.decode("utf-8", errors="replace")
             values[name].append(value)
-    image_array = pa.array(images, pa.binary())
-    columns = {
-        "id": pa.array(ids, pa.string()),
-        "image": image_array,
-        "status": pa.array([OK if error is None else ERROR for error in errors], pa.string()),
-        "error": pa.array(errors, pa.string()),
-        **({"source_image": image_array} if keep_source_image else {}),
-        **{name: pa.array(column, column_types[name]) for name, column in values.items()},
-        FRAGMENT: pa.array(np.full(len(ids), index, np.int32)),
-        ROW: pa.array(positions, pa.int64()),
-    }
-    return pa.table(columns)
+    added = {name: pa.array(column, column_types[name]) for name, column in values.items()}
+    return _rows_table(ids, pa.array(images, pa.binary()), errors, positions, index, keep_source_image, added)
 
 
 # Folder formats whose rows are image files, with captions beside them (and imagefolder's metadata).

@@ -138,8 +138,13 @@ def open_atomically(filesystem: fsspec.AbstractFileSystem, path: str):
 
 def is_local(filesystem: fsspec.AbstractFileSystem) -> bool:
     """Whether a filesystem is this machine's own."""
-    protocol = filesystem.protocol
-    return "file" in (protocol if isinstance(protocol, tuple) else (protocol,))
+    return speaks(filesystem, "file")
+
+
+def speaks(filesystem: fsspec.AbstractFileSystem, protocol: str) -> bool:
+    """Whether `protocol` is one of the filesystem's own ('s3' for s3fs, whose protocols are s3, s3a)."""
+    own = filesystem.protocol
+    return protocol in (own if isinstance(own, tuple) else (own,))
 
 
 def is_inside(path: str, folder: str) -> bool:
