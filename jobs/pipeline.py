@@ -244,6 +244,25 @@ def operator_arguments(config: JobConfig, index: int) -> dict:
 # no CPU waits long for the last fragment.
 READ_BLOCKS_PER_CPU = 2
 
+# The largest alignment of read blocks `read_alignment` asks for; past it, the first stage's batch.
+MAX_READ_ALIGNMENT = 1024
+
+
+def read_alignment(plan: JobPlan) -> int | None:
+    """Source rows that every model stage's batches divide evenly (a stage fed by stages of variants
+    sees each source row as that many rows), so that the blocks `read_source` cuts a fragment into
+    make full batches and full model calls. None when the first stage runs as CPU tasks: Ray would
+    then fuse it with a read it does not split, and a fragment would run as one task."""
+    if plan.stages[0].tasks:
+        return None
+    alignment, fan_out = 1, 1
+    for stage in plan.stages:
+        if not stage.tasks:
+            alignment = math.lcm(alignment, stage.batch_size // math.gcd(stage.batch_size, fan_out))
+        fan_out *= stage.variants
+    return alignment if alignment <= MAX_READ_ALIGNMENT else plan.stages[0].batch_size
+
+
 # Batches queued on each model actor: one running, one ready for when it finishes.
 MODEL_PREFETCH_BATCHES = 2
 
@@ -681,6 +700,7 @@ def _run_holding_lease(
             fragments=resume.todo,
             skip_rows=resume.skip_rows,
             min_blocks=READ_BLOCKS_PER_CPU * max(int(cpus), 1),
+            align=read_alignment(plan),
             **cpu_step_resources(config),
         )
         for index, stage in enumerate(plan.stages):

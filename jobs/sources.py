@@ -23,6 +23,7 @@ import functools
 import hashlib
 import io
 import logging
+import math
 import os
 import warnings
 from collections import Counter
@@ -818,6 +819,7 @@ def read_source(
     skip_rows: dict[int, frozenset[int]] | None = None,
     num_cpus: float | None = None,
     min_blocks: int = 1,
+    align: int | None = None,
 ):
     """A Ray Dataset of the source's rows in the job's form, each tagged with its fragment and its
     position in it (`jobs.fragments`): those of every fragment, or of the fragments whose indices
@@ -828,7 +830,10 @@ def read_source(
     Unless `source.read_blocks` says otherwise, each fragment is one block when there are at least
     `min_blocks` of them: Ray then reads a fragment in the same task as the CPU steps after it (it
     fuses a read with nothing once it splits its blocks), so rows never wait in the object store in
-    between. With fewer fragments Ray's own default splits them, for parallelism."""
+    between. Fewer fragments are split for parallelism: into blocks of a multiple of `align` rows
+    from each fragment's start when it is given (so a model stage's batches, and its model calls, are
+    full but for each fragment's last), else by Ray's own default (which cuts anywhere: 1 024 rows
+    became blocks of 5 and 6, and a model call of 4 rows then ran as one of 4 and one of 1 or 2)."""
     import ray.data
 
     remote = {"num_cpus": num_cpus} if num_cpus is not None else {}  # Ray's default is one CPU
@@ -836,9 +841,19 @@ def read_source(
     selected = [(index, info.fragments[index], (skip_rows or {}).get(index)) for index in indices]
     if not selected:
         return ray.data.from_arrow(no_rows(keep_source_image))
+    blocks, block_rows = config.read_blocks, None
+    if blocks is None and len(selected) >= min_blocks:
+        blocks = len(selected)
+    elif blocks is None and align:
+        rows = sum(fragment.rows - len(skip or ()) for _, fragment, skip in selected)
+        # As many blocks as Ray's default split would make, each a multiple of `align` rows: one read
+        # task per fragment (Ray splits nothing), then cut by Ray's streaming repartition.
+        target = max(ray.data.DataContext.get_current().read_op_min_num_blocks, min_blocks)
+        block_rows = align * max(1, math.ceil(rows / target / align))
+        blocks = len(selected)
     source = _fragment_source_class()(config, info.column_types, selected, keep_source_image)
-    blocks = config.read_blocks or (len(selected) if len(selected) >= min_blocks else None)
-    return ray.data.read_datasource(source, override_num_blocks=blocks, **remote)
+    dataset = ray.data.read_datasource(source, override_num_blocks=blocks, **remote)
+    return dataset if block_rows is None else dataset.repartition(target_num_rows_per_block=block_rows)
 
 
 def _fragment_source_class():
@@ -1259,6 +1274,10 @@ def _relative(path: str, root: str) -> str:
 
 ID_HASH_BYTES = 8
 MAX_ID_BUCKETS = 16
+# A source this small has its ids checked on the driver, which then holds at most this many: a few
+# milliseconds, where the first Ray tasks of a job wait seconds for worker processes to start.
+DRIVER_ID_CHECK_ROWS = 100_000
+DRIVER_ID_CHECK_FRAGMENTS = 16  # each read one after another here (one request each on a store)
 ROWS_PER_ID_BUCKET = 1_000_000
 
 
@@ -1267,7 +1286,9 @@ def check_ids(config: SourceConfig, info: SourceInfo, tasks: int = 1, num_cpus: 
     on the driver: under Ray, `tasks` tasks each read the id column of a run of fragments and split
     the ids' 64-bit hashes into buckets; one task per bucket sorts its hashes and counts repeats; only
     a repeated hash is looked up again, to name the id (and to tell a repeat from a collision).
-    Without Ray (`--dry-run`) the same functions run here. An image folder's ids are its unique paths."""
+    Without Ray (`--dry-run`), or for a source of at most `DRIVER_ID_CHECK_ROWS` rows in at most
+    `DRIVER_ID_CHECK_FRAGMENTS` fragments, the same functions run here. An image folder's ids are its
+    unique paths."""
     if config.format in ("images", "imagefolder", "nifti") or not info.fragments:
         return  # ids are paths (and slice indices): unique
     groups = _balanced_groups([(index, fragment, None) for index, fragment in enumerate(info.fragments)], tasks)
@@ -1276,7 +1297,8 @@ def check_ids(config: SourceConfig, info: SourceInfo, tasks: int = 1, num_cpus: 
     if config.format == "dicom":
         what = "the DICOM files' SOP Instance UIDs (source.dicom.id)"
         hint = " (a file copied twice? source.dicom.id: path uses each file's path instead)"
-    submit, get = _runner(num_cpus)
+    small = info.row_count <= DRIVER_ID_CHECK_ROWS and len(info.fragments) <= DRIVER_ID_CHECK_FRAGMENTS
+    submit, get = _runner(num_cpus, in_process=small)
     parts = [submit(_hash_ids, config, group, buckets, returns=buckets + 1) for group in groups]
     nulls = sum(get([part[0] for part in parts]))
     if nulls:
@@ -1295,13 +1317,13 @@ def check_ids(config: SourceConfig, info: SourceInfo, tasks: int = 1, num_cpus: 
         raise SourceError(f"{what} has {repeated} repeated ids, e.g. {named[:5]}; ids must be unique{hint}")
 
 
-def _runner(num_cpus: float | None):
+def _runner(num_cpus: float | None, in_process: bool = False):
     """(submit, get) for `check_ids`: Ray tasks of `num_cpus` when Ray runs (their results stay in
     the object store until fetched, and a task's result passed to another is not fetched here), else
-    plain calls in this process."""
+    (or when `in_process`) plain calls in this process."""
     import ray
 
-    if not ray.is_initialized():
+    if in_process or not ray.is_initialized():
         return (lambda function, *arguments, returns=1: function(*arguments)), (lambda values: values)
     remote = {"num_cpus": num_cpus} if num_cpus is not None else {}
 

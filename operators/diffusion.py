@@ -608,6 +608,9 @@ GENERATION_FIELDS = [
     ("device", pa.string()),
     # Most rows per model call: batched kernels round differently per batch size.
     ("model_batch_size", pa.int32()),
+    # Rows in the model call that made this row (fewer than model_batch_size when the batch had fewer
+    # rows of its size and parameters, or after an out-of-memory backoff).
+    ("model_call_rows", pa.int32()),
     *SPEED_FIELDS,
 ]
 
@@ -719,6 +722,7 @@ class DiffusersOperator(Operator):
         for item in group:
             item.record["compile_seconds"] = timing.compile_seconds
             item.record["oom_backoffs"] = max(halvings, item.record.get("oom_backoffs") or 0)
+            item.record["model_call_rows"] = -(-len(group) >> halvings)  # ceil(len / 2**halvings)
         return outputs
 
     def prompt_arguments(self, prompts: list[str], negative_prompt: str | None) -> dict:
@@ -867,6 +871,7 @@ class DiffusersOperator(Operator):
             "dtype": config.resolved_dtype(),
             "device": self.device,
             "model_batch_size": self.model_batch_size(),
+            "model_call_rows": item.record.get("model_call_rows"),
             **self.speed_fields(item),
         }
 

@@ -125,6 +125,22 @@ def test_report_shows_inputs_beside_outputs(first_run):
     assert page.count("data:image/webp;base64,") == 5 + 10  # the five readable inputs and their outputs
 
 
+def test_a_single_file_source_fills_every_model_call(ray_session, sd_model, tmp_path, monkeypatch):
+    """One Parquet file is one fragment, split for parallelism into blocks that hold whole batches, so
+    every model call has `model_batch_size` rows. Ray's own split cuts into its minimum number of read
+    blocks whatever the batch (1 024 rows into its default 200: blocks of 5 and 6, each a call of 4 and
+    one of 1 or 2); a minimum of 4 cuts these 24 rows into blocks of 6."""
+    import ray.data
+
+    monkeypatch.setattr(ray.data.DataContext.get_current(), "read_op_min_num_blocks", 4)
+    rows = [{"id": f"r{i:02d}", "image": png_bytes(16, 16, (i * 10, 0, 0))} for i in range(24)]
+    source = write_image_parquet(tmp_path / "rows.parquet", rows)
+    sink = tmp_path / "out"
+    run_job(job(source, sink, model=str(sd_model), batch_size=4, model_batch_size=4, variants=1))
+    calls = [(row["id"], row["img2img"]["model_call_rows"]) for row in read_rows(sink)]
+    assert sorted(calls) == [(row["id"], 4) for row in rows]
+
+
 def test_same_config_other_batch_size_gives_identical_bytes(first_run, source, sd_model, tmp_path):
     sink_a, _ = first_run
     sink_b = tmp_path / "run-b"

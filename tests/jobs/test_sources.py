@@ -74,8 +74,24 @@ def test_bad_sources_are_refused_with_the_reason(tmp_path, table, options, messa
         check_ids(config, inspect_source(config))
 
 
-def test_repeated_ids_across_files_and_row_groups_are_found_by_tasks(ray_session, tmp_path):
-    """The ids never come to the driver: tasks hash them into buckets and count repeats per bucket."""
+@pytest.mark.parametrize("small", [False, True])
+def test_repeated_ids_across_files_and_row_groups_are_found_by_tasks(ray_session, tmp_path, monkeypatch, small):
+    """Past `DRIVER_ID_CHECK_ROWS` the ids never come to the driver: tasks hash them into buckets and
+    count repeats per bucket. A source within it is checked here by the same functions, with no task
+    (the first tasks of a job wait seconds for their workers to start)."""
+    import ray
+
+    from jobs import sources
+
+    remote, tasks = ray.remote, []
+
+    def counted_remote(function):
+        tasks.append(function.__name__)
+        return remote(function)
+
+    monkeypatch.setattr(ray, "remote", counted_remote)
+    if not small:
+        monkeypatch.setattr(sources, "DRIVER_ID_CHECK_ROWS", 0)
     (tmp_path / "in").mkdir()
     for name, ids in (("a", ["x", "y", "z", "w"]), ("b", ["v", "y", "u", "z"])):
         pq.write_table(
@@ -88,6 +104,7 @@ def test_repeated_ids_across_files_and_row_groups_are_found_by_tasks(ray_session
         check_ids(config, info, tasks=3)
     unique = SourceConfig(uri=str(tmp_path / "in"), limit=5)  # x y z w v: the repeats lie beyond the limit
     check_ids(unique, inspect_source(unique), tasks=2)
+    assert bool(tasks) is not small
 
 
 def test_two_ids_that_share_a_hash_are_no_repeat(monkeypatch, tmp_path):
