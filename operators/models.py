@@ -394,10 +394,56 @@ def _check_shard_index(index_path: Path, files: set[str]) -> None:
             raise ModelError(f"{index_path} names shard {shard!r}, which is missing")
 
 
-def model_fingerprint(path: Path) -> str:
-    """A content hash of every file in a checkpoint directory, so outputs name what made them."""
+def model_fingerprint(path: Path, cache_dir: Path | None = None) -> str:
+    """A content hash of every file in a checkpoint directory, so outputs name what made them.
+
+    Hashing a real checkpoint reads gigabytes (an SD 1.5 snapshot with its `.bin` and fp16 files is
+    over 10 GB) on every actor start, so the result is kept on the node (`cache_dir`, the staging
+    cache by default) with each file's name, size and modification time, and reused while they all
+    match, as make and git trust a file's stat. Actors starting together on one node hash once (a
+    file lock). Where the cache cannot be written, the checkpoint is hashed each time."""
+    from filelock import FileLock
+
+    files = sorted(p for p in path.rglob("*") if p.is_file())
+    listing = [[file.relative_to(path).as_posix(), *_stat_key(file)] for file in files]
+    cache_dir = cache_dir or default_cache_dir()
+    entry = cache_dir / "fingerprints" / (hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:24] + ".json")
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(entry) + ".lock")
+        lock.acquire()
+    except OSError as error:
+        logger.debug("cannot keep the fingerprint of %s in %s: %s", path, entry.parent, error)
+        return _hash_files(path, files)
+    try:
+        try:
+            cached = json.loads(entry.read_text())
+            if cached["files"] == listing:
+                return cached["fingerprint"]
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # none yet, or unreadable: hash again
+        fingerprint = _hash_files(path, files)
+        try:
+            staging = entry.with_name(entry.name + f".{os.getpid()}.tmp")
+            staging.write_text(json.dumps({"path": str(path), "files": listing, "fingerprint": fingerprint}))
+            os.replace(staging, entry)
+        except OSError as error:
+            logger.debug("cannot keep the fingerprint of %s in %s: %s", path, entry, error)
+        return fingerprint
+    finally:
+        lock.release()
+
+
+def _stat_key(file: Path) -> list[int]:
+    """What tells a file changed without reading it: size and modification time in nanoseconds."""
+    status = file.stat()
+    return [status.st_size, status.st_mtime_ns]
+
+
+def _hash_files(path: Path, files: list[Path]) -> str:
+    """sha256 over each file's relative name and content, in name order (`model_fingerprint`)."""
     digest = hashlib.sha256()
-    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+    for file in files:
         digest.update(file.relative_to(path).as_posix().encode() + b"\0")
         with file.open("rb") as handle:
             for chunk in iter(lambda: handle.read(1 << 20), b""):

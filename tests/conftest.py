@@ -27,6 +27,11 @@ os.environ["RAY_TMPDIR"] = RAY_TMPDIR
 os.environ.pop("RAY_ADDRESS", None)
 atexit.register(shutil.rmtree, RAY_TMPDIR, ignore_errors=True)
 
+# Staged checkpoints and kept fingerprints (operators.models) go to a private cache, removed at exit.
+RESTYLE_CACHE = tempfile.mkdtemp(prefix="restyle-cache-")
+os.environ["RESTYLE_CACHE"] = RESTYLE_CACHE
+atexit.register(shutil.rmtree, RESTYLE_CACHE, ignore_errors=True)
+
 FAKE_ACCESS_KEY = "AKIATESTRESTYLE00001"
 FAKE_SECRET_KEY = "restyleFakeSecret/DoNotLeak+0123456789abcd"
 

@@ -35,6 +35,31 @@ def test_local_model_resolves_to_content_hash(model_copy):
     assert model_fingerprint(model_copy) != resolved.revision
 
 
+def test_a_fingerprint_is_kept_until_a_file_changes(model_copy, tmp_path, monkeypatch):
+    """A real checkpoint is gigabytes: its hash is kept on the node with each file's size and
+    modification time, and computed again only when one of them (or the set of files) changes."""
+    from operators import models
+
+    hashed = []
+    hash_files = models._hash_files
+    monkeypatch.setattr(models, "_hash_files", lambda path, files: hashed.append(path) or hash_files(path, files))
+    cache = tmp_path / "cache"
+    first = model_fingerprint(model_copy, cache)
+    assert model_fingerprint(model_copy, cache) == first and len(hashed) == 1
+    config = model_copy / "unet" / "config.json"
+    config.write_text(config.read_text().replace("{", "{ ", 1))  # same content, other size
+    second = model_fingerprint(model_copy, cache)
+    assert second != first and len(hashed) == 2
+    (model_copy / "extra.txt").write_text("x")
+    assert model_fingerprint(model_copy, cache) != second and len(hashed) == 3
+    (model_copy / "extra.txt").unlink()
+    assert model_fingerprint(model_copy, cache) == second and len(hashed) == 4  # the same bytes, hashed again
+    unwritable = tmp_path / "a-file"  # a cache that cannot be made: hashed each time, no error
+    unwritable.write_text("")
+    assert model_fingerprint(model_copy, unwritable) == model_fingerprint(model_copy, unwritable) == second
+    assert len(hashed) == 6
+
+
 def test_pickle_only_weights_are_refused(model_copy):
     for weights in (model_copy / "unet").glob("*.safetensors"):
         weights.rename(weights.with_name("diffusion_pytorch_model.bin"))
