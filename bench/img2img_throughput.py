@@ -6,7 +6,12 @@ file, repeated under distinct ids) through the same checkpoint on the same devic
 the same steps, strength, guidance, prompt, model-call size and per-image seeds
 (`operators.base.derive_seed`, as the job derives them). Each side runs in its own freshly spawned
 process, so neither is charged for what the other left behind, and both are given every core of
-this machine (`--threads`, default all) as torch threads.
+this machine: the plain side as torch threads (`--threads`, default all), the restyle side as its
+local Ray's CPUs, with the actor's torch threads at what it reserves (`--restyle-threads`, default
+the actor's CPUs: on a machine this small the CPU steps and Ray's own processes share the cores with
+the actor, and torch's thread team then waits on whichever thread the system paused; measured here,
+a 2-thread call of the tiny model took 70 ms alone, 130 ms beside 40% of a core of other work, and
+a 1-thread call 110 and 115 ms).
 
 The plain side is what a user would write without restyle, one process end to end:
   load s          import torch and diffusers, `AutoPipelineForImage2Image.from_pretrained`, `.to(device)`.
@@ -99,7 +104,13 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=4, help="num_inference_steps at strength 1 (default 4)")
     parser.add_argument("--batch-size", type=int, default=4, help="images per model call on both sides (default 4)")
     parser.add_argument(
-        "--threads", type=int, default=cores, help=f"torch threads on both sides (default: every core, {cores})"
+        "--threads", type=int, default=cores, help=f"torch threads of the plain side (default: every core, {cores})"
+    )
+    parser.add_argument(
+        "--restyle-threads",
+        type=int,
+        default=None,
+        help="torch threads of restyle's actor (default: the CPUs it reserves)",
     )
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="torch device (default cpu)")
     parser.add_argument(
@@ -117,9 +128,9 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     for count in args.num_images:
         if count < 1:
             parser.error(f"--num-images takes counts of at least 1, got {count}")
-    for option in ("steps", "batch_size", "threads"):
+    for option in ("steps", "batch_size", "threads", "restyle_threads"):
         value = getattr(args, option)
-        if value < 1:
+        if value is not None and value < 1:
             parser.error(f"--{option.replace('_', '-')} must be at least 1, got {value}")
     if args.size < 8 or args.size % 8:
         parser.error(f"--size must be a positive multiple of 8 (the VAE's factor), got {args.size}")
@@ -160,9 +171,9 @@ def write_benchmark_images(directory: Path, count: int, size: int) -> Path:
 def job_config(args: argparse.Namespace, source: Path, sink: Path, model: Path) -> JobConfig:
     """The restyle job a user of this machine would run: Ray gets every core; one CPU is kept for
     reads and writes (`reserved_cpus`, the default and the least); one actor reserves the rest
-    (`num_cpus`) yet runs torch on every core (`torch_threads`), as the plain side does, since the
-    prepare and finish tasks (`cpu_step_cpus`, the default 0.5) are short; `batch_size` and
-    `model_batch_size` are the plain side's batch. With a GPU, the actor takes it and one CPU."""
+    (`num_cpus`) and runs torch on as many threads (`torch_threads`; `--restyle-threads` sets
+    another count); `batch_size` and `model_batch_size` are the plain side's batch. With a GPU, the
+    actor takes it and one CPU."""
     cores = os.cpu_count() or 1
     cuda = args.device == "cuda"
     reserved = 1
@@ -182,7 +193,7 @@ def job_config(args: argparse.Namespace, source: Path, sink: Path, model: Path) 
                     "model_batch_size": args.batch_size,
                     "num_actors": 1,
                     "num_cpus": actor_cpus,
-                    "torch_threads": args.threads,
+                    "torch_threads": args.restyle_threads or max(int(actor_cpus), 1),
                     "num_gpus": 1 if cuda else 0,
                     "device": args.device,
                     "dtype": args.dtype,
