@@ -249,18 +249,19 @@ MAX_READ_ALIGNMENT = 1024
 
 
 def read_alignment(plan: JobPlan) -> int | None:
-    """Source rows that every model stage's batches divide evenly (a stage fed by stages of variants
+    """Source rows that every model stage's batches divide evenly (a stage after stages of variants
     sees each source row as that many rows), so that the blocks `read_source` cuts a fragment into
-    make full batches and full model calls. None when the first stage runs as CPU tasks: Ray would
-    then fuse it with a read it does not split, and a fragment would run as one task."""
-    if plan.stages[0].tasks:
-        return None
-    alignment, fan_out = 1, 1
+    make full batches and full model calls; None for a job without a model stage (a CPU stage's
+    output does not depend on its batches). Past `MAX_READ_ALIGNMENT`, what the first model stage needs."""
+    needs, fan_out = [], 1
     for stage in plan.stages:
         if not stage.tasks:
-            alignment = math.lcm(alignment, stage.batch_size // math.gcd(stage.batch_size, fan_out))
+            needs.append(stage.batch_size // math.gcd(stage.batch_size, fan_out))
         fan_out *= stage.variants
-    return alignment if alignment <= MAX_READ_ALIGNMENT else plan.stages[0].batch_size
+    if not needs:
+        return None
+    alignment = math.lcm(*needs)
+    return alignment if alignment <= MAX_READ_ALIGNMENT else needs[0]
 
 
 # Batches queued on each model actor: one running, one ready for when it finishes.

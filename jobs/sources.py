@@ -830,10 +830,11 @@ def read_source(
     Unless `source.read_blocks` says otherwise, each fragment is one block when there are at least
     `min_blocks` of them: Ray then reads a fragment in the same task as the CPU steps after it (it
     fuses a read with nothing once it splits its blocks), so rows never wait in the object store in
-    between. Fewer fragments are split for parallelism: into blocks of a multiple of `align` rows
-    from each fragment's start when it is given (so a model stage's batches, and its model calls, are
-    full but for each fragment's last), else by Ray's own default (which cuts anywhere: 1 024 rows
-    became blocks of 5 and 6, and a model call of 4 rows then ran as one of 4 and one of 1 or 2)."""
+    between. Fewer fragments are split for parallelism, by Ray in the read task: when `align` is
+    given, into parts of a multiple of `align` rows where the fragment's rows allow, so a model
+    stage's batches and its model calls are full; else as Ray's default does, which cuts anywhere
+    (1 024 rows into blocks of 5 and 6, and a model call of 4 rows then ran as one of 4 and one of 1
+    or 2)."""
     import ray.data
 
     remote = {"num_cpus": num_cpus} if num_cpus is not None else {}  # Ray's default is one CPU
@@ -841,19 +842,19 @@ def read_source(
     selected = [(index, info.fragments[index], (skip_rows or {}).get(index)) for index in indices]
     if not selected:
         return ray.data.from_arrow(no_rows(keep_source_image))
-    blocks, block_rows = config.read_blocks, None
+    blocks = config.read_blocks
     if blocks is None and len(selected) >= min_blocks:
         blocks = len(selected)
     elif blocks is None and align:
-        rows = sum(fragment.rows - len(skip or ()) for _, fragment, skip in selected)
-        # As many blocks as Ray's default split would make, each a multiple of `align` rows: one read
-        # task per fragment (Ray splits nothing), then cut by Ray's streaming repartition.
+        # One read task per fragment, whose block Ray splits into `blocks / len(selected)` parts of
+        # equal rows (one more in the first few when they do not divide): about as many as its
+        # default would make, of a multiple of `align` rows where the fragment allows.
+        largest = max(fragment.rows - len(skip or ()) for _, fragment, skip in selected)
         target = max(ray.data.DataContext.get_current().read_op_min_num_blocks, min_blocks)
-        block_rows = align * max(1, math.ceil(rows / target / align))
-        blocks = len(selected)
+        part = align * max(1, math.ceil(largest / math.ceil(target / len(selected)) / align))
+        blocks = len(selected) * max(1, math.ceil(largest / part))
     source = _fragment_source_class()(config, info.column_types, selected, keep_source_image)
-    dataset = ray.data.read_datasource(source, override_num_blocks=blocks, **remote)
-    return dataset if block_rows is None else dataset.repartition(target_num_rows_per_block=block_rows)
+    return ray.data.read_datasource(source, override_num_blocks=blocks, **remote)
 
 
 def _fragment_source_class():

@@ -244,20 +244,23 @@ def test_read_blocks_are_aligned_to_what_every_model_stage_batches():
     # Two variants each make the second stage's batch of 4 from 2 source rows; a batch of 3 needs 3.
     chained = config({"batch_size": 4, "variants": 2}, {"batch_size": 4}, {"batch_size": 3})
     assert read_alignment(plan_job(chained, one_fragment, cpus=8, gpus=0)) == 12
-    first_as_tasks = standardize_job(__import__("pathlib").Path("in"))
-    assert read_alignment(plan_job(first_as_tasks, one_fragment, cpus=2, gpus=0)) is None
+    no_model = standardize_job(__import__("pathlib").Path("in"))
+    assert read_alignment(plan_job(no_model, one_fragment, cpus=2, gpus=0)) is None
+    standardized_first = no_model.model_copy(update={"operators": [no_model.operators[0], chained.operators[0]]})
+    assert read_alignment(plan_job(standardized_first, one_fragment, cpus=8, gpus=0)) == 4
 
 
 def test_a_fragment_split_for_a_model_stage_gives_full_batches(ray_session, tmp_path):
-    """One fragment on two CPUs is split for parallelism; Ray's own split cut 30 rows into blocks of
-    one, so every model call of 4 rows ran as 4 calls of 1. Aligned blocks hold whole batches."""
+    """One fragment on two CPUs is split for parallelism, into about as many blocks as Ray's default
+    (200) would make. Ray's own split cut 1 024 rows into blocks of 5 and 6, so each model call of 4
+    rows ran as one of 4 and one of 1 or 2; aligned, the blocks hold whole batches."""
     import pyarrow.parquet as pq
 
     from jobs.pipeline import READ_BLOCKS_PER_CPU
     from jobs.sources import inspect_source, read_source
     from tests.conftest import make_batch, png_bytes
 
-    table = make_batch([png_bytes(8, 8, (i, 0, 0)) for i in range(30)]).select(["id", "image"])
+    table = make_batch([png_bytes(8, 8, (1, 0, 0))] * 1024).select(["id", "image"])
     pq.write_table(table, tmp_path / "rows.parquet")
     source = validate_config(
         {
@@ -267,9 +270,11 @@ def test_a_fragment_split_for_a_model_stage_gives_full_batches(ray_session, tmp_
         }
     ).source
     info = inspect_source(source)
-    dataset = read_source(source, info, min_blocks=READ_BLOCKS_PER_CPU * 2, align=4, num_cpus=0.5)
-    blocks = [block.num_rows for block in dataset.iter_batches(batch_size=None, batch_format="pyarrow")]
-    assert sorted(blocks) == [2] + [4] * 7
-    assert [row["id"] for row in dataset.take_all()] == table.column("id").to_pylist()
-    unaligned = read_source(source, info, min_blocks=READ_BLOCKS_PER_CPU * 2, num_cpus=0.5)
-    assert len(list(unaligned.iter_batches(batch_size=None, batch_format="pyarrow"))) > 8  # Ray's split
+
+    def block_rows(dataset):
+        return sorted(block.num_rows for block in dataset.iter_batches(batch_size=None, batch_format="pyarrow"))
+
+    aligned = read_source(source, info, min_blocks=READ_BLOCKS_PER_CPU * 2, align=4, num_cpus=0.5)
+    assert block_rows(aligned) == [8] * 128
+    assert [row["id"] for row in aligned.take_all()] == table.column("id").to_pylist()
+    assert set(block_rows(read_source(source, info, min_blocks=READ_BLOCKS_PER_CPU * 2, num_cpus=0.5))) == {5, 6}
