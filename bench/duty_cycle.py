@@ -249,6 +249,7 @@ class SimulatedPipeline:
     def __init__(self, seconds_per_image: float, interval_log: str):
         self.seconds_per_image = seconds_per_image
         self.interval_log = interval_log
+        self.scheduler = type(SCHEDULER, (), {})()  # named as the checkpoint's, for the parameters text
 
     def __call__(self, **arguments) -> SimpleNamespace:
         images = arguments["image"]
@@ -263,23 +264,22 @@ class SimulatedImg2Img(Img2Img):
     seconds_per_image: ClassVar[float] = 0.0
     interval_log: ClassVar[str] = ""
 
-    def setup(self) -> None:
-        # torch, as a model actor imports it (the model step makes torch generators); not diffusers,
-        # which only loading a pipeline needs (the job vets the checkpoint before it starts).
-        import torch  # noqa: F401
-
-        from operators.acceleration import CompileClock, speed_record
+    def resolve(self):
+        """The checkpoint as restyle names it, unvetted (the job vets it before it starts)."""
         from operators.models import ResolvedModel, model_fingerprint
 
-        config = self.config
-        path = Path(config.model)
-        self.model = ResolvedModel(path, config.model, model_fingerprint(path))
-        self.pipeline = SimulatedPipeline(self.seconds_per_image, self.interval_log)
-        self.speed = speed_record(config)
-        self.clock = CompileClock("none")
-        self.loras = []
-        self.scheduler_name = SCHEDULER
-        self.safety_checker = False
+        path = Path(self.config.model)
+        return ResolvedModel(path, self.config.model, model_fingerprint(path))
+
+    def load(self) -> tuple:
+        """The simulated pipeline and the knobs' record; the rest of the actor's set-up is restyle's
+        own. torch is imported, as a model actor's is (the model step makes torch generators);
+        diffusers is not, which only loading a pipeline needs."""
+        import torch  # noqa: F401
+
+        from operators.acceleration import speed_record
+
+        return SimulatedPipeline(self.seconds_per_image, self.interval_log), speed_record(self.config)
 
 
 def job_config(args: argparse.Namespace, source: Path, sink: Path, model: Path) -> JobConfig:

@@ -652,16 +652,37 @@ class DiffusersOperator(Operator):
 
     def setup(self) -> None:
         from operators.acceleration import CompileClock
-        from operators.models import check_pipeline_options, resolve_model
 
         self.start_torch()
         config = self.config
-        self.model = resolve_model(
+        self.model = self.resolve()
+        self.pipeline, self.speed = self.load()
+        set_scheduler(self.pipeline, config.scheduler)
+        self.loras = load_loras(self.pipeline, config.loras, self.offline, self.model_storage_options)
+        self.ip_adapter = load_ip_adapter(self)
+        self.scheduler_name = type(self.pipeline.scheduler).__name__
+        self.pipeline_name = type(self.pipeline).__name__
+        self.safety_checker = getattr(self.pipeline, "safety_checker", None) is not None
+        self.clock = CompileClock(config.compile, self.device)
+        self.prompt_cache: dict[tuple, tuple] = {}
+
+    def resolve(self):
+        """The checkpoint, local (staged from a store, or the Hub's cache) and vetted where vetting
+        before the job could not (s3:// and Hub ones): an `operators.models.ResolvedModel`."""
+        from operators.models import check_pipeline_options, resolve_model
+
+        config = self.config
+        model = resolve_model(
             config.model, config.revision, self.offline, self.model_storage_options, variant=config.variant
         )
-        # What vetting checks of a local checkpoint before the job, checked of s3:// and Hub ones here.
-        check_pipeline_options(self.model.path, config.model_references()[0])
-        self.pipeline, self.speed = load_pipeline(
+        check_pipeline_options(model.path, config.model_references()[0])
+        return model
+
+    def load(self) -> tuple:
+        """The pipeline of `self.model` on the device, with the speed knobs applied, and the knobs'
+        record; `components()` may read `self.model`."""
+        config = self.config
+        pipeline, speed = load_pipeline(
             self.pipeline_class,
             self.model.path,
             config.resolved_dtype(),
@@ -671,14 +692,7 @@ class DiffusersOperator(Operator):
             components=self.components(),
             speed=config,
         )
-        set_scheduler(self.pipeline, config.scheduler)
-        self.loras = load_loras(self.pipeline, config.loras, self.offline, self.model_storage_options)
-        self.ip_adapter = load_ip_adapter(self)
-        self.scheduler_name = type(self.pipeline.scheduler).__name__
-        self.pipeline_name = type(self.pipeline).__name__
-        self.safety_checker = getattr(self.pipeline, "safety_checker", None) is not None
-        self.clock = CompileClock(config.compile, self.device)
-        self.prompt_cache: dict[tuple, tuple] = {}
+        return pipeline, speed
 
     def components(self) -> dict:
         """Pipeline components loaded before the pipeline (ControlNets, adapters); none by default."""
