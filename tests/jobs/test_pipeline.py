@@ -251,9 +251,9 @@ def test_read_blocks_are_aligned_to_what_every_model_stage_batches():
 
 
 def test_a_fragment_split_for_a_model_stage_gives_full_batches(ray_session, tmp_path):
-    """One fragment on two CPUs is split for parallelism, into about as many blocks as Ray's default
-    (200) would make. Ray's own split cut 1 024 rows into blocks of 5 and 6, so each model call of 4
-    rows ran as one of 4 and one of 1 or 2; aligned, the blocks hold whole batches."""
+    """One fragment on two CPUs is split for parallelism. Ray's own split cut 1 024 rows into its
+    default 200 blocks, of 5 and 6 rows, so each model call of 4 rows ran as one of 4 and one of 1 or
+    2; aligned, the blocks hold whole batches, 8 of them each."""
     import pyarrow.parquet as pq
 
     from jobs.pipeline import READ_BLOCKS_PER_CPU
@@ -275,6 +275,6 @@ def test_a_fragment_split_for_a_model_stage_gives_full_batches(ray_session, tmp_
         return sorted(block.num_rows for block in dataset.iter_batches(batch_size=None, batch_format="pyarrow"))
 
     aligned = read_source(source, info, min_blocks=READ_BLOCKS_PER_CPU * 2, align=4, num_cpus=0.5)
-    assert block_rows(aligned) == [8] * 128
+    assert block_rows(aligned) == [32] * 32
     assert [row["id"] for row in aligned.take_all()] == table.column("id").to_pylist()
     assert set(block_rows(read_source(source, info, min_blocks=READ_BLOCKS_PER_CPU * 2, num_cpus=0.5))) == {5, 6}
