@@ -244,7 +244,7 @@ def operator_arguments(config: JobConfig, index: int) -> dict:
 # no CPU waits long for the last fragment.
 READ_BLOCKS_PER_CPU = 2
 
-# The largest alignment of read blocks `read_alignment` asks for; past it, the first stage's batch.
+# The largest alignment of read blocks `read_alignment` asks for; past it, the first model stage's.
 MAX_READ_ALIGNMENT = 1024
 
 

@@ -813,7 +813,7 @@ def read_arrow_file(filesystem, path: str) -> pa.Table:
 
 # Batches of `align` rows in a block that `read_source` splits from a fragment: enough that the cost
 # of a task (a tenth of a second on two busy cores) is small beside its rows' work. Measured with
-# bench/duty_cycle.py (256 inputs, batches of 4): blocks of 4 rows kept the accelerator 0.67 busy
+# bench/duty_cycle.py (256 inputs, batches of 4): blocks of 4 rows kept the accelerator 0.62-0.67 busy
 # (one prepare task at a time, each waiting to start longer than it ran), 16 rows 0.88, 32 rows 0.92.
 ALIGNED_BLOCK_BATCHES = 8
 
