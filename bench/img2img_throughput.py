@@ -193,7 +193,7 @@ def job_config(args: argparse.Namespace, source: Path, sink: Path, model: Path) 
                     "model_batch_size": args.batch_size,
                     "num_actors": 1,
                     "num_cpus": actor_cpus,
-                    "torch_threads": args.restyle_threads or max(int(actor_cpus), 1),
+                    "torch_threads": args.restyle_threads or actor_cpus,
                     "num_gpus": 1 if cuda else 0,
                     "device": args.device,
                     "dtype": args.dtype,

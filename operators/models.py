@@ -424,9 +424,9 @@ def model_fingerprint(path: Path, cache_dir: Path | None = None) -> str:
             pass  # none yet, or unreadable: hash again
         fingerprint = _hash_files(path, files)
         try:
-            staging = entry.with_name(entry.name + f".{os.getpid()}.tmp")
-            staging.write_text(json.dumps({"path": str(path), "files": listing, "fingerprint": fingerprint}))
-            os.replace(staging, entry)
+            # Written in place: every reader holds the lock too, and an entry a crash left torn reads
+            # as unreadable above, so it is hashed again.
+            entry.write_text(json.dumps({"path": str(path), "files": listing, "fingerprint": fingerprint}))
         except OSError as error:
             logger.debug("cannot keep the fingerprint of %s in %s: %s", path, entry, error)
         return fingerprint
