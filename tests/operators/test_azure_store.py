@@ -34,8 +34,10 @@ ACCOUNT_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1
 KEY_FRAGMENT = "Eby8vdM02xNOcqFlqUwJPL"
 
 
-def wait_for_port(port: int, process: subprocess.Popen, log: Path, seconds: float = 30.0) -> None:
-    """Return once 127.0.0.1:`port` accepts connections; fail if the process exits or time runs out."""
+def wait_for_port(port: int, process: subprocess.Popen, log: Path, seconds: float = 120.0) -> None:
+    """Return once 127.0.0.1:`port` accepts connections; fail if the process exits or time runs out.
+    Azurite took 7.6 s to listen on an idle 2-core machine, and more than 30 s (printing nothing) while
+    the suite's Ray jobs held both cores."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         if process.poll() is not None:
