@@ -620,10 +620,10 @@ PROMPT_CACHE_SIZE = 256
 
 
 def prompt_embedding_arguments(pipeline) -> tuple[str, ...] | None:
-    """The pipeline arguments its `encode_prompt`'s results go to, in that order (SD 1.x/2.x: prompt
-    and negative embeddings; SDXL and SD3: also the pooled ones); None for a text encoding restyle
-    does not know, whose pipeline then gets the prompt strings (Flux, whose `encode_prompt` makes no
-    negative embeddings)."""
+    """The pipeline arguments its `encode_prompt`'s results go to, in that order (SD 1.x/2.x and the SD
+    x4 upscaler: prompt and negative embeddings; SDXL, SD3 and the SD latent upscaler: also the pooled
+    ones); None for a text encoding restyle does not know, whose pipeline then gets the prompt strings
+    (Flux, whose `encode_prompt` makes no negative embeddings)."""
     import inspect
 
     encode = getattr(pipeline, "encode_prompt", None)
@@ -634,21 +634,25 @@ def prompt_embedding_arguments(pipeline) -> tuple[str, ...] | None:
         return ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
     if list(parameters)[:4] == ["prompt", "device", "num_images_per_prompt", "do_classifier_free_guidance"]:
         return ("prompt_embeds", "negative_prompt_embeds")
+    if list(parameters)[:4] == ["prompt", "device", "do_classifier_free_guidance", "negative_prompt"] and (
+        "pooled_prompt_embeds" in parameters
+    ):  # the SD latent upscaler
+        return ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
     return None
 
 
-class DiffusersOperator(Operator):
-    """What every diffusers operator shares: torch set-up, the checkpoint resolved and vetted, one
-    pipeline loaded with its scheduler, LoRAs and speed knobs, and model calls that are timed (compile
-    time apart), retried in halves on CUDA out-of-memory, and turned into error rows when they fail.
+class DiffusersModelOperator(Operator):
+    """What every operator that runs a diffusers pipeline shares: torch set-up, the checkpoint resolved
+    and vetted, one pipeline loaded with its scheduler and speed knobs, model calls that are timed
+    (compile time apart), retried in halves on CUDA out-of-memory and turned into error rows when they
+    fail, and prompts encoded once per distinct prompt.
 
-    A subclass names its `pipeline_class`, may add `components()` (e.g. ControlNets) and calls
+    A subclass names its `pipeline_class`, may add `components()` and `pipeline_options()`, and calls
     `call_model(group, run)` from `process()`."""
 
     pipeline_class: ClassVar[str] = "AutoPipelineForImage2Image"
-    stage_fields = GENERATION_FIELDS
-    # Parameters every row of one model call shares (besides the input size and negative prompt).
-    call_parameters: ClassVar[tuple[str, ...]] = ("strength", "num_inference_steps", "guidance_scale")
+    # What one model call's members are, as a failed call's error names them.
+    call_unit: ClassVar[str] = "rows"
 
     def setup(self) -> None:
         from operators.acceleration import CompileClock
@@ -658,11 +662,8 @@ class DiffusersOperator(Operator):
         self.model = self.resolve()
         self.pipeline, self.speed = self.load()
         set_scheduler(self.pipeline, config.scheduler)
-        self.loras = load_loras(self.pipeline, config.loras, self.offline, self.model_storage_options)
-        self.ip_adapter = load_ip_adapter(self)
         self.scheduler_name = type(self.pipeline.scheduler).__name__
         self.pipeline_name = type(self.pipeline).__name__
-        self.safety_checker = getattr(self.pipeline, "safety_checker", None) is not None
         self.clock = CompileClock(config.compile, self.device)
         self.prompt_cache: dict[tuple, tuple] = {}
 
@@ -688,15 +689,131 @@ class DiffusersOperator(Operator):
             config.resolved_dtype(),
             self.device,
             variant=config.variant,
-            safety_checker=config.safety_checker,
             components=self.components(),
             speed=config,
+            **self.pipeline_options(),
         )
         return pipeline, speed
+
+    def pipeline_options(self) -> dict:
+        """Further `load_pipeline` arguments (the generation operators' `safety_checker`); none by default."""
+        return {}
 
     def components(self) -> dict:
         """Pipeline components loaded before the pipeline (ControlNets, adapters); none by default."""
         return {}
+
+    def call_model(self, group: list, run, items: list | None = None) -> list | None:
+        """`run(subgroup)` returns one output per member of `subgroup`; it runs on the whole group, in
+        halves after a CUDA out-of-memory (when `oom_backoff` is on). `items` are the rows the members
+        belong to (the members themselves by default; an upscale's tiles belong to their rows). Adds the
+        call's `compile_seconds` and its `oom_backoffs` to each item's record. A failure makes every
+        item an error row and returns None."""
+        from operators.acceleration import call_with_oom_backoff
+
+        items = group if items is None else items
+        try:
+            with self.clock.measure() as timing:
+                outputs, halvings = call_with_oom_backoff(run, group, self.config.oom_backoff, self.stage_label)
+        except Exception as error:  # one call's failure must not sink the job
+            logger.warning("%s: model call failed for %d rows: %s", self.stage_label, len(items), error)
+            for item in items:
+                item.error = (
+                    f"model call failed for a batch of {len(group)} {self.call_unit}: {type(error).__name__}: {error}"
+                )
+            return None
+        for item in items:
+            if timing.compile_seconds is not None:  # a row made by several calls took all their compiling
+                item.record["compile_seconds"] = (item.record.get("compile_seconds") or 0.0) + timing.compile_seconds
+            item.record["oom_backoffs"] = max(halvings, item.record.get("oom_backoffs") or 0)
+            item.record["model_call_rows"] = -(-len(group) >> halvings)  # ceil(len / 2**halvings)
+        return outputs
+
+    def prompt_arguments(self, prompts: list[str], negative_prompts: list[str | None]) -> dict:
+        """The prompt arguments of one model call, one prompt and negative prompt per member: embeddings
+        when the pipeline's text encoding is one restyle knows (SD 1.x/2.x and the SD x4 upscaler:
+        `encode_prompt` returns prompt and negative embeddings; SDXL and the SD latent upscaler: also
+        pooled ones), each distinct (prompt, negative prompt) encoded once per actor and reused by every
+        row, tile and call that repeats it; otherwise the prompt strings, which the pipeline encodes
+        itself. Encoding one prompt at a time gives every row the embeddings a one-row call would compute."""
+        import torch
+
+        # Judged by the pipeline called: one without a known `encode_prompt` gets the prompt strings.
+        names = prompt_embedding_arguments(self.pipeline)
+        if names is None:
+            arguments = {"prompt": prompts}
+            # Only when set: some pipelines (Flux) take no negative prompt at all. An empty negative
+            # prompt is what the pipelines use for none.
+            if any(negative_prompts):
+                arguments["negative_prompt"] = [negative or "" for negative in negative_prompts]
+            return arguments
+        encoded = [
+            self.encode_prompt(prompt, negative) for prompt, negative in zip(prompts, negative_prompts, strict=True)
+        ]
+        return {name: torch.cat([row[index] for row in encoded]) for index, name in enumerate(names)}
+
+    def encode_prompt(self, prompt: str, negative_prompt: str | None) -> tuple:
+        """One prompt's embeddings (batch of one), from a small per-actor cache. Always with the
+        negative embeddings: a pipeline that does not guide ignores them. The other text encoders'
+        prompts (SDXL's `prompt_2`, SD3's `prompt_2` and `prompt_3`) are None: the same prompt. Only
+        the arguments this pipeline's `encode_prompt` takes are passed (the latent upscaler's has no
+        `num_images_per_prompt`)."""
+        import inspect
+
+        import torch
+
+        key = (prompt, negative_prompt)
+        cache = self.prompt_cache
+        if key not in cache:
+            if len(cache) >= PROMPT_CACHE_SIZE:
+                cache.pop(next(iter(cache)))
+            parameters = inspect.signature(self.pipeline.encode_prompt).parameters
+            arguments = {
+                "prompt": prompt,
+                "prompt_2": None,
+                "prompt_3": None,
+                "device": self.pipeline._execution_device,
+                "num_images_per_prompt": 1,
+                "do_classifier_free_guidance": True,
+                "negative_prompt": negative_prompt,
+            }
+            accepted = {name: value for name, value in arguments.items() if name in parameters}
+            with torch.no_grad():
+                cache[key] = tuple(self.pipeline.encode_prompt(**accepted))
+        return cache[key]
+
+    def speed_fields(self, item) -> dict:
+        """The knobs' fields of one row's record."""
+        return {
+            **self.speed,
+            "compile_seconds": item.record.get("compile_seconds"),
+            "oom_backoffs": item.record.get("oom_backoffs"),
+        }
+
+
+class DiffusersOperator(DiffusersModelOperator):
+    """What every diffusers generation operator shares besides the pipeline (img2img, ControlNet,
+    inpainting, instruct edits, T2I-Adapter): LoRAs, an optional IP-Adapter and the safety checker;
+    sweeps and variants, rows grouped into model calls by size and call parameters, the AUTOMATIC1111
+    text and the record.
+
+    A subclass names its `pipeline_class`, may add `components()` (e.g. ControlNets), and supplies
+    `prepare()`; its `process()` is this one or calls `call_model(group, run)` itself."""
+
+    stage_fields = GENERATION_FIELDS
+    # Parameters every row of one model call shares (besides the input size and negative prompt).
+    call_parameters: ClassVar[tuple[str, ...]] = ("strength", "num_inference_steps", "guidance_scale")
+
+    def setup(self) -> None:
+        super().setup()
+        config = self.config
+        self.loras = load_loras(self.pipeline, config.loras, self.offline, self.model_storage_options)
+        self.ip_adapter = load_ip_adapter(self)
+        self.safety_checker = getattr(self.pipeline, "safety_checker", None) is not None
+
+    def pipeline_options(self) -> dict:
+        """The checkpoint's safety checker as the config asks (see `DiffusionConfig.safety_checker`)."""
+        return {"safety_checker": self.config.safety_checker}
 
     def prepare_batch(self, batch):
         """The base prepare step, first keeping each input file's AUTOMATIC1111 text as
@@ -718,73 +835,6 @@ class DiffusersOperator(Operator):
     def prepare_extras(self, row: dict) -> dict:
         """A per-row IP-Adapter reference, decoded on the prepare step."""
         return prepare_reference(self.config.ip_adapter, row, self.max_image_pixels)
-
-    def call_model(self, group: list, run) -> list | None:
-        """`run(subgroup)` returns one output per item of `subgroup`; it runs on the whole group, in halves
-        after a CUDA out-of-memory (when `oom_backoff` is on). Sets `compile_seconds` and `oom_backoffs`
-        in each item's record. A failure makes every row of the group an error row and returns None."""
-        from operators.acceleration import call_with_oom_backoff
-
-        try:
-            with self.clock.measure() as timing:
-                outputs, halvings = call_with_oom_backoff(run, group, self.config.oom_backoff, self.stage_label)
-        except Exception as error:  # one call's failure must not sink the job
-            logger.warning("%s: model call failed for %d rows: %s", self.stage_label, len(group), error)
-            for item in group:
-                item.error = f"model call failed for a batch of {len(group)} rows: {type(error).__name__}: {error}"
-            return None
-        for item in group:
-            item.record["compile_seconds"] = timing.compile_seconds
-            item.record["oom_backoffs"] = max(halvings, item.record.get("oom_backoffs") or 0)
-            item.record["model_call_rows"] = -(-len(group) >> halvings)  # ceil(len / 2**halvings)
-        return outputs
-
-    def prompt_arguments(self, prompts: list[str], negative_prompt: str | None) -> dict:
-        """The prompt arguments of one model call: embeddings when the pipeline's text encoding is one
-        restyle knows (SD 1.x/2.x: `encode_prompt` returns prompt and negative embeddings; SDXL: also
-        pooled ones), each distinct (prompt, negative prompt) encoded once per actor and reused by every
-        row and call that repeats it; otherwise the prompt strings, which the pipeline encodes itself.
-        Encoding one prompt at a time gives every row the embeddings a one-row call would compute."""
-        import torch
-
-        # Judged by the pipeline called: one without a known `encode_prompt` gets the prompt strings.
-        names = prompt_embedding_arguments(self.pipeline)
-        if names is None:
-            arguments = {"prompt": prompts}
-            # Only when set: some pipelines (Flux) take no negative prompt at all.
-            if negative_prompt:
-                arguments["negative_prompt"] = [negative_prompt] * len(prompts)
-            return arguments
-        encoded = [self.encode_prompt(prompt, negative_prompt) for prompt in prompts]
-        return {name: torch.cat([row[index] for row in encoded]) for index, name in enumerate(names)}
-
-    def encode_prompt(self, prompt: str, negative_prompt: str | None) -> tuple:
-        """One prompt's embeddings (batch of one), from a small per-actor cache. Always with the
-        negative embeddings: a pipeline that does not guide ignores them. The other text encoders'
-        prompts (SDXL's `prompt_2`, SD3's `prompt_2` and `prompt_3`) are None: the same prompt."""
-        import inspect
-
-        import torch
-
-        key = (prompt, negative_prompt)
-        cache = self.prompt_cache
-        if key not in cache:
-            if len(cache) >= PROMPT_CACHE_SIZE:
-                cache.pop(next(iter(cache)))
-            parameters = inspect.signature(self.pipeline.encode_prompt).parameters
-            others = {name: None for name in ("prompt_2", "prompt_3") if name in parameters}
-            with torch.no_grad():
-                cache[key] = tuple(
-                    self.pipeline.encode_prompt(
-                        prompt=prompt,
-                        **others,
-                        device=self.pipeline._execution_device,
-                        num_images_per_prompt=1,
-                        do_classifier_free_guidance=True,
-                        negative_prompt=negative_prompt,
-                    )
-                )
-        return cache[key]
 
     def process(self, items: list) -> None:
         """Rows of one input size and call parameters go into model calls of up to `model_batch_size()`."""
@@ -819,7 +869,9 @@ class DiffusersOperator(Operator):
 
         def run(members: list) -> list:
             arguments = {
-                **self.prompt_arguments([item.parameters["prompt"] for item in members], parameters["negative_prompt"]),
+                **self.prompt_arguments(
+                    [item.parameters["prompt"] for item in members], [parameters["negative_prompt"]] * len(members)
+                ),
                 **{name: parameters[name] for name in self.call_parameters},
                 "generator": generators([item.seed for item in members], self.device),
                 "output_type": "pil",
@@ -887,12 +939,4 @@ class DiffusersOperator(Operator):
             "model_batch_size": self.model_batch_size(),
             "model_call_rows": item.record.get("model_call_rows"),
             **self.speed_fields(item),
-        }
-
-    def speed_fields(self, item) -> dict:
-        """The knobs' fields of one row's record."""
-        return {
-            **self.speed,
-            "compile_seconds": item.record.get("compile_seconds"),
-            "oom_backoffs": item.record.get("oom_backoffs"),
         }

@@ -12,7 +12,6 @@ load no model, never import torch, and keep each input's bit depth (16-bit stays
 from __future__ import annotations
 
 import hashlib
-import logging
 import math
 import string
 from dataclasses import dataclass
@@ -23,29 +22,20 @@ import pyarrow as pa
 from PIL import Image
 from pydantic import Field, model_validator
 
-from operators.acceleration import (
-    SPEED_FIELDS,
-    CompileClock,
-    SpeedSettings,
-    call_with_oom_backoff,
-    check_speed_settings,
-)
-from operators.base import Item, Operator, OperatorConfig
+from operators.acceleration import SPEED_FIELDS, SpeedSettings, check_speed_settings
+from operators.base import Item, OperatorConfig
 from operators.diffusion import (
     SCHEDULERS,
+    DiffusersModelOperator,
     a1111_model_hash,
     a1111_parameters,
     generators,
-    load_pipeline,
     render_template,
     resolve_dtype,
-    set_scheduler,
 )
 from operators.images import eight_bit_rgb, input_array
-from operators.models import ModelReference, resolve_model
+from operators.models import ModelReference
 from operators.rows import RowError
-
-logger = logging.getLogger(__name__)
 
 MODEL_METHODS = ("sd_x4", "latent_x2", "ldm")
 CLASSICAL_METHODS = ("lanczos", "bicubic")
@@ -404,7 +394,7 @@ def tile_seed(seed: int, tile_index: int) -> int:
 
 
 # --------------------------------------------------------------------------
-# Model loading, one function per pipeline family
+# Model geometry
 # --------------------------------------------------------------------------
 
 
@@ -464,12 +454,20 @@ class _Tile:
     seed: int
 
 
-class Upscale(Operator):
-    """Ray Data actor for `upscale`: loads the method's pipeline once (none for classical methods),
-    then upscales each row, tiling inputs larger than `tile_size`."""
+class Upscale(DiffusersModelOperator):
+    """`upscale`: a model method loads its pipeline once per actor through the diffusers base (set-up,
+    speed knobs, timed calls with out-of-memory backoff, failed calls as error rows, each distinct
+    prompt encoded once) and upscales each row, tiling inputs larger than `tile_size`; a classical
+    method loads nothing and resizes each row in one OpenCV call."""
 
     config_class = UpscaleConfig
     stage_fields = UPSCALE_FIELDS
+    call_unit = "tiles"
+
+    @property
+    def pipeline_class(self) -> str:  # type: ignore[override]
+        """The method's pipeline class."""
+        return PIPELINE_CLASSES[self.config.method]
 
     def setup(self) -> None:
         config = self.config
@@ -481,21 +479,7 @@ class Upscale(Operator):
 
             cv2.setNumThreads(max(1, int(config.num_cpus)))
             return
-        self.start_torch()
-        self.model = resolve_model(
-            config.model, config.revision, self.offline, self.model_storage_options, variant=config.variant
-        )
-        self.pipeline, self.speed = load_pipeline(
-            PIPELINE_CLASSES[config.method],
-            self.model.path,
-            config.resolved_dtype(),
-            self.device,
-            variant=config.variant,
-            speed=config,
-        )
-        self.clock = CompileClock(config.compile, self.device)
-        set_scheduler(self.pipeline, config.scheduler)
-        self.scheduler_name = type(self.pipeline.scheduler).__name__
+        super().setup()
         if config.noise_level is not None and config.noise_level > self.pipeline.config.max_noise_level:
             raise ValueError(
                 f"noise_level must be at most {self.pipeline.config.max_noise_level} for model {config.model}, "
@@ -572,41 +556,37 @@ class Upscale(Operator):
             self.run_tiles(pending)
 
     def run_tiles(self, tiles: list[_Tile]) -> None:
-        """One model call for tiles of one size; a failure becomes error rows for the rows involved."""
+        """One model call (`call_model`) for tiles of one size; a failure becomes error rows for the rows
+        involved."""
         tiles = [tile for tile in tiles if tile.row.item.error is None]
         if not tiles:
             return
-        try:
-            with self.clock.measure() as timing:
-                results, halvings = call_with_oom_backoff(
-                    lambda members: list(self.call_model(members)), tiles, self.config.oom_backoff, self.stage_label
-                )
-            outputs = np.stack(results)
-            expected = (tiles[0].pixels.shape[0] * self.model_scale, tiles[0].pixels.shape[1] * self.model_scale)
-            if outputs.shape[1:3] != expected:
-                raise ValueError(
-                    f"the pipeline returned {outputs.shape[2]}x{outputs.shape[1]} tiles, expected "
-                    f"{expected[1]}x{expected[0]} (x{self.model_scale})"
-                )
-        except Exception as error:  # one call's failure must not sink the job
-            rows = {id(tile.row): tile.row for tile in tiles}
-            logger.warning("%s: model call failed for %d rows: %s", self.stage_label, len(rows), error)
-            for row in rows.values():
-                row.item.error = f"model call failed for a batch of {len(tiles)} tiles: {type(error).__name__}: {error}"
+        rows = list({id(tile.row): tile.row for tile in tiles}.values())
+        outputs = self.call_model(tiles, self.upscale_tiles, [row.item for row in rows])
+        if outputs is None:
+            for row in rows:
                 row.canvas = None
             return
         for tile, output in zip(tiles, outputs, strict=True):
             row = tile.row
-            speed = row.item.record.setdefault("speed", {"compile_seconds": None, "oom_backoffs": 0})
-            if timing.compile_seconds is not None:
-                speed["compile_seconds"] = (speed["compile_seconds"] or 0.0) + timing.compile_seconds
-            speed["oom_backoffs"] = max(speed["oom_backoffs"], halvings)
             row.canvas.add(tile.index, output[: tile.height * self.model_scale, : tile.width * self.model_scale])
             if row.canvas.complete:
                 self.finish(row)
 
-    def call_model(self, tiles: list[_Tile]) -> np.ndarray:
-        """The upscaled tiles as an NxHxWx3 float array in [0, 1]."""
+    def upscale_tiles(self, tiles: list[_Tile]) -> list[np.ndarray]:
+        """One pipeline call: the upscaled tiles, each an HxWx3 float array in [0, 1] of the tile's
+        (padded) size times the model's scale."""
+        outputs = self.run_pipeline(tiles)
+        expected = (tiles[0].pixels.shape[0] * self.model_scale, tiles[0].pixels.shape[1] * self.model_scale)
+        if outputs.shape[1:3] != expected:
+            raise ValueError(
+                f"the pipeline returned {outputs.shape[2]}x{outputs.shape[1]} tiles, expected "
+                f"{expected[1]}x{expected[0]} (x{self.model_scale})"
+            )
+        return list(outputs)
+
+    def run_pipeline(self, tiles: list[_Tile]) -> np.ndarray:
+        """The pipeline's output for tiles of one size, as an NxHxWx3 float array in [0, 1]."""
         import torch
 
         config = self.config
@@ -618,10 +598,12 @@ class Upscale(Operator):
         }
         if config.method in PROMPT_METHODS:
             parameters = [tile.row.item.parameters for tile in tiles]
-            arguments["prompt"] = [values["prompt"] for values in parameters]
+            prompts = [values["prompt"] for values in parameters]
+            if config.method == "latent_x2" and config.guidance_scale == 0:
+                # The latent upscaler's own rule for an unguided call, which it skips when given embeddings.
+                prompts = [""] * len(prompts)
+            arguments.update(self.prompt_arguments(prompts, [values["negative_prompt"] for values in parameters]))
             arguments["guidance_scale"] = config.guidance_scale
-            if config.negative_prompt:
-                arguments["negative_prompt"] = [values["negative_prompt"] for values in parameters]
             arguments["image"] = [Image.fromarray(tile.pixels) for tile in tiles]
         else:
             # A tensor in [-1, 1] rather than PIL images: the pipeline would resize PIL inputs to a
@@ -702,6 +684,5 @@ class Upscale(Operator):
             "dtype": config.resolved_dtype(),
             "device": self.device if tiled else None,
             "model_batch_size": config.resolved_model_batch_size() if tiled else None,
-            **(self.speed if tiled else {}),
-            **(item.record.get("speed", {}) if tiled else {}),
+            **(self.speed_fields(item) if tiled else {}),
         }

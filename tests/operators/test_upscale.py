@@ -209,6 +209,63 @@ def test_bad_rows_become_error_rows(tiny_models):
     assert errors[3] == "prompt column 'caption' is empty for this row"
 
 
+def test_tiles_share_one_encoding_of_their_prompt(tiny_models):
+    operator = model_operator(
+        tiny_models, "sd_x4", tile_size=32, tile_overlap=8, model_batch_size=4, prompt="a {caption} photo"
+    )
+    forwards = []
+    handle = operator.pipeline.text_encoder.register_forward_hook(lambda *_: forwards.append(1))
+    try:
+        out = operator(make_batch([noise_png(80, 48), noise_png(80, 48, seed=1)], caption=pa.array(["fox", "fox"])))
+        operator(make_batch([noise_png(16, 16)], ids=["other"], caption=pa.array(["cat"])))
+    finally:
+        handle.remove()
+    assert out.column("status").to_pylist() == ["ok", "ok"]
+    # 12 tiles in 3 calls share "a fox photo" and the empty negative prompt: one encoding each (the
+    # pipeline itself would encode both in every call); the next row's prompt and negative prompt once.
+    assert len(forwards) == 4
+
+
+def direct_upscale(operator: Upscale, pixels: np.ndarray, seed: int, **arguments) -> np.ndarray:
+    """The 8-bit output of one call of the operator's loaded pipeline, given prompt strings, as a user
+    of diffusers would make it."""
+    import torch
+
+    from operators.diffusion import generators
+
+    config = operator.config
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        result = operator.pipeline(
+            image=[Image.fromarray(pixels)],
+            num_inference_steps=config.num_inference_steps,
+            guidance_scale=config.guidance_scale,
+            generator=generators([seed], "cpu"),
+            output_type="np",
+            **arguments,
+        )
+    return np.clip(np.round(np.asarray(result.images[0]) * 255), 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize(
+    ("method", "overrides", "arguments"),
+    [
+        ("sd_x4", {}, {"noise_level": 20, "eta": 0.0}),
+        ("latent_x2", {}, {}),
+        # Unguided: the latent upscaler then encodes the empty prompt, whatever the prompt is.
+        ("latent_x2", {"guidance_scale": 0.0}, {}),
+    ],
+)
+def test_embedded_prompts_give_the_bytes_of_prompt_strings(tiny_models, method, overrides, arguments):
+    operator = model_operator(tiny_models, method, prompt="a {caption} photo", negative_prompt="blurry", **overrides)
+    pixels = np.random.default_rng(3).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    out = operator(make_batch([encoded(pixels)], ids=["cat"], caption=pa.array(["sharp"])))
+    assert out.column("status").to_pylist() == ["ok"], out.column("error").to_pylist()
+    seed = derive_seed(11, "cat", 0)
+    expected = direct_upscale(operator, pixels, seed, prompt=["a sharp photo"], negative_prompt=["blurry"], **arguments)
+    assert np.array_equal(np.asarray(decoded(out)), expected)
+
+
 # --------------------------------------------------------------------------
 # Classical methods
 # --------------------------------------------------------------------------
