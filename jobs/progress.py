@@ -41,6 +41,8 @@ QUIET_LOG_NOTICES = {
         "backend is not available. Falling back to",
         "The `use_fast` parameter is deprecated",
     ),
+    # Since transformers 5, the same fallback per image processor class a pipeline names.
+    "transformers.utils.import_utils": ("requires torchvision (not installed); falling back to",),
 }
 # Python warnings of the same kind: (message regex, category, module regex).
 QUIET_WARNINGS = (

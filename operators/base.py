@@ -289,14 +289,20 @@ class Operator:
 
     def start_torch(self) -> None:
         """Ready this actor process for a diffusers model: switch the Hub client offline (before it is
-        imported) when the job is offline, and give torch `torch_threads` CPU threads (from config, never
-        from `num_cpus`: the count changes CPU output bytes)."""
+        imported) when the job is offline, give torch `torch_threads` CPU threads (from config, never
+        from `num_cpus`: the count changes CPU output bytes), and turn off the loading bars of diffusers
+        and transformers."""
         if self.offline:
             os.environ["HF_HUB_OFFLINE"] = "1"
         import torch
+        from diffusers.utils import logging as diffusers_logging
+        from transformers.utils import logging as transformers_logging
 
         torch.set_num_threads(self.config.torch_threads)
         self.torch_threads = torch.get_num_threads()
+        # A model loads once per actor: its loading bars would only interleave with the job's own lines.
+        diffusers_logging.disable_progress_bar()
+        transformers_logging.disable_progress_bar()
 
     def variants(self, row: dict) -> list[dict]:
         """Per-variant parameters for one input row; `config.variant_count()` entries. Raise RowError

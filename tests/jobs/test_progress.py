@@ -172,9 +172,15 @@ def test_notices_that_tell_a_user_nothing_are_dropped(caplog):
     drop_notices()
     token = logging.getLogger("ray._private.authentication.authentication_token_setup")
     fallback = logging.getLogger("transformers.models.auto.image_processing_auto")
+    pil_class = logging.getLogger("transformers.utils.import_utils")
     with caplog.at_level(logging.WARNING):
         token.warning("Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled to opt out.")
         fallback.warning("Requested torchvision backend is not available. Falling back to pil backend.")
+        pil_class.warning(
+            "`CLIPImageProcessor` requires torchvision (not installed); falling back to `CLIPImageProcessorPil` for "
+            "backward compatibility. Install torchvision to use the default backend, or import "
+            "`CLIPImageProcessorPil` directly to silence this warning."
+        )
         token.warning("the token file cannot be read")
     assert [record.getMessage() for record in caplog.records] == ["the token file cannot be read"]
     with warnings.catch_warnings(record=True) as caught:
@@ -298,6 +304,35 @@ def test_a_job_logged_to_a_file_shows_restyle_progress_to_100_percent_and_no_ray
         f"summary: {sink}/summary.json",
         f"report:  {sink}/report.html",
     ]
+
+
+# What a model's actor would print as it loads: library notices and loading bars.
+QUIET_MODEL_LOAD = ("falling back to", "Loading pipeline components", "Loading weights")
+
+
+def test_a_model_job_prints_no_notices_or_loading_bars_from_its_actor(tmp_path, tiny_models):
+    """`restyle run` of an img2img job, as `make demo` runs one: the actor's transformers notice about a
+    missing torchvision and the loading bars of diffusers and transformers are not printed."""
+    import subprocess
+    import sys
+
+    from tests.conftest import png_bytes, write_image_parquet
+
+    source = write_image_parquet(
+        tmp_path / "in.parquet", [{"id": f"r{index}", "image": png_bytes(32, 32)} for index in range(2)]
+    )
+    config = tmp_path / "job.yaml"
+    config.write_text(
+        f"source: {{uri: {source}}}\n"
+        f"operators: [{{kind: img2img, model: {tiny_models['sd-img2img']}, prompt: a fox, num_inference_steps: 2}}]\n"
+        f"sink: {{uri: {tmp_path / 'out'}}}\n"
+        "run: {resources: {num_cpus: 2}}\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "jobs.cli", "run", str(config)], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    assert [noise for noise in QUIET_MODEL_LOAD if noise in done.stderr + done.stdout] == []
 
 
 LINE6 = re.compile(
