@@ -15,10 +15,13 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
+
+if TYPE_CHECKING:
+    from operators.base import OperatorConfig
 
 logger = logging.getLogger(__name__)
 
@@ -92,10 +95,9 @@ ACCEPTED = {
 }
 
 
-def check_speed_settings(config) -> None:
-    """Refuse knob combinations that cannot run, before any model loads. `config` is any object with
-    the `SpeedSettings` fields and `resolved_device()`; raises ValueError naming the field, its value
-    and what is accepted."""
+def check_speed_settings(config: OperatorConfig) -> None:
+    """Refuse knob combinations that cannot run, before any model loads. `config` is an operator config
+    that mixes in `SpeedSettings`; raises ValueError naming the field, its value and what is accepted."""
     device = config.resolved_device()
     if config.cpu_offload != "none" and device != "cuda":
         raise ValueError(
@@ -110,9 +112,9 @@ def check_speed_settings(config) -> None:
         )
 
 
-def device_origin(config) -> str:
+def device_origin(config: OperatorConfig) -> str:
     """Where an 'auto' device came from, for messages: " (device 'auto' with num_gpus 0)"; else ""."""
-    if getattr(config, "device", None) != "auto" or not hasattr(config, "num_gpus"):
+    if config.device != "auto":
         return ""
     return f" (device 'auto' with num_gpus {config.num_gpus:g})"
 
