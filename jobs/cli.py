@@ -125,6 +125,13 @@ def add_output_options(parser: argparse.ArgumentParser, defaults: bool) -> None:
     )
 
 
+def output_options(args: argparse.Namespace) -> list[str]:
+    """The output options given (see `add_output_options`), as `restyle run` takes them on a cluster."""
+    options = ["-q"] if args.quiet else []
+    options += ["--verbose"] if args.verbose else []
+    return options + (["--log-level", args.log_level] if args.log_level != "info" else [])
+
+
 def restyle_version() -> str:
     """The installed restyle's version (its package metadata)."""
     from importlib import metadata
@@ -160,7 +167,9 @@ def _command(args: argparse.Namespace) -> int:
     if args.command == "submit":
         from jobs.submit import submit as submit_job
 
-        return submit_job(args.config, args.address, overrides=args.overrides, wait=args.wait)
+        return submit_job(
+            args.config, args.address, overrides=args.overrides, wait=args.wait, output_options=output_options(args)
+        )
 
     config = load_config(args.config, args.overrides)
     if args.dry_run:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import shlex
 import shutil
 import sys
 import tempfile
@@ -39,7 +40,7 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent  # the checkout (or site-p
 SHIPPED_PACKAGES = ("jobs", "operators")  # the job cannot run without them
 SHIPPED_EXTRAS = ("configs", "pyproject.toml")  # shipped when present (absent from an installed wheel)
 JOB_CONFIG_NAME = "job.yaml"
-ENTRYPOINT = f"python -m jobs.cli run {JOB_CONFIG_NAME}"
+ENTRYPOINT = ("python", "-m", "jobs.cli", "run", JOB_CONFIG_NAME)
 TERMINAL_STATUSES = ("SUCCEEDED", "FAILED", "STOPPED")
 STATUS_POLL_SECONDS = 1.0
 
@@ -54,11 +55,14 @@ def submit(
     overrides: list[str] | tuple[str, ...] = (),
     wait: bool = False,
     out: TextIO | None = None,
+    output_options: list[str] | tuple[str, ...] = (),
 ) -> int:
     """Validate a job config, submit it to the Ray job server at `address` (the dashboard's
     http://HEAD:8265) and print the submission id.
 
-    With `wait`, stream the job's logs to `out` (default: stdout) until it ends and print its final status.
+    The job's `restyle run` gets `output_options` (-q, --verbose, --log-level as `restyle submit` was
+    given them), so its log says as much as the user asked for. With `wait`, stream the job's logs to
+    `out` (default: stdout) until it ends and print its final status.
     Returns 0 once submitted (with `wait`: once the job SUCCEEDED), 1 when a waited-for job
     FAILED or was STOPPED, and 2 when nothing was submitted: a bad config, inline credentials
     (see the module docstring), or a job server that is unreachable or refuses the request (a
@@ -83,7 +87,7 @@ def submit(
             working_dir = stage_working_dir(config, Path(staging), config_path)
             # submit_job uploads the working directory before it returns, so the staging copy can go.
             client.submit_job(
-                entrypoint=ENTRYPOINT,
+                entrypoint=shlex.join([*ENTRYPOINT, *output_options]),
                 submission_id=submission_id,
                 runtime_env={"working_dir": str(working_dir)},
                 metadata={"restyle_config": Path(config_path).name},

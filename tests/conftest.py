@@ -36,6 +36,18 @@ FAKE_ACCESS_KEY = "AKIATESTRESTYLE00001"
 FAKE_SECRET_KEY = "restyleFakeSecret/DoNotLeak+0123456789abcd"
 
 
+@pytest.fixture
+def restore_logging():
+    """The root and `ray` loggers' levels back as they were after a test that runs the CLI's `main`."""
+    import logging
+
+    root, ray_logger = logging.getLogger(), logging.getLogger("ray")
+    levels = root.level, ray_logger.level
+    yield
+    root.setLevel(levels[0])
+    ray_logger.setLevel(levels[1])
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     """The tiny random pipelines, built once per test session."""

@@ -203,15 +203,6 @@ def test_version_is_the_installed_packages(capsys):
     assert capsys.readouterr().out == f"restyle {metadata.version('restyle')}\n"
 
 
-@pytest.fixture
-def restore_logging():
-    root, ray_logger = logging.getLogger(), logging.getLogger("ray")
-    levels = root.level, ray_logger.level
-    yield
-    root.setLevel(levels[0])
-    ray_logger.setLevel(levels[1])
-
-
 @pytest.mark.parametrize(
     ("argv", "root", "ray_level"),
     [

@@ -179,6 +179,36 @@ def test_a_job_server_that_wants_a_token_is_named(source, sd_model, tmp_path, ca
     )
 
 
+@pytest.mark.parametrize(
+    ("options", "entrypoint"),
+    [
+        ([], "python -m jobs.cli run job.yaml"),
+        (["-q"], "python -m jobs.cli run job.yaml -q"),
+        (["--verbose", "--log-level", "debug"], "python -m jobs.cli run job.yaml --verbose --log-level debug"),
+    ],
+)
+def test_the_output_options_given_to_submit_are_the_jobs(
+    options, entrypoint, source, sd_model, tmp_path, capsys, monkeypatch, restore_logging
+):
+    import ray.job_submission
+
+    from jobs.cli import main
+
+    submitted = []
+
+    class JobServer:
+        def __init__(self, address):
+            pass
+
+        def submit_job(self, **request):
+            submitted.append(request["entrypoint"])
+
+    monkeypatch.setattr(ray.job_submission, "JobSubmissionClient", JobServer)
+    config = write_config(tmp_path / "job.yaml", source, sd_model, tmp_path / "out")
+    assert main(["submit", str(config), "--address", "http://10.0.0.1:8265", *options]) == 0
+    assert submitted == [entrypoint]
+
+
 def test_a_failing_job_exits_1(ray_head, sd_model, tmp_path, capsys):
     missing = tmp_path / "not-on-the-cluster.parquet"
     config = write_config(tmp_path / "failing.yaml", missing, sd_model, tmp_path / "out")
