@@ -266,16 +266,6 @@ def read_alignment(plan: JobPlan) -> int | None:
 
 # Batches queued on each model actor: one running, one ready for when it finishes.
 MODEL_PREFETCH_BATCHES = 2
-# Rows a prepare step's batch holds at least (a whole number of the stage's batches): the window in
-# which rows of one prepared size are put next to each other for the model step's batches. A
-# source's aligned read blocks hold at most 8 batches, so with the default batch of 4 this is one block.
-SHAPE_BUCKET_ROWS = 32
-
-
-def prepare_batch_rows(batch_size: int) -> int:
-    """Rows per prepare batch: the stage's `batch_size` times as many as fit in `SHAPE_BUCKET_ROWS`
-    (at least once), so its prepared, shape-sorted rows cut into whole model-step batches."""
-    return batch_size * max(1, SHAPE_BUCKET_ROWS // batch_size)
 
 
 def stage_steps(config: JobConfig, index: int, stage: StagePlan) -> list[dict]:
@@ -311,8 +301,6 @@ def stage_steps(config: JobConfig, index: int, stage: StagePlan) -> list[dict]:
         # prepare step back on the actor. (Ray 2.60 has no named parameter for it; see `add_step`.)
         "max_retries": -1,
         **common,
-        # Several of the model step's batches at once, handed on in shape buckets (`by_prepared_shape`).
-        "batch_size": prepare_batch_rows(stage.batch_size),
     }
     model = {
         "fn": model_step(operator_class),

@@ -12,33 +12,13 @@ import pyarrow as pa
 
 
 def prepare_step(operator_class: type):
-    """The prepare step's task function: builds the operator without its model, per batch, and hands
-    the prepared rows on in shape buckets (`by_prepared_shape`)."""
+    """The prepare step's task function: builds the operator without its model, per batch."""
 
     def prepare(batch: pa.Table, arguments: dict) -> pa.Table:
-        return by_prepared_shape(operator_class(**arguments, load=False).prepare_batch(batch))
+        return operator_class(**arguments, load=False).prepare_batch(batch)
 
     prepare.__name__ = prepare.__qualname__ = f"{operator_class.__name__}Prepare"
     return prepare
-
-
-def by_prepared_shape(batch: pa.Table) -> pa.Table:
-    """The rows of a prepared batch with rows of one prepared size (shape and dtype) next to each other:
-    sizes in the order they first appear, rows of a size in their order (so a batch of one size is
-    unchanged). The model step's batches, cut from these rows, then hold rows of one size wherever the
-    prepare step's larger batch had enough of them, and make full model calls; an input set of many
-    sizes (aspect ratios kept under a size policy) would otherwise make calls of one or two rows."""
-    shapes = batch.column("image").combine_chunks()
-    keys = [
-        (tuple(shape), dtype) if shape is not None else None
-        for shape, dtype in zip(shapes.field("shape").to_pylist(), shapes.field("dtype").to_pylist(), strict=True)
-    ]
-    buckets: dict = {}
-    for index, key in enumerate(keys):
-        buckets.setdefault(key, []).append(index)
-    if len(buckets) <= 1:
-        return batch
-    return batch.take([index for rows in buckets.values() for index in rows])
 
 
 class ModelStep:

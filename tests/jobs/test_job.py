@@ -141,25 +141,6 @@ def test_a_single_file_source_fills_every_model_call(ray_session, sd_model, tmp_
     assert sorted(calls) == [(row["id"], 4) for row in rows]
 
 
-def test_inputs_of_two_sizes_still_fill_every_model_call(ray_session, sd_model, tmp_path, monkeypatch):
-    """Rows of alternating sizes: each block of 4 holds two of each, which made calls of 2. The prepare
-    step puts rows of one size next to each other across several of the model step's batches, so
-    every call has `model_batch_size` rows again, and each row's bytes are those of its size's call."""
-    import ray.data
-
-    monkeypatch.setattr(ray.data.DataContext.get_current(), "read_op_min_num_blocks", 6)
-    sizes = [(16, 16), (24, 16)]
-    rows = [{"id": f"r{i:02d}", "image": png_bytes(*sizes[i % 2], (i * 10, 0, 0))} for i in range(24)]
-    source = write_image_parquet(tmp_path / "rows.parquet", rows)
-    sink = tmp_path / "out"
-    run_job(job(source, sink, model=str(sd_model), batch_size=4, model_batch_size=4, variants=1))
-    written = read_rows(sink)
-    assert sorted((row["id"], row["img2img"]["model_call_rows"]) for row in written) == [(row["id"], 4) for row in rows]
-    assert sorted((row["id"], row["width"]) for row in written) == [
-        (row["id"], sizes[i % 2][0]) for i, row in enumerate(rows)
-    ]
-
-
 def test_same_config_other_batch_size_gives_identical_bytes(first_run, source, sd_model, tmp_path):
     sink_a, _ = first_run
     sink_b = tmp_path / "run-b"
