@@ -278,7 +278,7 @@ class Operator:
         self.max_image_pixels = max_image_pixels or DEFAULT_MAX_IMAGE_PIXELS
         self.device = config.resolved_device()
         self.stage_type = pa.struct(self.stage_fields + RUNTIME_FIELDS)
-        self.torch_threads: int | None = None  # set by start_torch
+        self.torch_threads: int | None = None  # set by the set-up of an operator that runs torch
         if load:  # the model step's actor; the prepare step needs no model
             self.node_id = current_node_id()
             self.versions = library_versions(config.output_libraries())
@@ -286,23 +286,6 @@ class Operator:
 
     def setup(self) -> None:
         """Load models and references; runs once per actor."""
-
-    def start_torch(self) -> None:
-        """Ready this actor process for a diffusers model: switch the Hub client offline (before it is
-        imported) when the job is offline, give torch `torch_threads` CPU threads (from config, never
-        from `num_cpus`: the count changes CPU output bytes), and turn off the loading bars of diffusers
-        and transformers."""
-        if self.offline:
-            os.environ["HF_HUB_OFFLINE"] = "1"
-        import torch
-        from diffusers.utils import logging as diffusers_logging
-        from transformers.utils import logging as transformers_logging
-
-        torch.set_num_threads(self.config.torch_threads)
-        self.torch_threads = torch.get_num_threads()
-        # A model loads once per actor: its loading bars would only interleave with the job's own lines.
-        diffusers_logging.disable_progress_bar()
-        transformers_logging.disable_progress_bar()
 
     def variants(self, row: dict) -> list[dict]:
         """Per-variant parameters for one input row; `config.variant_count()` entries. Raise RowError

@@ -7,6 +7,7 @@ import hashlib
 import itertools
 import json
 import logging
+import os
 import re
 import string
 from dataclasses import dataclass
@@ -666,6 +667,23 @@ class DiffusersModelOperator(Operator):
         self.pipeline_name = type(self.pipeline).__name__
         self.clock = CompileClock(config.compile, self.device)
         self.prompt_cache: dict[tuple, tuple] = {}
+
+    def start_torch(self) -> None:
+        """Ready this actor process for a diffusers model: switch the Hub client offline (before it is
+        imported) when the job is offline, give torch `torch_threads` CPU threads (from config, never
+        from `num_cpus`: the count changes CPU output bytes), and turn off the loading bars of diffusers
+        and transformers."""
+        if self.offline:
+            os.environ["HF_HUB_OFFLINE"] = "1"
+        import torch
+        from diffusers.utils import logging as diffusers_logging
+        from transformers.utils import logging as transformers_logging
+
+        torch.set_num_threads(self.config.torch_threads)
+        self.torch_threads = torch.get_num_threads()
+        # A model loads once per actor: its loading bars would only interleave with the job's own lines.
+        diffusers_logging.disable_progress_bar()
+        transformers_logging.disable_progress_bar()
 
     def resolve(self):
         """The checkpoint, local (staged from a store, or the Hub's cache) and vetted where vetting
