@@ -46,8 +46,21 @@ than from the plain side's one process). Summed RSS would count shared libraries
 store once per process. GPU memory is not measured.
 
 images/s is ok images / total s; the ratios are restyle / plain, so above 1 means restyle is faster
-or uses more memory. The script prints a table per count, then one JSON line with `images`,
-`ratio_images_per_s` and `ratio_memory` (lists, one entry per count) and the details. The machine's
+or uses more memory. Beside each ratio stands the bound that Ray alone sets, whatever restyle does
+inside it:
+  ceiling   images/s: plain total s / (plain total s + restyle's Ray start s), the ratio restyle
+            would reach if starting its local Ray were its only cost beyond the plain loop's own
+            imports, load, model calls and encodes (its actor pays those same imports and that load
+            after Ray has started: the actor's process does not exist before).
+  floor     peak USS: (plain peak + Ray's own processes at restyle's peak) / plain peak, the ratio
+            restyle would reach if its driver, CPU workers and actor cost nothing beyond the plain
+            process. Ray's own: GCS, raylet, the dashboard, runtime-env and log monitor processes,
+            the autoscaler monitor, and Ray Data's `_StatsActor`, `_AutoscalingCoordinatorActor` and
+            `ActorLocationTracker` (all there whatever the job).
+
+The script prints a table per count, then one JSON line with `images`, `ratio_images_per_s` and
+`ratio_memory` (lists, one entry per count), the bounds (`ceiling_ratio_images_per_s`,
+`floor_ratio_memory`, `ray_own_uss_mib`) and the details. The machine's
 load average is reported with the figures: other work on the CPUs makes them noisy. Run from the
 repository root:
 
@@ -379,7 +392,28 @@ def restyle_figures(reply: dict, config: JobConfig) -> dict:
         "peak_uss_bytes": reply["peak_uss_bytes"],
         "processes_at_peak": reply["processes_at_peak"],
         "uss_mib_at_peak_by_process": reply["uss_mib_at_peak_by_process"],
+        "ray_own_uss_mib_at_peak": ray_own_mib(reply["uss_mib_at_peak_by_process"]),
     }
+
+
+# Processes of a local Ray instance and of Ray Data that any job has, by their titles in the memory
+# breakdown (`measure.process_title`); every Python process beside the side's own is one of Ray's.
+RAY_OWN_PROCESSES = (
+    "gcs_server",
+    "raylet",
+    "python ",
+    "ray::DashboardAgent",
+    "ray::RuntimeEnvAgent",
+    "ray::_StatsActor",
+    "ray::datasets_stats_actor",
+    "ray::_AutoscalingCoordinatorActor",
+    "ray::ActorLocationTracker",
+)
+
+
+def ray_own_mib(breakdown: dict[str, float]) -> float:
+    """The unique set size, in MiB, of Ray's own processes in a restyle side's breakdown at its peak."""
+    return sum(mib for name, mib in breakdown.items() if name.startswith(RAY_OWN_PROCESSES))
 
 
 def ratio(numerator: float | None, denominator: float | None) -> float | None:
@@ -392,6 +426,17 @@ def ratio(numerator: float | None, denominator: float | None) -> float | None:
 def images_per_second(figures: dict) -> float:
     """Ok images per second of a side, end to end."""
     return figures["images"] / figures["total_seconds"]
+
+
+def ceiling_ratio(plain: dict, restyle: dict) -> float:
+    """The images/s ratio restyle would reach if starting Ray were its only cost beyond the plain loop's."""
+    return plain["total_seconds"] / (plain["total_seconds"] + restyle["load_seconds"])
+
+
+def floor_ratio(plain: dict, restyle: dict) -> float:
+    """The peak USS ratio restyle would reach if Ray's own processes were its only memory beyond the plain loop's."""
+    plain_mib = plain["peak_uss_bytes"] / MEBIBYTE
+    return (plain_mib + restyle["ray_own_uss_mib_at_peak"]) / plain_mib
 
 
 def format_table(count: int, plain: dict, restyle: dict, load: dict) -> str:
@@ -416,7 +461,12 @@ def format_table(count: int, plain: dict, restyle: dict, load: dict) -> str:
     speed = ratio(images_per_second(restyle), images_per_second(plain))
     memory = ratio(restyle["peak_uss_bytes"], plain["peak_uss_bytes"])
     lines.append(
-        f"restyle/plain: images/s {speed:.3f}, peak USS {memory:.3f}; restyle: run_job = pipeline "
+        f"restyle/plain: images/s {speed:.3f} (Ray's start alone caps it at {ceiling_ratio(plain, restyle):.3f}), "
+        f"peak USS {memory:.3f} (Ray's own processes alone, {restyle['ray_own_uss_mib_at_peak']:.0f} MiB, make it "
+        f"at least {floor_ratio(plain, restyle):.3f})"
+    )
+    lines.append(
+        f"restyle: run_job = pipeline "
         f"{restyle['pipeline_seconds']:.2f} s + accounting {restyle['accounting_seconds']:.2f} s, actor idle "
         f"{restyle['actor_idle_seconds']:.2f} s, peak over {restyle['processes_at_peak']} processes"
     )
@@ -463,6 +513,10 @@ def main(argv: list[str] | None = None) -> int:
             ratio(images_per_second(run["restyle"]), images_per_second(run["plain"])) for run in runs
         ],
         "ratio_memory": [ratio(run["restyle"]["peak_uss_bytes"], run["plain"]["peak_uss_bytes"]) for run in runs],
+        # The bounds Ray alone sets on both ratios (see the module docstring).
+        "ceiling_ratio_images_per_s": [ceiling_ratio(run["plain"], run["restyle"]) for run in runs],
+        "floor_ratio_memory": [floor_ratio(run["plain"], run["restyle"]) for run in runs],
+        "ray_own_uss_mib": [run["restyle"]["ray_own_uss_mib_at_peak"] for run in runs],
         # The ratio had the plain side generated as fast as restyle's actor did: both sides' model
         # calls are the same work, so this separates restyle's fixed costs from CPU contention noise.
         "ratio_images_per_s_at_equal_model_seconds": [

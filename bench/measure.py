@@ -55,13 +55,11 @@ class ProcessTreePeakUss:
         for process in processes:
             try:
                 uss = process.memory_full_info().uss
-                title = process.cmdline()[:1] or [process.name()]
+                name = "side process" if process.pid == self.pid else process_title(process.cmdline(), process.name())
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                 continue
             total += uss
             counted += 1
-            # Ray names its workers by what they run ("ray::MapWorker(...)", "ray::IDLE").
-            name = Path(title[0]).name.split(" ")[0][:60] or process.name()
             breakdown[name] = breakdown.get(name, 0.0) + uss / MEBIBYTE
         self.samples += 1
         if total > self.peak_bytes:
@@ -73,6 +71,19 @@ class ProcessTreePeakUss:
         while not self._stop.is_set():
             self.sample()
             self._stop.wait(self.interval_seconds)
+
+
+def process_title(command_line: list[str], name: str) -> str:
+    """What a process of a side is, for the memory breakdown: Ray's workers by what they run (Ray sets
+    their title: "ray::MapWorker(...)", "ray::IDLE"), a Python process by its script ("python
+    log_monitor.py", one of Ray's own), anything else by its program ("gcs_server", "raylet")."""
+    if not command_line:
+        return name
+    program = Path(command_line[0]).name.split(" ")[0][:60] or name
+    if program.startswith("python"):
+        scripts = [argument for argument in command_line[1:] if argument.endswith(".py")]
+        return f"python {Path(scripts[0]).name}" if scripts else "python"
+    return program
 
 
 def prepare_spawned_side(logger: logging.Logger) -> None:

@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
-from operators.models import ModelError, ModelReference, read_json, resolve_model
+from operators.models import ModelError, ModelReference, quiet_loading_bars, read_json, resolve_model
 
 logger = logging.getLogger(__name__)
 
@@ -137,6 +137,7 @@ class Annotator:
         import torch
         import transformers
 
+        quiet_loading_bars()
         resolved = resolve_model(config.model, config.revision, offline, storage_options, pipeline=False)
         path = resolved.path
         settings = read_json(path / "config.json")

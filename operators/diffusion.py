@@ -671,19 +671,13 @@ class DiffusersModelOperator(Operator):
     def start_torch(self) -> None:
         """Ready this actor process for a diffusers model: switch the Hub client offline (before it is
         imported) when the job is offline, give torch `torch_threads` CPU threads (from config, never
-        from `num_cpus`: the count changes CPU output bytes), and turn off the loading bars of diffusers
-        and transformers."""
+        from `num_cpus`: the count changes CPU output bytes)."""
         if self.offline:
             os.environ["HF_HUB_OFFLINE"] = "1"
         import torch
-        from diffusers.utils import logging as diffusers_logging
-        from transformers.utils import logging as transformers_logging
 
         torch.set_num_threads(self.config.torch_threads)
         self.torch_threads = torch.get_num_threads()
-        # A model loads once per actor: its loading bars would only interleave with the job's own lines.
-        diffusers_logging.disable_progress_bar()
-        transformers_logging.disable_progress_bar()
 
     def resolve(self):
         """The checkpoint, local (staged from a store, or the Hub's cache) and vetted where vetting
@@ -700,6 +694,9 @@ class DiffusersModelOperator(Operator):
     def load(self) -> tuple:
         """The pipeline of `self.model` on the device, with the speed knobs applied, and the knobs'
         record; `components()` may read `self.model`."""
+        from operators.models import quiet_loading_bars
+
+        quiet_loading_bars()
         config = self.config
         pipeline, speed = load_pipeline(
             self.pipeline_class,

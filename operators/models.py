@@ -179,6 +179,16 @@ def ships_safety_checker(path: Path, wanted: bool | None = None) -> bool:
     return ships
 
 
+def quiet_loading_bars() -> None:
+    """Turn off the loading bars of diffusers and transformers in this process: a model loads once per
+    actor or worker, and its bars would only interleave with the job's own lines."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+
+
 def default_cache_dir() -> Path:
     """Where staged checkpoints live on each node (`RESTYLE_CACHE`, else ~/.cache/restyle)."""
     return Path(os.environ.get("RESTYLE_CACHE", Path.home() / ".cache" / "restyle")) / "models"

@@ -333,3 +333,12 @@ def test_inpaint_segmentation_refuses_unknown_classes_and_is_vetted(tiny_models)
     config = inpaint_config(tiny_models, ["sky"])
     assert config.model_references()[-1].field == "mask.segmentation.annotator.model"
     assert vet_models([config]) == []
+
+
+def test_loading_an_annotator_turns_the_loading_bars_off(tiny_models, monkeypatch):
+    """It loads on the prepare step's workers, where no diffusers actor has turned them off."""
+    from transformers.utils import logging as transformers_logging
+
+    monkeypatch.setattr(transformers_logging, "_tqdm_active", True)
+    load_annotator("depth", AnnotatorConfig(model=str(tiny_models["depth-dpt"])), True, {}, "cpu")
+    assert not transformers_logging.is_progress_bar_enabled()
