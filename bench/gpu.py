@@ -36,8 +36,11 @@ steps, strength and guidance:
 
 Each side compiles with an empty inductor cache of its own, so neither reuses the other's kernels.
 The whole run keeps to a time budget (--budget-seconds, default 450 s so that it ends within 8
-minutes on one H200): eager cases run first for both models, then the compiled ones, largest batch
-first; a case whose estimated time no longer fits is skipped and says so. Progress lines with the
+minutes on one H200), in this order: SD 1.5 eager (the batch sweep), SD 1.5 compiled (its largest
+batch: compile on against off), then SDXL the same way; within each, the largest batch first. A
+case runs only when its plain and restyle sides both fit in what is left after the restyle runs its
+phase still owes; one that does not is skipped and says so, as is a case whose plain side failed
+(a compile error, out of memory), and the run goes on. Progress lines with the
 elapsed time go to stderr; stdout gets a side-by-side table and then one JSON line.
 
 `--smoke` runs the same code paths on the CPU in float32 with the tiny test checkpoints (sd-img2img
@@ -113,6 +116,8 @@ class Workload:
     size: int
     images: int
     batches: tuple[int, ...]
+    # Batch sizes measured with compile on too (one is enough to set compile against eager).
+    compiled_batches: tuple[int, ...]
     # Default seconds per case before any case of this workload was measured: (plain, restyle) for
     # eager and compiled runs on one H200; measured times replace them as the run goes.
     estimates: dict[bool, tuple[float, float]]
@@ -121,13 +126,13 @@ class Workload:
 
 
 WORKLOADS = {
-    "sd15": Workload("sd15", "SD 1.5", 512, 64, (1, 4, 8), {False: (25, 45), True: (70, 90)}, 25),
-    "sdxl": Workload("sdxl", "SDXL", 1024, 16, (1, 4), {False: (35, 60), True: (130, 150)}, 50),
+    "sd15": Workload("sd15", "SD 1.5", 512, 64, (1, 4, 8), (8,), {False: (25, 45), True: (70, 90)}, 25),
+    "sdxl": Workload("sdxl", "SDXL", 1024, 16, (1, 4), (4,), {False: (35, 60), True: (130, 150)}, 50),
 }
 # One batch size each keeps a smoke run to about two restyle runs (Ray start-up dominates on a CPU).
 SMOKE_WORKLOADS = {
-    "sd15": Workload("sd15", "SD 1.5 (tiny)", 64, 8, (4,), {False: (10, 60), True: (0, 0)}, 10),
-    "sdxl": Workload("sdxl", "SDXL (tiny)", 64, 4, (2,), {False: (10, 60), True: (0, 0)}, 10),
+    "sd15": Workload("sd15", "SD 1.5 (tiny)", 64, 8, (4,), (4,), {False: (10, 60), True: (0, 0)}, 10),
+    "sdxl": Workload("sdxl", "SDXL (tiny)", 64, 4, (2,), (2,), {False: (10, 60), True: (0, 0)}, 10),
 }
 TINY_MODEL_NAMES = {"sd15": "sd-img2img", "sdxl": "sdxl-img2img"}
 
@@ -524,17 +529,33 @@ def run_plain_phase(cases: list[Case], model: Path, source: Path, settings: Sett
     load_seconds = time.perf_counter() - started
     progress("plain %s: loaded in %.1f s", cases[0].workload.name, load_seconds)
     eager_unet = pipeline.unet
+    owed = 0.0  # the estimated restyle runs of this phase's cases whose plain side has run
     try:
         for case in cases:
-            if not budget.fits(case):
+            if not budget.fits(case, owed):
                 case.skipped = f"time budget: {budget.remaining():.0f} s left"
                 progress("plain %s: skipped (%s)", case.label, case.skipped)
                 continue
             if case.compiled:
-                os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(settings.scratch / "inductor" / f"plain-{case.key}")
+                cache = settings.scratch / "inductor" / f"plain-{case.key}"
+                os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache)
+                # Inductor pins TRITON_CACHE_DIR in os.environ at its first kernel; each case gets its own.
+                os.environ["TRITON_CACHE_DIR"] = str(cache / "triton")
             started = time.perf_counter()
-            figures = run_plain_case(pipeline, eager_unet, images, seeds, case, settings, budget)
+            try:
+                figures = run_plain_case(pipeline, eager_unet, images, seeds, case, settings, budget)
+            except Exception as error:  # one failed case (a compile error, out of memory) must not lose the others
+                budget.record("plain", case, time.perf_counter() - started)
+                case.skipped = f"plain side failed: {type(error).__name__}: {' '.join(str(error).split())[:300]}"
+                logger.exception("plain %s failed", case.label)
+                pipeline.unet = eager_unet
+                del error
+                gc.collect()
+                if settings.device == "cuda":
+                    torch.cuda.empty_cache()
+                continue
             budget.record("plain", case, time.perf_counter() - started)
+            owed += budget.estimate("restyle", case)
             figures["load_seconds"] = load_seconds
             case.figures["plain"] = figures
             progress(
@@ -673,7 +694,9 @@ def run_restyle_case(case: Case, model: Path, source: Path, settings: Settings, 
         return
     config_path = directory / "job.yaml"
     config_path.write_text(yaml.safe_dump(document, sort_keys=False))
-    environment = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    # TRITON_CACHE_DIR is dropped too: the plain side's inductor set it to its own cache, which restyle
+    # would otherwise reuse.
+    environment = {key: value for key, value in os.environ.items() if key not in ("RAY_ADDRESS", "TRITON_CACHE_DIR")}
     environment["TORCHINDUCTOR_CACHE_DIR"] = str(settings.scratch / "inductor" / f"restyle-{case.key}")
     log_path = directory / "restyle.log"
     started = time.perf_counter()
@@ -869,15 +892,17 @@ def main(argv: list[str] | None = None) -> int:
             diffusers.__version__,
             settings.budget_seconds,
         )
-        cases = {w.name: [Case(w, b, compiled) for compiled in (False, True) for b in w.batches] for w in workloads}
+        cases = {
+            w.name: [Case(w, b, False) for b in w.batches] + [Case(w, b, True) for b in w.compiled_batches]
+            for w in workloads
+        }
         models: dict[str, Path] = {}
         sources: dict[str, Path] = {}
-        phases = [(w, False) for w in workloads] + [(w, True) for w in workloads]
+        phases = [(w, compiled) for w in workloads for compiled in (False, True)]
         for workload, compiled in phases:
-            phase = [case for case in cases[workload.name] if case.compiled == compiled]
+            # The largest batch first: the most telling figure when the budget runs short.
+            phase = sorted((case for case in cases[workload.name] if case.compiled == compiled), key=lambda c: -c.batch)
             if compiled:
-                # The largest batch first: the most telling figure when the budget runs short.
-                phase.sort(key=lambda case: -case.batch)
                 if settings.smoke:
                     for case in phase:
                         case.skipped = "smoke: compile is not measured on the cpu"
