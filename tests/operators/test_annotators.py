@@ -336,7 +336,7 @@ def test_inpaint_segmentation_refuses_unknown_classes_and_is_vetted(tiny_models)
 
 
 def test_loading_an_annotator_turns_the_loading_bars_off(tiny_models, monkeypatch):
-    """It loads on the prepare step's workers, where no diffusers actor has turned them off."""
+    """An annotator turns them off itself, whichever operator loads it and whenever in its set-up."""
     from transformers.utils import logging as transformers_logging
 
     monkeypatch.setattr(transformers_logging, "_tqdm_active", True)
