@@ -294,6 +294,15 @@ def build_sdxl(path: Path, tokenizer, device: str = "cuda") -> None:
     pipeline.save_pretrained(path, safe_serialization=True)
 
 
+def free_memory(device: str) -> None:
+    """Collect what Python no longer holds and, on cuda, hand the freed blocks back to the device."""
+    gc.collect()
+    if device == "cuda":
+        import torch
+
+        torch.cuda.empty_cache()
+
+
 def build_checkpoint(workload: Workload, directory: Path, smoke: bool) -> Path:
     """The checkpoint directory of a workload: a tiny test checkpoint in smoke mode, else full size."""
     if smoke:
@@ -305,10 +314,7 @@ def build_checkpoint(workload: Workload, directory: Path, smoke: bool) -> Path:
     if not (path / "model_index.json").is_file():
         tokenizer = tokenizer_from_tiny_checkpoint(directory / "tiny")
         (build_sd15 if workload.name == "sd15" else build_sdxl)(path, tokenizer)
-        import torch
-
-        gc.collect()
-        torch.cuda.empty_cache()
+        free_memory("cuda")
     return path
 
 
@@ -550,9 +556,7 @@ def run_plain_phase(cases: list[Case], model: Path, source: Path, settings: Sett
                 logger.exception("plain %s failed", case.label)
                 pipeline.unet = eager_unet
                 del error
-                gc.collect()
-                if settings.device == "cuda":
-                    torch.cuda.empty_cache()
+                free_memory(settings.device)
                 continue
             budget.record("plain", case, time.perf_counter() - started)
             owed += budget.estimate("restyle", case)
@@ -569,10 +573,9 @@ def run_plain_phase(cases: list[Case], model: Path, source: Path, settings: Sett
     finally:
         pipeline.unet = eager_unet
         del pipeline, eager_unet
-        gc.collect()
         if settings.device == "cuda":
             torch._dynamo.reset()
-            torch.cuda.empty_cache()
+        free_memory(settings.device)
 
 
 # --------------------------------------------------------------------------
